@@ -1,0 +1,92 @@
+"""The `opd` command: thin dispatch to the stage entry points.
+
+    opd distill [--config recipe.yaml] [--field value ...]   (no --config: the embedded demo)
+
+Arguments are parsed the TRL way (`TrlParser`): YAML values become defaults, flags override them,
+unknown keys and wrong types fail with a message that names the field.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from importlib import resources
+
+DESCRIPTION = "opd: on-policy distillation of language models (vLLM + teacher + TRL)."
+COMMANDS = {
+    "distill": "Train a student on its own samples, scored per token by a teacher (default: "
+    "the embedded CPU demo).",
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(top_level_help())
+        return 0
+    command, rest = argv[0], argv[1:]
+    if command == "distill":
+        return distill_main(rest)
+    print(f"opd: unknown command {command!r}.\n\n{top_level_help()}", file=sys.stderr)
+    return 2
+
+
+def top_level_help() -> str:
+    lines = [DESCRIPTION, "", "usage: opd <command> [options]", "", "commands:"]
+    lines += [f"  {name:10} {text}" for name, text in COMMANDS.items()]
+    lines += ["", "Run `opd <command> --help` for the fields of a command."]
+    return "\n".join(lines)
+
+
+def default_demo_config() -> str:
+    return str(resources.files("opd.demo") / "default.yaml")
+
+
+def distill_main(argv: list[str]) -> int:
+    from trl import TrlParser
+
+    from opd.config import ConfigError, OPDConfig
+    from opd.distill import DistillArguments, run_distill
+
+    parser = TrlParser((DistillArguments, OPDConfig), prog="opd distill")
+    if "--config" not in argv:  # the embedded demo is the default recipe (also for --help)
+        argv = ["--config", default_demo_config(), *argv]
+    try:
+        check_yaml_keys(argv[argv.index("--config") + 1], (DistillArguments, OPDConfig))
+        script_args, config = parser.parse_args_and_config(argv)
+    except (ValueError, FileNotFoundError) as error:  # unknown keys, bad values, bad combinations
+        print(f"opd distill: error: {error}", file=sys.stderr)
+        return 2
+    try:
+        run_distill(script_args, config)
+    except ConfigError as error:  # bad data or models found at start-up; other errors keep traces
+        print(f"opd distill: error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def check_yaml_keys(path: str, dataclass_types: tuple[type, ...]) -> None:
+    """Fail on a YAML key that no dataclass field takes, suggesting the closest field name.
+
+    TRL's parser would report it too, but only after validating the rest of the config, so a
+    typo in a required field would be reported as that field being missing.
+    """
+    import dataclasses
+    import difflib
+
+    import yaml
+
+    with open(path) as file:
+        recipe = yaml.safe_load(file)
+    if not isinstance(recipe, dict):
+        raise ValueError(f"{path} must hold a YAML mapping of field: value.")
+    known = {f.name for cls in dataclass_types for f in dataclasses.fields(cls)} | {"env"}
+    for key in recipe:
+        if key not in known:
+            close = difflib.get_close_matches(str(key), known, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise ValueError(f"{path}: unknown field {key!r}{hint}.")
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,158 @@
+"""`OPDConfig`: TRL's `GRPOConfig` plus flat `teacher_*` and `opd_*` fields.
+
+A TRL user configures opd the way they configure `GRPOTrainer`: one dataclass, parsed from YAML and
+command-line flags by `TrlParser` (`opd distill --config recipe.yaml --learning_rate 1e-5`).
+`__post_init__` rejects impossible combinations with a message naming the field to change.
+
+Test: `pytest tests/unit/test_config.py`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from trl import GRPOConfig
+
+TEACHER_MODES = ("local",)
+
+
+class ConfigError(ValueError):
+    """A user-fixable problem with the configuration, the data or the models; the message says
+    what to change. The CLI prints it without a traceback."""
+
+BEHAVIOUR_LOGPROB_SOURCES = ("sampler", "trainer")
+
+
+@dataclass
+class OPDConfig(GRPOConfig):
+    """Configuration for `OPDTrainer`. Every `GRPOConfig` field applies unchanged.
+
+    The per-token advantage of vanilla on-policy distillation (METHODS.md section 1) is
+    `A_t = opd_outcome_weight * A_outcome - opd_kl_coef * (lp_old[t] - lp_teacher[t])`,
+    optionally discounted over future tokens with `opd_discount`.
+    """
+
+    teacher_mode: Literal["local"] = field(
+        default="local",
+        metadata={"help": "Where the teacher runs. 'local': an in-process transformers model."},
+    )
+    teacher_model_name_or_path: str | None = field(
+        default=None,
+        metadata={"help": "Teacher model (path or hub name) for teacher_mode=local."},
+    )
+    teacher_top_k: int = field(
+        default=0,
+        metadata={"help": "Top-k teacher logprobs to return per token (0: only the sampled token)."},
+    )
+    teacher_temperature: float = field(
+        default=1.0,
+        metadata={"help": "Temperature the teacher's logits are divided by before scoring."},
+    )
+    teacher_batch_size: int = field(
+        default=16,
+        metadata={"help": "Sequences per teacher forward pass (bounds the teacher's memory)."},
+    )
+    opd_kl_coef: float = field(
+        default=1.0,
+        metadata={"help": "c in A_t = w * A_outcome - c * (lp_old - lp_teacher). 0 disables OPD."},
+    )
+    opd_outcome_weight: float = field(
+        default=0.0,
+        metadata={
+            "help": "Weight of the group-normalised outcome advantage from reward_funcs (RLVR). "
+            "0: pure distillation; rewards are still computed and logged."
+        },
+    )
+    opd_discount: float = field(
+        default=0.0,
+        metadata={"help": "gamma: A_t <- sum_{u>=t} gamma^(u-t) A_u over the completion. 0: off."},
+    )
+    opd_behaviour_logprobs: Literal["sampler", "trainer"] = field(
+        default="sampler",
+        metadata={
+            "help": "lp_old: 'sampler' uses the vLLM sampler's logprobs (falls back to 'trainer' "
+            "without vLLM); 'trainer' recomputes them with the current weights before the update."
+        },
+    )
+
+    def __post_init__(self):
+        self._check_opd_fields()
+        if self.bf16 is None and not self.fp16 and not _cuda_available():
+            # TRL defaults to bf16 mixed precision, which transformers refuses on a CPU-only
+            # machine; fp32 is the right default there (and what vLLM's CPU sampler matches).
+            self.bf16 = False
+        super().__post_init__()
+
+    def _check_opd_fields(self) -> None:
+        _check_choice("teacher_mode", self.teacher_mode, TEACHER_MODES)
+        _check_choice("opd_behaviour_logprobs", self.opd_behaviour_logprobs, BEHAVIOUR_LOGPROB_SOURCES)
+        for name in ("opd_kl_coef", "opd_outcome_weight", "opd_discount", "teacher_temperature"):
+            _check_number(name, getattr(self, name))
+        for name in ("teacher_top_k", "teacher_batch_size"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise ValueError(f"{name} must be an integer, got {value!r}")
+        if self.teacher_mode == "local" and not self.teacher_model_name_or_path:
+            raise ValueError(
+                "teacher_mode='local' needs a teacher: set teacher_model_name_or_path "
+                "(e.g. --teacher_model_name_or_path Qwen/Qwen3-8B)."
+            )
+        if self.opd_kl_coef < 0 or self.opd_outcome_weight < 0:
+            raise ValueError("opd_kl_coef and opd_outcome_weight must be >= 0.")
+        if self.opd_kl_coef == 0 and self.opd_outcome_weight == 0:
+            raise ValueError(
+                "opd_kl_coef=0 and opd_outcome_weight=0 leave nothing to train: set opd_kl_coef > 0 "
+                "(distillation) and/or opd_outcome_weight > 0 (outcome reward)."
+            )
+        if not 0.0 <= self.opd_discount < 1.0:
+            raise ValueError(f"opd_discount must be in [0, 1), got {self.opd_discount}.")
+        if self.teacher_temperature <= 0:
+            raise ValueError(f"teacher_temperature must be > 0, got {self.teacher_temperature}.")
+        if self.teacher_top_k < 0 or self.teacher_batch_size < 1:
+            raise ValueError("teacher_top_k must be >= 0 and teacher_batch_size >= 1.")
+
+
+def _cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def _check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ValueError(f"{name}={value!r} is not one of {', '.join(choices)}.")
+
+
+def _check_number(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number, got {value!r}.")
+
+
+def resolved_config_dict(*configs: Any) -> dict[str, Any]:
+    """The init fields of the given dataclasses, JSON-safe, in one flat mapping.
+
+    Written to `output_dir/opd_config.yaml`; `opd distill --config` on that file reproduces the run.
+    """
+    resolved: dict[str, Any] = {}
+    for config in configs:
+        as_dict = config.to_dict() if hasattr(config, "to_dict") else dataclasses.asdict(config)
+        for f in dataclasses.fields(config):
+            if f.init and not f.name.startswith("_") and f.name in as_dict:
+                resolved[f.name] = json.loads(json.dumps(as_dict[f.name], default=str))
+    return resolved
+
+
+def write_resolved_config(output_dir: str | Path, *configs: Any) -> Path:
+    """Write the resolved configuration as YAML to `output_dir/opd_config.yaml`."""
+    import yaml
+
+    path = Path(output_dir) / "opd_config.yaml"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    header = "# Resolved opd configuration. Reproduce with: opd distill --config this-file\n"
+    path.write_text(header + yaml.safe_dump(resolved_config_dict(*configs), sort_keys=True))
+    return path

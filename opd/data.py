@@ -1,0 +1,45 @@
+"""Prompt datasets for `opd distill`: the embedded demo task, local files or hub datasets.
+
+Contract: a `datasets.Dataset` with a `prompt` column (text, or a list of chat messages that TRL
+renders with the chat template); any other columns (e.g. `answer`) reach the reward functions.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from datasets import Dataset, load_dataset
+
+from opd.config import ConfigError
+
+DEMO_DATASET = "demo:arithmetic"
+LOCAL_FORMATS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
+
+
+def load_prompt_dataset(
+    name: str, *, config: str | None = None, split: str = "train", prompt_column: str = "prompt"
+) -> Dataset:
+    """Load `name` (demo task, local file/folder or hub name) and expose its prompts as `prompt`."""
+    if name == DEMO_DATASET:
+        from opd.demo.pretrain import demo_splits
+
+        return demo_splits()[0]
+    path = Path(name)
+    if path.suffix in LOCAL_FORMATS:
+        if not path.is_file():
+            raise ConfigError(f"dataset_name={name!r}: no such file.")
+        dataset = load_dataset(LOCAL_FORMATS[path.suffix], data_files=str(path), split="train")
+    else:
+        dataset = load_dataset(name, config, split=split)
+    if prompt_column not in dataset.column_names:
+        raise ConfigError(
+            f"dataset {name!r} has no column {prompt_column!r} (columns: "
+            f"{', '.join(dataset.column_names)}); set dataset_prompt_column."
+        )
+    if prompt_column != "prompt":
+        if "prompt" in dataset.column_names:
+            dataset = dataset.remove_columns("prompt")
+        dataset = dataset.rename_column(prompt_column, "prompt")
+    if len(dataset) == 0:
+        raise ConfigError(f"dataset {name!r} (split {split!r}) is empty.")
+    return dataset

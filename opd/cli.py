@@ -8,7 +8,6 @@ unknown keys and wrong types fail with a message that names the field.
 
 from __future__ import annotations
 
-import argparse
 import sys
 from importlib import resources
 

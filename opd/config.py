@@ -25,6 +25,7 @@ class ConfigError(ValueError):
     """A user-fixable problem with the configuration, the data or the models; the message says
     what to change. The CLI prints it without a traceback."""
 
+
 BEHAVIOUR_LOGPROB_SOURCES = ("sampler", "trainer")
 
 
@@ -47,7 +48,9 @@ class OPDConfig(GRPOConfig):
     )
     teacher_top_k: int = field(
         default=0,
-        metadata={"help": "Top-k teacher logprobs to return per token (0: only the sampled token)."},
+        metadata={
+            "help": "Top-k teacher logprobs to return per token (0: only the sampled token)."
+        },
     )
     teacher_temperature: float = field(
         default=1.0,
@@ -98,7 +101,9 @@ class OPDConfig(GRPOConfig):
 
     def _check_opd_fields(self) -> None:
         _check_choice("teacher_mode", self.teacher_mode, TEACHER_MODES)
-        _check_choice("opd_behaviour_logprobs", self.opd_behaviour_logprobs, BEHAVIOUR_LOGPROB_SOURCES)
+        _check_choice(
+            "opd_behaviour_logprobs", self.opd_behaviour_logprobs, BEHAVIOUR_LOGPROB_SOURCES
+        )
         for name in ("opd_kl_coef", "opd_outcome_weight", "opd_discount", "teacher_temperature"):
             _check_number(name, getattr(self, name))
         for name in ("teacher_top_k", "teacher_batch_size"):
@@ -114,7 +119,8 @@ class OPDConfig(GRPOConfig):
             raise ValueError("opd_kl_coef and opd_outcome_weight must be >= 0.")
         if self.opd_kl_coef == 0 and self.opd_outcome_weight == 0:
             raise ValueError(
-                "opd_kl_coef=0 and opd_outcome_weight=0 leave nothing to train: set opd_kl_coef > 0 "
+                "opd_kl_coef=0 and opd_outcome_weight=0 leave nothing to train: "
+                "set opd_kl_coef > 0 "
                 "(distillation) and/or opd_outcome_weight > 0 (outcome reward)."
             )
         if not 0.0 <= self.opd_discount < 1.0:

@@ -33,8 +33,10 @@ class DistillArguments:
     )
     dataset_name: str = field(
         default=DEMO_DATASET,
-        metadata={"help": "Prompts: a .jsonl/.json/.parquet/.csv file, a hub name, or "
-                  "'demo:arithmetic' (the demo task)."},
+        metadata={
+            "help": "Prompts: a .jsonl/.json/.parquet/.csv file, a hub name, or "
+            "'demo:arithmetic' (the demo task)."
+        },
     )
     dataset_config: str | None = field(default=None, metadata={"help": "Hub dataset config."})
     dataset_train_split: str = field(default="train", metadata={"help": "Split to train on."})
@@ -43,12 +45,16 @@ class DistillArguments:
     )
     reward_funcs: list[str] = field(
         default_factory=list,
-        metadata={"help": f"Outcome rewards to compute and log, from: {', '.join(REWARD_FUNC_NAMES)}."},
+        metadata={
+            "help": f"Outcome rewards to compute and log, from: {', '.join(REWARD_FUNC_NAMES)}."
+        },
     )
     eval_before_after: bool = field(
         default=False,
-        metadata={"help": "Evaluate accuracy and reverse KL on held-out demo prompts before and "
-                  "after training, and print the table (demo task only)."},
+        metadata={
+            "help": "Evaluate accuracy and reverse KL on held-out demo prompts before and "
+            "after training, and print the table (demo task only)."
+        },
     )
     dry_run: bool = field(
         default=False,

@@ -57,10 +57,16 @@ class OPDTrainer(GRPOTrainer):
         **kwargs,
     ):
         if not isinstance(args, OPDConfig):
-            raise TypeError("OPDTrainer needs an OPDConfig (it adds the teacher_* and opd_* fields).")
+            raise TypeError(
+                "OPDTrainer needs an OPDConfig (it adds the teacher_* and opd_* fields)."
+            )
         if reward_funcs is None and args.opd_outcome_weight > 0:
-            raise ValueError("opd_outcome_weight > 0 needs reward_funcs to compute outcome rewards.")
-        on_cpu_colocate = args.use_vllm and args.vllm_mode == "colocate" and not torch.cuda.is_available()
+            raise ValueError(
+                "opd_outcome_weight > 0 needs reward_funcs to compute outcome rewards."
+            )
+        on_cpu_colocate = (
+            args.use_vllm and args.vllm_mode == "colocate" and not torch.cuda.is_available()
+        )
         if on_cpu_colocate:
             configure_cpu_vllm_env()
         with vllm_engine_kwargs(dtype=resolve_vllm_dtype(args, on_cpu=on_cpu_colocate)):
@@ -73,7 +79,9 @@ class OPDTrainer(GRPOTrainer):
                 processing_class=processing_class,
                 **kwargs,
             )
-        self.teacher = teacher if teacher is not None else build_teacher(args, self.processing_class)
+        self.teacher = (
+            teacher if teacher is not None else build_teacher(args, self.processing_class)
+        )
         if self.use_vllm and self.vllm_mode == "colocate" and self.accelerator.device.type == "cpu":
             from opd.rollout.cpu_weight_sync import sync_trl_colocate_weights_on_cpu
 

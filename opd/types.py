@@ -38,7 +38,7 @@ class RolloutBatch:
     completion_mask_BT: torch.Tensor
     """[B, T] 1 on generated tokens, 0 on padding (and on environment tokens in multi-turn data)."""
     sampler_logprobs_BT: torch.Tensor | None = None
-    """float32 [B, T] the sampler's logprob of each sampled token (importance correction, lp_old)."""
+    """float32 [B, T] the sampler's logprob of each sampled token (lp_old, importance ratios)."""
     stop_reason_B: list[str] | None = None
     """Why each completion ended: "stop" (EOS) or "length" (truncated)."""
     policy_version: int = 0
@@ -53,7 +53,10 @@ class RolloutBatch:
             self.completion_ids_BT.dtype in (torch.int32, torch.int64),
             f"completion_ids_BT must be int32/int64, got {self.completion_ids_BT.dtype}",
         )
-        _check(len(self.prompt_ids) == num_rows, f"{len(self.prompt_ids)} prompts for {num_rows} completions")
+        _check(
+            len(self.prompt_ids) == num_rows,
+            f"{len(self.prompt_ids)} prompts for {num_rows} completions",
+        )
         _check_2d("completion_mask_BT", self.completion_mask_BT, (num_rows, num_tokens))
         if self.sampler_logprobs_BT is not None:
             _check_2d("sampler_logprobs_BT", self.sampler_logprobs_BT, (num_rows, num_tokens))
@@ -67,7 +70,7 @@ class RolloutBatch:
 
     @property
     def teacher_context_ids(self) -> list[list[int]]:
-        """What the teacher scores the completion after: its own prompt if given, else the student's."""
+        """The context the teacher scores the completion after (its own prompt, else the student's)."""
         return self.teacher_prompt_ids if self.teacher_prompt_ids is not None else self.prompt_ids
 
     def completion_lengths_B(self) -> list[int]:

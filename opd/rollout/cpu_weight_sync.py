@@ -25,7 +25,7 @@ import torch
 def load_weights_into_cpu_vllm(
     vllm_model: torch.nn.Module, named_tensors: Iterable[tuple[str, torch.Tensor]]
 ) -> set[str]:
-    """Load `named_tensors` (HF names) into a vLLM CPU model and repack; returns the loaded names."""
+    """Load `named_tensors` (HF names) into a vLLM CPU model, repack; return the loaded names."""
     from vllm.model_executor.layers.linear import (
         WEIGHT_LOADER_V2_SUPPORTED,
         UnquantizedLinearMethod,

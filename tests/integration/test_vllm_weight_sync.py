@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 PROMPT_IDS = [4, 5, 13, 6, 7, 16]  # "12+34="
 COMPLETION_IDS = [8, 10, 2, 5, 9]
@@ -37,7 +36,9 @@ def _vllm_logprobs(llm) -> list[float]:
     from vllm import SamplingParams
 
     params = SamplingParams(max_tokens=1, prompt_logprobs=0, temperature=1.0)
-    output = llm.generate([{"prompt_token_ids": PROMPT_IDS + COMPLETION_IDS}], params, use_tqdm=False)
+    output = llm.generate(
+        [{"prompt_token_ids": PROMPT_IDS + COMPLETION_IDS}], params, use_tqdm=False
+    )
     positions = output[0].prompt_logprobs[len(PROMPT_IDS) :]
     return [entry[token].logprob for entry, token in zip(positions, COMPLETION_IDS, strict=True)]
 

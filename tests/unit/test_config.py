@@ -76,8 +76,9 @@ def test_cli_unknown_reward_function(tmp_path, capsys):
 
 
 def test_cli_missing_dataset_file(tmp_path, capsys):
-    args = ["distill", "--dataset_name", str(tmp_path / "missing.jsonl"), "--output_dir",
-            str(tmp_path), "--model_name_or_path", "s", "--teacher_model_name_or_path", "t"]  # fmt: skip
+    missing = str(tmp_path / "missing.jsonl")
+    args = ["distill", "--dataset_name", missing, "--output_dir", str(tmp_path),
+            "--model_name_or_path", "s", "--teacher_model_name_or_path", "t"]  # fmt: skip
     assert main(args) == 2
     err = capsys.readouterr().err
     assert "missing.jsonl" in err and "no such file" in err

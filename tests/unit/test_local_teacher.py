@@ -35,7 +35,9 @@ def _reference_logprobs_TV(model, context: list[int], completion: list[int], tem
 @pytest.mark.parametrize("batch_size", [1, 2, 16])
 def test_scores_equal_unbatched_forward(teacher_model, batch_size):
     batch = _batch()
-    scores = LocalTeacher(teacher_model, temperature=1.3, batch_size=batch_size).score(batch, top_k=4)
+    scores = LocalTeacher(teacher_model, temperature=1.3, batch_size=batch_size).score(
+        batch, top_k=4
+    )
     assert scores.sampled_logprobs_BT.shape == (3, 3) and scores.top_k == 4
     for row in range(3):
         length = int(batch.completion_mask_BT[row].sum())
@@ -44,9 +46,13 @@ def test_scores_equal_unbatched_forward(teacher_model, batch_size):
             teacher_model, batch.teacher_context_ids[row], completion, temperature=1.3
         )
         expected_T = reference_TV.gather(-1, torch.tensor(completion)[:, None])[:, 0]
-        torch.testing.assert_close(scores.sampled_logprobs_BT[row, :length], expected_T, atol=1e-5, rtol=0)
+        torch.testing.assert_close(
+            scores.sampled_logprobs_BT[row, :length], expected_T, atol=1e-5, rtol=0
+        )
         values, indices = reference_TV.topk(4, dim=-1)
-        torch.testing.assert_close(scores.topk_logprobs_BTK[row, :length], values, atol=1e-5, rtol=0)
+        torch.testing.assert_close(
+            scores.topk_logprobs_BTK[row, :length], values, atol=1e-5, rtol=0
+        )
         assert torch.equal(scores.topk_ids_BTK[row, :length], indices)
     assert scores.sampled_logprobs_BT[1, 2] == 0  # masked position
 

@@ -1,4 +1,4 @@
-"""Vanilla OPD (METHODS.md section 1): hand-computed advantages, and the loss TRL builds from them."""
+"""Vanilla OPD (METHODS.md section 1): hand-computed advantages and the loss TRL builds on them."""
 
 from __future__ import annotations
 

@@ -70,7 +70,7 @@ class RolloutBatch:
 
     @property
     def teacher_context_ids(self) -> list[list[int]]:
-        """The context the teacher scores the completion after (its own prompt, else the student's)."""
+        """What the teacher scores the completion after: its own prompt, else the student's."""
         return self.teacher_prompt_ids if self.teacher_prompt_ids is not None else self.prompt_ids
 
     def completion_lengths_B(self) -> list[int]:

@@ -17,9 +17,18 @@ LOCAL_FORMATS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv
 
 
 def load_prompt_dataset(
-    name: str, *, config: str | None = None, split: str = "train", prompt_column: str = "prompt"
+    name: str,
+    *,
+    config: str | None = None,
+    split: str = "train",
+    prompt_column: str = "prompt",
+    as_chat: bool = False,
 ) -> Dataset:
-    """Load `name` (demo task, local file/folder or hub name) and expose its prompts as `prompt`."""
+    """Load `name` (demo task, local file or hub name) and expose its prompts as `prompt`.
+
+    `as_chat` turns each text prompt into a one-message conversation, which TRL renders with the
+    student's chat template (what instruct and reasoning models expect).
+    """
     if name == DEMO_DATASET:
         from opd.demo.pretrain import demo_splits
 
@@ -42,4 +51,6 @@ def load_prompt_dataset(
         dataset = dataset.rename_column(prompt_column, "prompt")
     if len(dataset) == 0:
         raise ConfigError(f"dataset {name!r} (split {split!r}) is empty.")
+    if as_chat:
+        dataset = dataset.map(lambda row: {"prompt": [{"role": "user", "content": row["prompt"]}]})
     return dataset

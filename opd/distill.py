@@ -43,6 +43,10 @@ class DistillArguments:
     dataset_prompt_column: str = field(
         default="prompt", metadata={"help": "Column holding the prompts."}
     )
+    dataset_chat_template: bool = field(
+        default=False,
+        metadata={"help": "Wrap each text prompt as a user message (rendered with the chat template)."},
+    )
     reward_funcs: list[str] = field(
         default_factory=list,
         metadata={
@@ -79,6 +83,7 @@ def run_distill(script_args: DistillArguments, config: OPDConfig) -> dict[str, A
         config=script_args.dataset_config,
         split=script_args.dataset_train_split,
         prompt_column=script_args.dataset_prompt_column,
+        as_chat=script_args.dataset_chat_template,
     )
     evaluate = script_args.eval_before_after and script_args.dataset_name == DEMO_DATASET
     before = _evaluate_demo(script_args.model_name_or_path, config, "before") if evaluate else {}

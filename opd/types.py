@@ -48,6 +48,10 @@ class RolloutBatch:
     None means the teacher sees `prompt_ids`."""
 
     def __post_init__(self):
+        _check(
+            self.completion_ids_BT.ndim == 2,
+            f"completion_ids_BT must be [B, T], got shape {tuple(self.completion_ids_BT.shape)}",
+        )
         num_rows, num_tokens = self.completion_ids_BT.shape
         _check(
             self.completion_ids_BT.dtype in (torch.int32, torch.int64),
@@ -60,6 +64,10 @@ class RolloutBatch:
         _check_2d("completion_mask_BT", self.completion_mask_BT, (num_rows, num_tokens))
         if self.sampler_logprobs_BT is not None:
             _check_2d("sampler_logprobs_BT", self.sampler_logprobs_BT, (num_rows, num_tokens))
+            _check(
+                self.sampler_logprobs_BT.is_floating_point(),
+                f"sampler_logprobs_BT must be floating point, got {self.sampler_logprobs_BT.dtype}",
+            )
         if self.stop_reason_B is not None:
             _check(len(self.stop_reason_B) == num_rows, "stop_reason_B needs one entry per row")
         if self.teacher_prompt_ids is not None:

@@ -41,7 +41,21 @@ def default_demo_config() -> str:
     return str(resources.files("opd.demo") / "default.yaml")
 
 
+def quiet_known_warnings() -> None:
+    """Silence warnings that repeat on every run and that a user cannot act on.
+
+    TRL warns six times that vLLM 0.32 is outside its tested range (opd's tests run that pair);
+    torch warns that pin_memory has no effect without a GPU at every generation step.
+    """
+    import warnings
+
+    warnings.filterwarnings("ignore", message="TRL currently supports vLLM versions")
+    warnings.filterwarnings("ignore", message=".*'pin_memory' argument is set as true")
+    warnings.filterwarnings("ignore", message=".*torch.distributed.reduce_op.* is deprecated")
+
+
 def distill_main(argv: list[str]) -> int:
+    quiet_known_warnings()
     from trl import TrlParser
 
     from opd.config import ConfigError, OPDConfig

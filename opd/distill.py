@@ -45,7 +45,9 @@ class DistillArguments:
     )
     dataset_chat_template: bool = field(
         default=False,
-        metadata={"help": "Wrap each text prompt as a user message (rendered with the chat template)."},
+        metadata={
+            "help": "Wrap each text prompt as a user message (rendered by the chat template)."
+        },
     )
     reward_funcs: list[str] = field(
         default_factory=list,

@@ -23,7 +23,7 @@ import torch
 from transformers import AutoTokenizer
 from trl import GRPOTrainer
 
-from opd.config import OPDConfig
+from opd.config import ConfigError, OPDConfig
 from opd.objectives.vanilla import masked_mean, vanilla_opd_advantage
 from opd.teacher.consistency import check_same_tokenizer
 from opd.teacher.local import LocalTeacher
@@ -64,6 +64,8 @@ class OPDTrainer(GRPOTrainer):
             raise ValueError(
                 "opd_outcome_weight > 0 needs reward_funcs to compute outcome rewards."
             )
+        if teacher is None:  # fail on a bad teacher before the (slow) vLLM engine is built
+            teacher = build_teacher(args, processing_class or _load_tokenizer(model, "student"))
         on_cpu_colocate = (
             args.use_vllm and args.vllm_mode == "colocate" and not torch.cuda.is_available()
         )
@@ -79,9 +81,7 @@ class OPDTrainer(GRPOTrainer):
                 processing_class=processing_class,
                 **kwargs,
             )
-        self.teacher = (
-            teacher if teacher is not None else build_teacher(args, self.processing_class)
-        )
+        self.teacher = teacher
         if self.use_vllm and self.vllm_mode == "colocate" and self.accelerator.device.type == "cpu":
             from opd.rollout.cpu_weight_sync import sync_trl_colocate_weights_on_cpu
 
@@ -173,7 +173,7 @@ class OPDTrainer(GRPOTrainer):
 
 def build_teacher(args: OPDConfig, student_tokenizer) -> TeacherScorer:
     """The teacher named by `args.teacher_*`, after checking it shares the student's tokenizer."""
-    teacher_tokenizer = AutoTokenizer.from_pretrained(args.teacher_model_name_or_path)
+    teacher_tokenizer = _load_tokenizer(args.teacher_model_name_or_path, "teacher")
     student_tokenizer = getattr(student_tokenizer, "tokenizer", student_tokenizer)
     check_same_tokenizer(
         student_tokenizer, teacher_tokenizer, teacher_name=args.teacher_model_name_or_path
@@ -185,6 +185,18 @@ def build_teacher(args: OPDConfig, student_tokenizer) -> TeacherScorer:
         temperature=args.teacher_temperature,
         batch_size=args.teacher_batch_size,
     )
+
+
+def _load_tokenizer(model, role: str):
+    """The tokenizer of `model` (a name/path or a loaded model), as a ConfigError when missing."""
+    name = model if isinstance(model, str) else model.config.name_or_path
+    field_name = "teacher_model_name_or_path" if role == "teacher" else "model_name_or_path"
+    try:
+        return AutoTokenizer.from_pretrained(name)
+    except OSError as error:
+        raise ConfigError(
+            f"cannot load the {role} tokenizer from {name!r} ({error}); check {field_name}."
+        ) from error
 
 
 def resolve_vllm_dtype(args: OPDConfig, *, on_cpu: bool) -> str | None:

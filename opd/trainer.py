@@ -61,11 +61,15 @@ class OPDTrainer(GRPOTrainer):
                 "OPDTrainer needs an OPDConfig (it adds the teacher_* and opd_* fields)."
             )
         if reward_funcs is None and args.opd_outcome_weight > 0:
-            raise ValueError(
-                "opd_outcome_weight > 0 needs reward_funcs to compute outcome rewards."
+            raise ConfigError(
+                "opd_outcome_weight > 0 needs reward functions for the outcome rewards: pass "
+                "reward_funcs (CLI: --reward_funcs NAME ...) or set opd_outcome_weight to 0."
             )
         if teacher is None:  # fail on a bad teacher before the (slow) vLLM engine is built
-            teacher = build_teacher(args, processing_class or _load_tokenizer(model, "student"))
+            student_tokenizer = processing_class
+            if student_tokenizer is None:
+                student_tokenizer = _load_tokenizer(model, "student")
+            teacher = build_teacher(args, student_tokenizer)
         on_cpu_colocate = (
             args.use_vllm and args.vllm_mode == "colocate" and not torch.cuda.is_available()
         )

@@ -77,7 +77,9 @@ def run_distill(script_args: DistillArguments, config: OPDConfig) -> dict[str, A
     print(f"opd: resolved config written to {config_path}")
     if script_args.dry_run:
         return {}
-    from opd.trainer import OPDTrainer
+    from transformers import AutoTokenizer
+
+    from opd.trainer import OPDTrainer, build_teacher
 
     start = time.perf_counter()
     train_dataset = load_prompt_dataset(
@@ -88,12 +90,17 @@ def run_distill(script_args: DistillArguments, config: OPDConfig) -> dict[str, A
         as_chat=script_args.dataset_chat_template,
     )
     evaluate = script_args.eval_before_after and script_args.dataset_name == DEMO_DATASET
-    before = _evaluate_demo(script_args.model_name_or_path, config, "before") if evaluate else {}
+    teacher = tokenizer = None
+    if evaluate:  # one teacher serves the trainer and both evaluations
+        tokenizer = AutoTokenizer.from_pretrained(script_args.model_name_or_path)
+        teacher = build_teacher(config, tokenizer)
+        before = _evaluate_demo(script_args.model_name_or_path, teacher.model, tokenizer, "before")
     trainer = OPDTrainer(
         model=script_args.model_name_or_path,
         reward_funcs=build_reward_funcs(script_args.reward_funcs) or None,
         args=config,
         train_dataset=train_dataset,
+        teacher=teacher,
     )
     trainer.train(resume_from_checkpoint=config.resume_from_checkpoint)
     trainer.save_model(config.output_dir)
@@ -102,7 +109,7 @@ def run_distill(script_args: DistillArguments, config: OPDConfig) -> dict[str, A
         "log_history": trainer.state.log_history,
     }
     if evaluate:
-        after = _evaluate_demo(trainer.model, config, "after")
+        after = _evaluate_demo(trainer.model, teacher.model, tokenizer, "after")
         results.update(before=before, after=after)
         print(format_before_after(before, after))
     (Path(config.output_dir) / "opd_results.json").write_text(json.dumps(results, indent=2))
@@ -111,9 +118,8 @@ def run_distill(script_args: DistillArguments, config: OPDConfig) -> dict[str, A
 
 def resolve_demo_models(script_args: DistillArguments, config: OPDConfig) -> None:
     """Replace the `demo:*` model names by the paths of the locally built demo models."""
-    if DEMO_STUDENT not in (script_args.model_name_or_path, config.teacher_model_name_or_path) and (
-        DEMO_TEACHER not in (script_args.model_name_or_path, config.teacher_model_name_or_path)
-    ):
+    names = {script_args.model_name_or_path, config.teacher_model_name_or_path}
+    if not names & {DEMO_STUDENT, DEMO_TEACHER}:
         return
     from opd.demo.pretrain import prepare_demo_models
 
@@ -146,23 +152,20 @@ def _check_reward_names(names: list[str]) -> None:
         )
 
 
-def _evaluate_demo(student, config: OPDConfig, label: str) -> dict[str, float]:
+def _evaluate_demo(student, teacher_model, tokenizer, label: str) -> dict[str, float]:
     """Accuracy and reverse KL of `student` (path or model) on the held-out demo prompts."""
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     from opd.demo.evaluate import evaluate_models
     from opd.demo.pretrain import MAX_NEW_TOKENS, demo_splits
 
     if isinstance(student, str):
         student = AutoModelForCausalLM.from_pretrained(student, dtype=torch.float32)
-    teacher = AutoModelForCausalLM.from_pretrained(
-        config.teacher_model_name_or_path, dtype=torch.float32
-    )
-    tokenizer = AutoTokenizer.from_pretrained(config.teacher_model_name_or_path)
+    student = student.to(teacher_model.device)
     start = time.perf_counter()
     metrics = evaluate_models(
-        student.eval(), teacher.eval(), tokenizer, demo_splits()[1], max_new_tokens=MAX_NEW_TOKENS
+        student.eval(), teacher_model, tokenizer, demo_splits()[1], max_new_tokens=MAX_NEW_TOKENS
     )
     print(f"opd: evaluated the student {label} training in {time.perf_counter() - start:.1f}s")
     return {key: float(value) for key, value in metrics.items()}

@@ -4,8 +4,11 @@ This folder ships as `opd.kernels` (see pyproject.toml's `package-dir`); it is n
 `kernels` package, a name that belongs to Hugging Face's `kernels` library. Import it as
 `from opd.kernels import use_triton`.
 
-Each op lives in `<op>.py` with a Triton kernel and a torch reference of the same signature. Every
-host function asks `use_triton(*tensors)` which one to run; nothing else decides. The rule:
+Public API (argument order fixed): `sampled_logprob_entropy`, `topk_divergence`, `full_divergence`,
+`fused_linear_token_stats`. Each asks `use_triton(*tensors)` which implementation runs, nothing
+else decides: `triton_ops.py` (Triton kernels in `softmax_stats.py`, `full_divergence.py`) or
+`torch_ops.py` (chunked torch, what CPU users run). The spec of both is the plain-torch
+`opd.losses.reference`, which tests and benchmarks import. The rule:
 
 1. `override_impl("torch" | "triton")` (tests) or the env var `OPD_KERNELS=torch|triton` forces
    one. Forcing Triton where it cannot run raises `RuntimeError` saying why: there is no silent
@@ -22,11 +25,14 @@ Test: `pytest tests/kernels/test_dispatch.py`.
 from __future__ import annotations
 
 import contextlib
+import importlib
 import os
 from collections.abc import Iterator
-from typing import Literal
+from types import ModuleType
+from typing import Any, Literal
 
 import torch
+from torch import Tensor
 
 Impl = Literal["torch", "triton"]
 IMPLS: tuple[Impl, ...] = ("torch", "triton")
@@ -122,4 +128,186 @@ def override_impl(name: Impl | None) -> Iterator[None]:
         _override = previous
 
 
-__all__ = ["IMPLS", "TRITON_AVAILABLE", "override_impl", "triton_interpret", "use_triton"]
+def _ops(*tensors: torch.Tensor) -> ModuleType:
+    """The module holding the chosen implementation (imported on first use, so that a
+    `TRITON_INTERPRET` set by the caller before the first call is what Triton sees)."""
+    name = "triton_ops" if use_triton(*tensors) else "torch_ops"
+    return importlib.import_module(f"{__name__}.{name}")
+
+
+def sampled_logprob_entropy(
+    logits: Tensor,
+    ids: Tensor,
+    *,
+    temperature: float = 1.0,
+    mask: Tensor | None = None,
+    **options: Any,
+) -> tuple[Tensor, Tensor]:
+    """Student log-prob of the sampled token and entropy per row: float32 `([N], [N])`.
+
+    Args:
+        logits: `[N, V]` student logits (any float dtype; receives gradient).
+        ids: `[N]` int64 sampled token ids.
+        temperature: divides the logits.
+        mask: optional `[N]` bool, True = keep; masked rows give 0 and get 0 gradient.
+        **options: implementation keywords (`chunk_rows` for the torch path).
+
+    Maths and conventions: `opd.losses.reference.sampled_logprob_entropy` (the spec).
+    """
+    impl = _ops(logits)
+    return impl.sampled_logprob_entropy(logits, ids, temperature=temperature, mask=mask, **options)
+
+
+def topk_divergence(
+    student_logits: Tensor,
+    teacher_topk_ids: Tensor,
+    teacher_topk_logprobs: Tensor,
+    *,
+    kind: str = "reverse_kl",
+    beta: float = 0.5,
+    support: str = "teacher",
+    tail: bool = True,
+    temperature: float = 1.0,
+    mask: Tensor | None = None,
+    **options: Any,
+) -> Tensor:
+    """Student/teacher divergence on a top-k support per row: float32 `[N]`.
+
+    Args:
+        student_logits: `[N, V]` student logits (receives gradient).
+        teacher_topk_ids: `[N, K]` int64 teacher top-k ids.
+        teacher_topk_logprobs: `[N, K]` their log-probs, `-inf` = padding (constant).
+        kind: "reverse_kl", "forward_kl" or "jsd"; beta: JSD weight (0 = forward, 1 = reverse KL).
+        support: "teacher", "student" or "union"; tail: tail bucket (True) or renormalise.
+        temperature: divides the student logits; mask: optional `[N]` bool, True = keep.
+        **options: `student_top_k`; implementation keywords (`chunk_rows` for the torch path).
+
+    Maths and conventions: `opd.losses.reference.topk_divergence` (the spec).
+    """
+    impl = _ops(student_logits)
+    return impl.topk_divergence(
+        student_logits, teacher_topk_ids, teacher_topk_logprobs, kind=kind, beta=beta,
+        support=support, tail=tail, temperature=temperature, mask=mask, **options,
+    )  # fmt: skip
+
+
+def full_divergence(
+    student_logits: Tensor,
+    teacher_logits: Tensor,
+    *,
+    kind: str = "reverse_kl",
+    beta: float = 0.5,
+    temperature: float = 1.0,
+    mask: Tensor | None = None,
+    **options: Any,
+) -> Tensor:
+    """Student/teacher divergence over the full vocabulary per row: float32 `[N]`.
+
+    Args:
+        student_logits: `[N, V]` (receives gradient); teacher_logits: `[N, V]` (constant).
+        kind: "reverse_kl", "forward_kl" or "jsd"; beta: JSD weight (0 = forward, 1 = reverse KL).
+        temperature: divides both; mask: optional `[N]` bool, True = keep.
+        **options: implementation keywords (`chunk_rows` for the torch path).
+
+    Maths and conventions: `opd.losses.reference.full_divergence` (the spec).
+    """
+    impl = _ops(student_logits, teacher_logits)
+    return impl.full_divergence(
+        student_logits, teacher_logits, kind=kind, beta=beta, temperature=temperature,
+        mask=mask, **options,
+    )  # fmt: skip
+
+
+def fused_linear_token_stats(
+    student_hidden: Tensor,
+    student_weight: Tensor,
+    ids: Tensor,
+    *,
+    teacher_hidden: Tensor | None = None,
+    teacher_weight: Tensor | None = None,
+    teacher_topk_ids: Tensor | None = None,
+    teacher_topk_logprobs: Tensor | None = None,
+    kind: str = "reverse_kl",
+    beta: float = 0.5,
+    temperature: float = 1.0,
+    mask: Tensor | None = None,
+    **options: Any,
+) -> dict[str, Tensor]:
+    """Logprob, entropy and divergence from hidden states, never holding `[N, V]` logits.
+
+    Args:
+        student_hidden: `[N, H]` and student_weight: `[V, H]` (both receive gradient).
+        ids: `[N]` int64 sampled token ids.
+        teacher_hidden, teacher_weight: `[N, H_t]`, `[V, H_t]` for a full-vocabulary divergence;
+            or teacher_topk_ids, teacher_topk_logprobs: `[N, K]` for a top-k one (constants).
+        kind, beta, temperature, mask: as `full_divergence`.
+        **options: `tail` (top-k), `chunk_rows`, `chunk_vocab`.
+
+    Returns:
+        dict of float32 `[N]`: `logprob`, `entropy`, and `divergence` when a teacher is given.
+
+    Maths and conventions: `opd.losses.reference.fused_linear_token_stats` (the spec).
+    """
+    impl = _ops(student_hidden, student_weight)
+    return impl.fused_linear_token_stats(
+        student_hidden, student_weight, ids, teacher_hidden=teacher_hidden,
+        teacher_weight=teacher_weight, teacher_topk_ids=teacher_topk_ids,
+        teacher_topk_logprobs=teacher_topk_logprobs, kind=kind, beta=beta,
+        temperature=temperature, mask=mask, **options,
+    )  # fmt: skip
+
+
+def fused_linear_divergence_loss(
+    student_hidden: Tensor,
+    student_weight: Tensor,
+    *,
+    teacher_hidden: Tensor | None = None,
+    teacher_weight: Tensor | None = None,
+    teacher_topk_ids: Tensor | None = None,
+    teacher_topk_logprobs: Tensor | None = None,
+    weight: Tensor | None = None,
+    kind: str = "reverse_kl",
+    beta: float = 0.5,
+    temperature: float = 1.0,
+    mask: Tensor | None = None,
+    **options: Any,
+) -> tuple[Tensor, Tensor]:
+    """Scalar `sum_r weight_r D_r` of the `fused_linear_token_stats` divergence, with its
+    gradient computed chunk by chunk in the forward (no recomputation in the backward).
+
+    Use it for a supervised divergence term whose per-token weights are known before the forward
+    (GKD-style distillation loss); use `fused_linear_token_stats` when the coefficients depend on
+    the outputs (policy-gradient terms).
+
+    Args:
+        student_hidden, student_weight, teacher_*, kind, beta, temperature, mask: as
+            `fused_linear_token_stats` (a teacher is required).
+        weight: optional `[N]` per-row weights (constant), default 1.
+        **options: `tail` (top-k), `chunk_rows`.
+
+    Returns:
+        `(loss, divergence)`: float32 scalar (differentiable) and `[N]` divergence (detached).
+
+    Maths and conventions: `opd.losses.reference.fused_linear_divergence_loss` (the spec).
+    """
+    impl = _ops(student_hidden, student_weight)
+    return impl.fused_linear_divergence_loss(
+        student_hidden, student_weight, teacher_hidden=teacher_hidden,
+        teacher_weight=teacher_weight, teacher_topk_ids=teacher_topk_ids,
+        teacher_topk_logprobs=teacher_topk_logprobs, weight=weight, kind=kind, beta=beta,
+        temperature=temperature, mask=mask, **options,
+    )  # fmt: skip
+
+
+__all__ = [
+    "IMPLS",
+    "TRITON_AVAILABLE",
+    "full_divergence",
+    "fused_linear_divergence_loss",
+    "fused_linear_token_stats",
+    "override_impl",
+    "sampled_logprob_entropy",
+    "topk_divergence",
+    "triton_interpret",
+    "use_triton",
+]

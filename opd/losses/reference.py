@@ -468,3 +468,47 @@ def fused_linear_token_stats(
     if t_mode != "none":
         out["divergence"] = div
     return out
+
+
+def fused_linear_divergence_loss(
+    student_hidden: Tensor,
+    student_weight: Tensor,
+    *,
+    teacher_hidden: Tensor | None = None,
+    teacher_weight: Tensor | None = None,
+    teacher_topk_ids: Tensor | None = None,
+    teacher_topk_logprobs: Tensor | None = None,
+    weight: Tensor | None = None,
+    kind: str = "reverse_kl",
+    beta: float = 0.5,
+    temperature: float = 1.0,
+    mask: Tensor | None = None,
+    tail: bool = True,
+    chunk_rows: int = 1024,
+) -> tuple[Tensor, Tensor]:
+    """Weighted sum of the per-row divergences of `fused_linear_token_stats`, as a scalar loss.
+
+    `loss = sum_r weight_r D_r` (masked rows count 0). This is the distillation loss of a
+    supervised divergence term (GKD-style); the kernels compute its gradient during the forward.
+
+    Args:
+        student_hidden, student_weight, teacher_*, kind, beta, temperature, mask, tail:
+            as `fused_linear_token_stats` (a teacher is required).
+        weight: optional `[N]` per-row weights (constant), default 1.
+        chunk_rows: rows per block.
+
+    Returns:
+        `(loss, divergence)`: float32 scalar and the float32 `[N]` divergence (detached).
+    """
+    if teacher_hidden is None and teacher_topk_ids is None:
+        raise ValueError("a divergence loss needs a teacher: hidden and weight, or its top-k")
+    out = fused_linear_token_stats(
+        student_hidden, student_weight, torch.zeros(student_hidden.shape[0], dtype=torch.long,
+        device=student_hidden.device), teacher_hidden=teacher_hidden,
+        teacher_weight=teacher_weight, teacher_topk_ids=teacher_topk_ids,
+        teacher_topk_logprobs=teacher_topk_logprobs, kind=kind, beta=beta,
+        temperature=temperature, mask=mask, tail=tail, chunk_rows=chunk_rows,
+    )  # fmt: skip
+    div = out["divergence"]
+    w = torch.ones_like(div) if weight is None else weight.detach().float()
+    return (div * w).sum(), div.detach()

@@ -1,4 +1,8 @@
-"""Tests of the plain-torch reference kernels `opd.losses.reference` (the spec of issue 3).
+"""Parity of every implementation of the kernel functions (issue 3) with float64 references.
+
+Each test runs for the `ops` fixture's three implementations (tests/kernels/conftest.py): the
+plain-torch spec `opd.losses.reference`, the chunked torch path and the Triton kernels (in
+Triton's CPU interpreter here, compiled on CUDA in scripts/gpu_check.sh).
 
 Three kinds of checks, all on CPU in a few seconds:
 - hand-computed values on a 2-row, 4-token example for every `kind` (numbers in the comments);
@@ -19,12 +23,8 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from opd.losses.reference import (
-    full_divergence,
-    fused_linear_token_stats,
-    sampled_logprob_entropy,
-    topk_divergence,
-)
+from opd.kernels import fused_linear_token_stats, override_impl
+from opd.losses import reference
 
 LN = math.log
 N, V, K, H = 37, 1423, 5, 96
@@ -56,55 +56,55 @@ HAND = {
 
 
 @pytest.mark.parametrize(("kind", "beta"), KINDS)
-def test_full_divergence_hand_values(kind: str, beta: float) -> None:
-    got = full_divergence(PS.log() + 3.0, PT.log() - 1.0, kind=kind, beta=beta)
+def test_full_divergence_hand_values(ops, kind: str, beta: float) -> None:
+    got = ops.full_divergence(PS.log() + 3.0, PT.log() - 1.0, kind=kind, beta=beta)
     torch.testing.assert_close(got, torch.tensor(HAND[(kind, beta)]), atol=1e-6, rtol=1e-6)
     # temperature 2 on logits 2 ln p gives back p
-    got_t = full_divergence(2 * PS.log(), 2 * PT.log(), kind=kind, beta=beta, temperature=2.0)
+    got_t = ops.full_divergence(2 * PS.log(), 2 * PT.log(), kind=kind, beta=beta, temperature=2.0)
     torch.testing.assert_close(got_t, got, atol=1e-6, rtol=1e-6)
 
 
-def test_sampled_logprob_entropy_hand_values() -> None:
-    logprob, entropy = sampled_logprob_entropy(PS.log(), torch.tensor([3, 0]))
+def test_sampled_logprob_entropy_hand_values(ops) -> None:
+    logprob, entropy = ops.sampled_logprob_entropy(PS.log(), torch.tensor([3, 0]))
     # ln .4, ln .5; H0 = -sum p ln p = 1.27985..., H1 = -(.5 ln .5 + .25 ln .25 + .25 ln .125)
     torch.testing.assert_close(logprob, torch.tensor([LN(0.4), LN(0.5)]))
     torch.testing.assert_close(entropy, torch.tensor([1.2798542258336676, 1.2130075659799042]))
 
 
 @pytest.mark.parametrize(("kind", "beta"), KINDS)
-def test_topk_teacher_support_hand_values(kind: str, beta: float) -> None:
+def test_topk_teacher_support_hand_values(ops, kind: str, beta: float) -> None:
     # row 1, teacher top-2 = ids [1, 0]; buckets {1, 0, tail}: p_s = [.25, .5, .25],
     # p_t = [.5, .25, .25]: the swapped row-1 example of HAND minus one equal bucket.
     ids, lps = torch.tensor([[1, 0]]), torch.tensor([[LN(0.5), LN(0.25)]])
-    got = topk_divergence(PS[1:].log(), ids, lps, kind=kind, beta=beta)
+    got = ops.topk_divergence(PS[1:].log(), ids, lps, kind=kind, beta=beta)
     torch.testing.assert_close(got, torch.tensor(HAND[(kind, beta)][1:]), atol=1e-6, rtol=1e-6)
 
 
-def test_topk_supports_hand_values() -> None:
+def test_topk_supports_hand_values(ops) -> None:
     s_logits = PS[1:].log()
     ids, lps = torch.tensor([[1, 0, 2]]), torch.tensor([[LN(0.5), LN(0.25), -math.inf]])
     # tail=False: renormalised on {1, 0}: p_s = [1/3, 2/3], p_t = [2/3, 1/3]; KL = ln(2) / 3
-    got = topk_divergence(s_logits, ids, lps, tail=False)
+    got = ops.topk_divergence(s_logits, ids, lps, tail=False)
     torch.testing.assert_close(got, torch.tensor([LN(2) / 3]))
     # row 0 with a top-1 teacher (id 0, p .25): the other 3 ids share the tail .75 -> .25 each.
     s0, t_ids, t_lps = PS[:1].log(), torch.tensor([[0]]), torch.tensor([[LN(0.25)]])
     # student top-2 = {3, 2}: buckets {3, 2, tail}: p_s = [.4, .3, .3], p_t = [.25, .25, .5]
-    got = topk_divergence(s0, t_ids, t_lps, support="student", student_top_k=2)
+    got = ops.topk_divergence(s0, t_ids, t_lps, support="student", student_top_k=2)
     expected = 0.4 * LN(0.4 / 0.25) + 0.3 * LN(0.3 / 0.25) + 0.3 * LN(0.3 / 0.5)
     torch.testing.assert_close(got, torch.tensor([expected]))
     # union {0} + {3, 2}: p_s = [.1, .4, .3, tail .2], p_t = [.25, .25, .25, tail .25]
-    got = topk_divergence(s0, t_ids, t_lps, support="union", student_top_k=2)
+    got = ops.topk_divergence(s0, t_ids, t_lps, support="union", student_top_k=2)
     expected = 0.1 * LN(0.4) + 0.4 * LN(1.6) + 0.3 * LN(1.2) + 0.2 * LN(0.8)
     torch.testing.assert_close(got, torch.tensor([expected]))
 
 
-def test_bad_arguments_raise() -> None:
+def test_bad_arguments_raise(ops) -> None:
     with pytest.raises(ValueError, match="kind"):
-        full_divergence(PS, PT, kind="tv")
+        ops.full_divergence(PS, PT, kind="tv")
     with pytest.raises(ValueError, match="support"):
-        topk_divergence(PS, torch.zeros(2, 1, dtype=torch.long), PT[:, :1], support="both")
+        ops.topk_divergence(PS, torch.zeros(2, 1, dtype=torch.long), PT[:, :1], support="both")
     with pytest.raises(ValueError, match="beta"):
-        full_divergence(PS, PT, kind="jsd", beta=1.5)
+        ops.full_divergence(PS, PT, kind="jsd", beta=1.5)
 
 
 # --------------------------------------------------------------------------------------------
@@ -203,22 +203,22 @@ def leaves(zs: torch.Tensor, keep: torch.Tensor):
 
 
 @pytest.mark.parametrize(("dtype", "atol", "rtol"), DTYPES)
-def test_sampled_logprob_entropy_parity(dtype, atol, rtol) -> None:
+def test_sampled_logprob_entropy_parity(ops, dtype, atol, rtol) -> None:
     zs, _, ids, keep, _, _ = make_inputs(dtype)
     g = torch.randn(2, N)
     for out_index in (0, 1):
         z, z64 = leaves(zs, keep)
-        got = sampled_logprob_entropy(z, ids, temperature=TEMP, mask=keep)[out_index]
+        got = ops.sampled_logprob_entropy(z, ids, temperature=TEMP, mask=keep)[out_index]
         want = ref_stats(z64, ids, keep)[out_index]
         check_value_and_grad(got, want, z, z64, keep, atol, rtol, g[out_index])
 
 
 @pytest.mark.parametrize(("dtype", "atol", "rtol"), DTYPES)
 @pytest.mark.parametrize(("kind", "beta"), KINDS)
-def test_full_divergence_parity(dtype, atol, rtol, kind, beta) -> None:
+def test_full_divergence_parity(ops, dtype, atol, rtol, kind, beta) -> None:
     zs, zt, _, keep, _, _ = make_inputs(dtype)
     z, z64 = leaves(zs, keep)
-    got = full_divergence(z, zt, kind=kind, beta=beta, temperature=TEMP, mask=keep)
+    got = ops.full_divergence(z, zt, kind=kind, beta=beta, temperature=TEMP, mask=keep)
     want = ref_full(z64, zt, keep, kind, beta)
     check_value_and_grad(got, want, z, z64, keep, atol, rtol, torch.randn(N))
 
@@ -236,10 +236,10 @@ TOPK_CASES = [
 @pytest.mark.parametrize(("dtype", "atol", "rtol"), DTYPES)
 @pytest.mark.parametrize(("support", "tail"), TOPK_CASES)
 @pytest.mark.parametrize(("kind", "beta"), [("reverse_kl", 0.5), ("forward_kl", 0.5), ("jsd", 0.3)])
-def test_topk_divergence_parity(dtype, atol, rtol, support, tail, kind, beta) -> None:
+def test_topk_divergence_parity(ops, dtype, atol, rtol, support, tail, kind, beta) -> None:
     zs, _, _, keep, t_ids, t_lps = make_inputs(dtype)
     z, z64 = leaves(zs, keep)
-    got = topk_divergence(
+    got = ops.topk_divergence(
         z, t_ids, t_lps, kind=kind, beta=beta, support=support, tail=tail,
         temperature=TEMP, mask=keep, student_top_k=7,
     )  # fmt: skip
@@ -248,12 +248,14 @@ def test_topk_divergence_parity(dtype, atol, rtol, support, tail, kind, beta) ->
 
 
 @pytest.mark.parametrize("beta", [0.0, 1.0])
-def test_topk_jsd_beta_limits_are_the_kls(beta: float) -> None:
+def test_topk_jsd_beta_limits_are_the_kls(ops, beta: float) -> None:
     zs, _, _, keep, t_ids, t_lps = make_inputs(torch.float32)
     kl = "forward_kl" if beta == 0.0 else "reverse_kl"
     for support in ("teacher", "union"):
-        got = topk_divergence(zs, t_ids, t_lps, kind="jsd", beta=beta, support=support, mask=keep)
-        want = topk_divergence(zs, t_ids, t_lps, kind=kl, support=support, mask=keep)
+        got = ops.topk_divergence(
+            zs, t_ids, t_lps, kind="jsd", beta=beta, support=support, mask=keep
+        )
+        want = ops.topk_divergence(zs, t_ids, t_lps, kind=kl, support=support, mask=keep)
         assert torch.isfinite(got).all()
         torch.testing.assert_close(got, want)
 
@@ -266,7 +268,7 @@ FUSED_TEACHERS = ["none", "full_reverse_kl", "full_forward_kl", "full_jsd", "top
 
 @pytest.mark.parametrize(("dtype", "atol", "rtol"), DTYPES)
 @pytest.mark.parametrize("teacher", FUSED_TEACHERS)
-def test_fused_linear_token_stats_matches_unfused(dtype, atol, rtol, teacher) -> None:
+def test_fused_linear_token_stats_matches_unfused(ops, dtype, atol, rtol, teacher) -> None:
     gen = torch.Generator().manual_seed(1)
     x = (torch.randn(N, H, generator=gen) / 4).to(dtype)
     w = (torch.randn(V, H, generator=gen) / 2).to(dtype)
@@ -280,9 +282,9 @@ def test_fused_linear_token_stats_matches_unfused(dtype, atol, rtol, teacher) ->
     if teacher.startswith("topk"):
         kw = {"teacher_topk_ids": t_ids, "teacher_topk_logprobs": t_lps}
     xl, wl = x.clone().requires_grad_(True), w.clone().requires_grad_(True)
-    out = fused_linear_token_stats(
+    out = ops.fused_linear_token_stats(
         xl, wl, ids, kind=kind if teacher != "none" else "reverse_kl", beta=0.4,
-        temperature=TEMP, mask=keep, chunk_rows=8, chunk_vocab=128, **kw,
+        temperature=TEMP, mask=keep, **ops.fused_options, **kw,
     )  # fmt: skip
     x64 = torch.where(keep[:, None], x.double(), 0.0).requires_grad_(True)
     w64 = w.double().requires_grad_(True)
@@ -308,6 +310,51 @@ def test_fused_linear_token_stats_matches_unfused(dtype, atol, rtol, teacher) ->
     assert grads[0].dtype == dtype and grads[1].dtype == dtype
 
 
+@pytest.mark.parametrize(("dtype", "atol", "rtol"), DTYPES)
+@pytest.mark.parametrize("teacher", ["full_reverse_kl", "full_jsd", "topk_forward_kl"])
+def test_fused_linear_divergence_loss_matches_unfused(ops, dtype, atol, rtol, teacher) -> None:
+    """The scalar loss `sum_r w_r D_r` and its gradients (computed in the forward, then scaled
+    by a `grad_output` != 1) equal the float64 computation."""
+    gen = torch.Generator().manual_seed(2)
+    x = (torch.randn(N, H, generator=gen) / 4).to(dtype)
+    w = (torch.randn(V, H, generator=gen) / 2).to(dtype)
+    xt, wt = torch.randn(N, 64, generator=gen) / 4, torch.randn(V, 64, generator=gen) / 2
+    _, _, _, keep, _, _ = make_inputs(torch.float32)
+    x[MASKED] = torch.nan
+    t_lps, t_ids = torch.log_softmax(xt @ wt.T / TEMP, -1).topk(K, -1)
+    t_lps[1, 2:], t_ids[1, 2:] = -math.inf, -1
+    weight = torch.rand(N, generator=gen) + 0.5
+    kind = teacher.split("_", 1)[-1]
+    if teacher.startswith("full"):
+        kw = {"teacher_hidden": xt, "teacher_weight": wt}
+    else:
+        kw = {"teacher_topk_ids": t_ids, "teacher_topk_logprobs": t_lps}
+    xl, wl = x.clone().requires_grad_(True), w.clone().requires_grad_(True)
+    options = {"chunk_rows": 8} if ops.fused_options else {}
+    loss, div = ops.fused_linear_divergence_loss(
+        xl, wl, weight=weight, kind=kind, beta=0.4, temperature=TEMP, mask=keep, **options, **kw
+    )
+    x64 = torch.where(keep[:, None], x.double(), 0.0).requires_grad_(True)
+    w64 = w.double().requires_grad_(True)
+    z64 = x64 @ w64.T
+    if teacher.startswith("full"):
+        div64 = ref_full(z64, xt.double() @ wt.double().T, keep, kind, 0.4)
+    else:
+        div64 = ref_topk(z64, t_ids, t_lps, keep, kind, 0.4)
+    loss64 = (div64 * weight.double()).sum()
+    assert loss.shape == () and loss.dtype == torch.float32 and not div.requires_grad
+    torch.testing.assert_close(div, div64.float(), atol=atol, rtol=rtol)
+    torch.testing.assert_close(loss, loss64.float(), atol=atol * N, rtol=rtol)
+    grads = torch.autograd.grad(loss * 0.7, (xl, wl))
+    grads64 = torch.autograd.grad(loss64 * 0.7, (x64, w64))
+    assert (grads[0][~keep] == 0).all()
+    assert grads[0].dtype == dtype and grads[1].dtype == dtype
+    torch.testing.assert_close(
+        grads[0].float()[keep], grads64[0].float()[keep], atol=atol, rtol=rtol
+    )
+    torch.testing.assert_close(grads[1].float(), grads64[1].float(), atol=atol, rtol=rtol)
+
+
 class LargestTensor(TorchDispatchMode):
     """Records the largest tensor any op produces (to prove no [N, V] logits exist)."""
 
@@ -323,15 +370,18 @@ class LargestTensor(TorchDispatchMode):
         return out
 
 
-def test_fused_never_materialises_full_logits() -> None:
-    n, v, h = 64, 1000, 8  # N*V = 64000 is far larger than V*H = 8000 and one 16x128 block
+@pytest.mark.parametrize("impl", ["reference", "torch"])
+def test_fused_never_materialises_full_logits(impl: str) -> None:
+    """No tensor as large as `[N, V]`: the largest is the `[V, H]` weight (gradient)."""
+    n, v, h = 256, 1000, 32  # N*V = 256000 >> V*H = 32000 > one 16-row chunk of 16000
+    fused = reference.fused_linear_token_stats if impl == "reference" else fused_linear_token_stats
     x = torch.randn(n, h, requires_grad=True)
     w = torch.randn(v, h, requires_grad=True)
     xt, wt = torch.randn(n, h), torch.randn(v, h)
-    with LargestTensor() as probe:
-        out = fused_linear_token_stats(
+    with LargestTensor() as probe, override_impl(impl if impl != "reference" else None):
+        out = fused(
             x, w, torch.randint(0, v, (n,)), teacher_hidden=xt, teacher_weight=wt,
-            kind="jsd", chunk_rows=16, chunk_vocab=128,
+            kind="jsd", chunk_rows=16, **({"chunk_vocab": 128} if impl == "reference" else {}),
         )  # fmt: skip
         sum(o.sum() for o in out.values()).backward()
     assert probe.largest <= v * h

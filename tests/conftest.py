@@ -7,11 +7,22 @@ attention accepts it) saved to disk, so transformers and vLLM load it like any c
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
+import torch
 
-from opd.demo.tiny import save_tiny
+# Kernel parity tests run the Triton kernels in Triton's CPU interpreter, which must be switched
+# on before anything imports triton (vLLM and opd.kernels do, at import): Triton binds its own
+# `tl.sum`/`tl.max` then. Everything else stays on the torch path (`OPD_KERNELS=torch`); the
+# parity tests pick an implementation explicitly with `override_impl`. On a CUDA machine neither
+# is set, so the `gpu` tests compile the kernels.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+    os.environ.setdefault("OPD_KERNELS", "torch")
+
+from opd.demo.tiny import save_tiny  # after the environment above
 
 
 @pytest.fixture(scope="session")

@@ -3,8 +3,9 @@
 - "reference": `opd.losses.reference` (the plain-torch spec itself);
 - "torch": the public `opd.kernels` functions forced to the chunked torch path;
 - "triton": the public `opd.kernels` functions forced to Triton, run by Triton's CPU interpreter
-  (`TRITON_INTERPRET=1`, set before the kernel modules are first imported, which is when Triton
-  reads it). On a CUDA machine the same kernels compile instead: `scripts/gpu_check.sh`.
+  (`TRITON_INTERPRET=1`, which tests/conftest.py sets before anything imports triton). On a CUDA
+  machine the same kernels compile instead: tests/gpu/test_kernels_cuda.py via
+  `scripts/gpu_check.sh`.
 """
 
 from __future__ import annotations
@@ -33,8 +34,6 @@ def ops(request, monkeypatch) -> SimpleNamespace:
     if request.param == "torch":  # several checkpointed row chunks on the N = 37 test shapes
         for f in FUNCTIONS[:3]:
             fns[f] = partial(fns[f], chunk_rows=8)
-    if request.param == "triton":
-        monkeypatch.setenv("TRITON_INTERPRET", "1")
     monkeypatch.delenv("OPD_KERNELS", raising=False)
     with kernels.override_impl(request.param):
         yield SimpleNamespace(**fns, fused_options={"chunk_rows": 8})

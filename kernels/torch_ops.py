@@ -5,9 +5,9 @@ read its module docstring for the maths, masking and `-inf` conventions), plus o
 `chunk_rows`, and are differentiable w.r.t. the student inputs.
 
 - `sampled_logprob_entropy`, `topk_divergence`, `full_divergence` take logits that already exist
-  as `[N, V]`. Each row chunk runs the reference under activation checkpointing, so the float32
-  temporaries of the reference (log-softmax, probabilities, per-entry terms) exist for one chunk
-  at a time, in the forward and again in the backward, instead of for all `N` rows.
+  as `[N, V]`. The reference runs one row chunk at a time, without autograd in the forward and
+  recomputed under autograd in the backward, so its float32 temporaries (log-softmax,
+  probabilities, per-entry terms) exist for one chunk at a time instead of for all `N` rows.
 - `fused_linear_token_stats` never builds `[N, V]` logits. Per chunk of rows it computes the
   student (and full-vocabulary teacher) logits with one matmul each, reduces them to per-row
   statistics, and keeps only those; the backward recomputes the chunk's logits and forms
@@ -31,7 +31,6 @@ from functools import partial
 
 import torch
 from torch import Tensor
-from torch.utils.checkpoint import checkpoint
 
 from opd.losses import reference
 
@@ -49,24 +48,46 @@ def _rows_per_chunk(vocab: int, chunk_rows: int | None) -> int:
     return max(_MIN_CHUNK_ROWS, _CHUNK_ELEMENTS // max(vocab, 1))
 
 
-def _chunked(fn, logits: Tensor, row_args: tuple, mask: Tensor | None, chunk_rows: int | None):
-    """Run `fn(logits[r], *row_args[r], mask=mask[r])` per row chunk, checkpointed; concat."""
-    n = logits.shape[0]
-    rows = _rows_per_chunk(logits.shape[-1], chunk_rows)
-    if rows >= n:
-        return fn(logits, *row_args, mask=mask)
-    keep = reference._keep(mask, n, logits.device)
-    outs = []
-    for r0 in range(0, n, rows):
-        r = slice(r0, r0 + rows)
-        args = (logits[r], *(a[r] for a in row_args))
-        if torch.is_grad_enabled() and logits.requires_grad:
-            outs.append(checkpoint(partial(fn, mask=keep[r]), *args, use_reentrant=False))
-        else:
-            outs.append(fn(*args, mask=keep[r]))
-    if isinstance(outs[0], tuple):
+class _RowChunked(torch.autograd.Function):
+    """`fn` over row chunks of `[N, V]` logits: the forward keeps no autograd graph; the backward
+    recomputes one chunk at a time under autograd and writes its gradient into one `[N, V]`
+    buffer (slicing a graph per chunk would make every chunk's backward build a full-size
+    zero gradient: quadratic in the number of chunks)."""
+
+    @staticmethod
+    def forward(ctx, fn, rows, logits, *row_args):
+        chunks = range(0, logits.shape[0], rows)
+        with torch.no_grad():
+            outs = [fn(logits[r0 : r0 + rows], *(a[r0 : r0 + rows] for a in row_args))
+                    for r0 in chunks]  # fmt: skip
+        ctx.save_for_backward(logits, *row_args)
+        ctx.fn, ctx.rows = fn, rows
         return tuple(torch.cat(parts) for parts in zip(*outs, strict=True))
-    return torch.cat(outs)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        logits, *row_args = ctx.saved_tensors
+        grad_logits = torch.empty_like(logits)
+        for r0 in range(0, logits.shape[0], ctx.rows):
+            r = slice(r0, r0 + ctx.rows)
+            with torch.enable_grad():
+                leaf = logits[r].detach().requires_grad_(True)
+                outs = ctx.fn(leaf, *(a[r] for a in row_args))
+                (grad_logits[r],) = torch.autograd.grad(outs, leaf, [g[r] for g in grads])
+        return None, None, grad_logits, *([None] * len(row_args))
+
+
+def _chunked(fn, logits: Tensor, row_args: tuple, mask: Tensor | None, chunk_rows: int | None):
+    """`fn(logits, *row_args, mask=mask)` computed per row chunk (see `_RowChunked`)."""
+    keep = reference._keep(mask, logits.shape[0], logits.device)
+    rows = _rows_per_chunk(logits.shape[-1], chunk_rows)
+
+    def fn_tuple(z: Tensor, keep_r: Tensor, *args: Tensor) -> tuple[Tensor, ...]:
+        out = fn(z, *args, mask=keep_r)
+        return out if isinstance(out, tuple) else (out,)
+
+    outs = _RowChunked.apply(fn_tuple, rows, logits, keep, *row_args)
+    return outs if len(outs) > 1 else outs[0]
 
 
 def sampled_logprob_entropy(

@@ -5,9 +5,10 @@ read its module docstring for the maths, masking and `-inf` conventions), plus o
 `chunk_rows`, and are differentiable w.r.t. the student inputs.
 
 - `sampled_logprob_entropy`, `topk_divergence`, `full_divergence` take logits that already exist
-  as `[N, V]`. The reference runs one row chunk at a time, without autograd in the forward and
-  recomputed under autograd in the backward, so its float32 temporaries (log-softmax,
-  probabilities, per-entry terms) exist for one chunk at a time instead of for all `N` rows.
+  as `[N, V]` and run the same chunk code as the fused path below, on a float32 copy of one row
+  chunk instead of a matmul: float32 temporaries exist for one chunk, and the only `[N, V]`
+  tensor created is the gradient. (Top-k on the "student"/"union" supports runs the reference
+  per chunk, recomputed under autograd in the backward.)
 - `fused_linear_token_stats` never builds `[N, V]` logits. Per chunk of rows it computes the
   student (and full-vocabulary teacher) logits with one matmul each, reduces them to per-row
   statistics, and keeps only those; the backward recomputes the chunk's logits and forms
@@ -77,10 +78,8 @@ class _RowChunked(torch.autograd.Function):
         return None, None, grad_logits, *([None] * len(row_args))
 
 
-def _chunked(fn, logits: Tensor, row_args: tuple, mask: Tensor | None, chunk_rows: int | None):
-    """`fn(logits, *row_args, mask=mask)` computed per row chunk (see `_RowChunked`)."""
-    keep = reference._keep(mask, logits.shape[0], logits.device)
-    rows = _rows_per_chunk(logits.shape[-1], chunk_rows)
+def _chunked(fn, logits: Tensor, row_args: tuple, keep: Tensor, rows: int):
+    """`fn(logits, *row_args, mask=keep)` computed per row chunk (see `_RowChunked`)."""
 
     def fn_tuple(z: Tensor, keep_r: Tensor, *args: Tensor) -> tuple[Tensor, ...]:
         out = fn(z, *args, mask=keep_r)
@@ -98,9 +97,15 @@ def sampled_logprob_entropy(
     mask: Tensor | None = None,
     chunk_rows: int | None = None,
 ) -> tuple[Tensor, Tensor]:
-    """`reference.sampled_logprob_entropy`, one checkpointed row chunk at a time."""
-    fn = partial(reference.sampled_logprob_entropy, temperature=temperature)
-    return _chunked(fn, logits, (ids,), mask, chunk_rows)
+    """`reference.sampled_logprob_entropy`, one row chunk at a time (module docstring)."""
+    keep = reference._keep(mask, logits.shape[0], logits.device)
+    safe_ids = torch.where(keep, ids.long(), 0)
+    opts = ("reverse_kl", 0.5, float(temperature), True)
+    rows = _rows_per_chunk(logits.shape[-1], chunk_rows)
+    lp, ent, _ = _LogitsTokenStats.apply(
+        logits, safe_ids, keep, None, None, None, "none", opts, rows
+    )
+    return lp, ent
 
 
 def topk_divergence(
@@ -117,14 +122,28 @@ def topk_divergence(
     student_top_k: int | None = None,
     chunk_rows: int | None = None,
 ) -> Tensor:
-    """`reference.topk_divergence`, one checkpointed row chunk at a time."""
+    """`reference.topk_divergence`, one row chunk at a time (module docstring).
+
+    The teacher support runs the chunked statistics code; the "student" and "union" supports
+    (which rank the student's own top-k per chunk) run the reference per chunk.
+    """
     reference._check(kind, beta, support)
-    fn = partial(
-        reference.topk_divergence, kind=kind, beta=beta, support=support, tail=tail,
-        temperature=temperature, student_top_k=student_top_k,
-    )  # fmt: skip
-    row_args = (teacher_topk_ids, teacher_topk_logprobs)
-    return _chunked(fn, student_logits, row_args, mask, chunk_rows)
+    keep = reference._keep(mask, student_logits.shape[0], student_logits.device)
+    rows = _rows_per_chunk(student_logits.shape[-1], chunk_rows)
+    if support != "teacher":
+        fn = partial(
+            reference.topk_divergence, kind=kind, beta=beta, support=support, tail=tail,
+            temperature=temperature, student_top_k=student_top_k,
+        )  # fmt: skip
+        row_args = (teacher_topk_ids, teacher_topk_logprobs)
+        return _chunked(fn, student_logits, row_args, keep, rows)
+    t_ids, t_lp = reference._clean_topk(teacher_topk_ids, teacher_topk_logprobs, keep)
+    ids = torch.zeros(student_logits.shape[0], dtype=torch.long, device=student_logits.device)
+    opts = (kind, beta, float(temperature), tail)
+    _, _, div = _LogitsTokenStats.apply(
+        student_logits, ids, keep, None, t_ids, t_lp, "topk", opts, rows
+    )
+    return div
 
 
 def full_divergence(
@@ -137,10 +156,16 @@ def full_divergence(
     mask: Tensor | None = None,
     chunk_rows: int | None = None,
 ) -> Tensor:
-    """`reference.full_divergence`, one checkpointed row chunk at a time."""
+    """`reference.full_divergence`, one row chunk at a time (module docstring)."""
     reference._check(kind, beta)
-    fn = partial(reference.full_divergence, kind=kind, beta=beta, temperature=temperature)
-    return _chunked(fn, student_logits, (teacher_logits,), mask, chunk_rows)
+    keep = reference._keep(mask, student_logits.shape[0], student_logits.device)
+    ids = torch.zeros(student_logits.shape[0], dtype=torch.long, device=student_logits.device)
+    opts = (kind, beta, float(temperature), True)
+    rows = _rows_per_chunk(student_logits.shape[-1], chunk_rows)
+    _, _, div = _LogitsTokenStats.apply(
+        student_logits, ids, keep, teacher_logits.detach(), None, None, "full", opts, rows
+    )
+    return div
 
 
 # ---------------------------------------------------------------------------------------------
@@ -148,10 +173,33 @@ def full_divergence(
 # ---------------------------------------------------------------------------------------------
 
 
-def _log_softmax_(z_RV: Tensor) -> tuple[Tensor, Tensor]:
-    """In place: `z <- z - logsumexp(z)`; returns `(log p, lse)`."""
-    lse_R = torch.logsumexp(z_RV, -1)
-    return z_RV.sub_(lse_R[:, None]), lse_R
+class _Scratch:
+    """Named `[rows, V]` float32 buffers reused by every chunk of one call.
+
+    Why: glibc serves blocks below its mmap threshold (which it raises up to 32 MiB after a
+    large tensor is freed) from a heap it rarely returns, so allocating fresh 16 MiB chunks per
+    step left 2 GiB of RSS at 4k x 32k; reusing a few buffers keeps RSS at the live size.
+    """
+
+    def __init__(self, rows: int, vocab: int, device: torch.device) -> None:
+        self.rows, self.vocab, self.device = rows, vocab, device
+        self.buffers: dict[str, Tensor] = {}
+
+    def __call__(self, name: str, rows: int) -> Tensor:
+        if name not in self.buffers:
+            self.buffers[name] = torch.empty(self.rows, self.vocab, device=self.device)
+        return self.buffers[name][:rows]
+
+
+def _log_softmax_(z_RV: Tensor, p_out_RV: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """In place `z <- log softmax(z)`; `p_out <- softmax(z)`. Returns `(log p, p, lse)`.
+
+    One exp pass serves both the logsumexp and the probabilities (`p = e^(z - m) / s`)."""
+    max_R1 = z_RV.amax(-1, keepdim=True)
+    p_RV = torch.sub(z_RV, max_R1, out=p_out_RV).exp_()
+    sum_R1 = p_RV.sum(-1, keepdim=True)
+    lse_R1 = max_R1 + sum_R1.log()
+    return z_RV.sub_(lse_R1), p_RV.div_(sum_R1), lse_R1.squeeze(-1)
 
 
 def _rowdot(a_RV: Tensor, b_RV: Tensor) -> Tensor:
@@ -159,27 +207,27 @@ def _rowdot(a_RV: Tensor, b_RV: Tensor) -> Tensor:
     return torch.bmm(a_RV[:, None, :], b_RV[:, :, None]).view(-1)
 
 
-def _full_terms(ls_RV: Tensor, lt_RV: Tensor, ps_RV: Tensor, kind: str, beta: float):
+def _full_terms(ls_RV, lt_RV, ps_RV, pt_RV, kind: str, beta: float) -> tuple[Tensor, Tensor]:
     """`(D [R], t [R, V])`: the divergence and its partials `t = dD/d log p_s` (before lse).
 
-    The teacher log-probs here come from finite teacher logits (a matmul), so no entry is
-    `-inf` and `p log p` needs no `0 log 0` guard: an underflowed probability multiplies a finite
-    log and gives 0.
+    `t` is written over `pt_RV` (the teacher probabilities are not needed after this). The
+    teacher log-probs come from finite teacher logits (a matmul), so no entry is `-inf` and
+    `p log p` needs no `0 log 0` guard: an underflowed probability times a finite log is 0.
     """
     if kind == "jsd" and beta == 1.0:
         kind = "reverse_kl"
     if kind == "jsd" and beta == 0.0:
         kind = "forward_kl"
     if kind == "reverse_kl":
-        t_RV = torch.sub(ls_RV, lt_RV).mul_(ps_RV)  # p_s (ls - lt)
+        t_RV = torch.sub(ls_RV, lt_RV, out=pt_RV).mul_(ps_RV)  # p_s (ls - lt)
         div_R = t_RV.sum(-1)
         return div_R, t_RV.add_(ps_RV)  # d/dls of p_s (ls - lt) = p_s (ls - lt + 1)
-    pt_RV = lt_RV.exp()
     if kind == "forward_kl":
-        return _rowdot(pt_RV, lt_RV - ls_RV), pt_RV.neg_()
+        div_R = _rowdot(pt_RV, lt_RV) - _rowdot(pt_RV, ls_RV)
+        return div_R, pt_RV.neg_()
     lm_RV = torch.logaddexp(lt_RV + math.log(beta), ls_RV + math.log1p(-beta))
-    div_R = beta * _rowdot(pt_RV, lt_RV - lm_RV)
-    t_RV = torch.sub(ls_RV, lm_RV).mul_(ps_RV)  # p_s (ls - lm)
+    div_R = beta * (_rowdot(pt_RV, lt_RV) - _rowdot(pt_RV, lm_RV))
+    t_RV = torch.sub(ls_RV, lm_RV, out=pt_RV).mul_(ps_RV)  # p_s (ls - lm)
     div_R += (1.0 - beta) * t_RV.sum(-1)
     return div_R, t_RV.mul_(1.0 - beta)  # (1 - b) p_s (ls - lm)
 
@@ -190,19 +238,36 @@ def _topk_partials(ls_RV: Tensor, t_ids: Tensor, t_lp: Tensor, opts) -> tuple[Te
     return reference._topk_grad(ls_RV.gather(-1, t_ids), t_lp, kind, beta, tail)
 
 
-def _chunk_forward(x_RH, w_VH, ids_R, teacher, opts):
-    """Per-row outputs `(lp, ent, div)` and saved state `(lse, ent, lse_t, tsum, gk)`."""
-    t_mode, th_RH, tw_VH, t_ids, t_lp = teacher
+def _matmul_into(x_RH: Tensor, w_VH: Tensor, out_RV: Tensor) -> Tensor:
+    return torch.mm(x_RH, w_VH.T, out=out_RV)
+
+
+def _copy_into(z_RV: Tensor, keep_R: Tensor, clamp: bool, out_RV: Tensor) -> Tensor:
+    """float32 copy of logits with masked rows zeroed; `clamp` makes teacher `-inf` entries the
+    most negative float, so that `p = 0` entries give `0 * finite = 0` without guards (a
+    reverse KL over such an entry is then ~3e38 * p_s instead of inf)."""
+    out_RV.copy_(z_RV).masked_fill_(~keep_R[:, None], 0.0)
+    return out_RV.clamp_(min=torch.finfo(torch.float32).min) if clamp else out_RV
+
+
+def _chunk_forward(student_z, ids_R, teacher, opts, scratch):
+    """Per-row outputs `(lp, ent, div)` and saved state `(lse, ent, lse_t, tsum, gk)`.
+
+    `student_z(out)` / the teacher's `teacher_z(out)` write the chunk's raw logits into `out`
+    (a matmul in the fused path, a copy in the logits path)."""
+    t_mode, teacher_z, t_ids, t_lp = teacher
     kind, beta, temp, _ = opts
-    ls_RV, lse_R = _log_softmax_(torch.mm(x_RH, w_VH.T).div_(temp))
-    ps_RV = ls_RV.exp()
+    rows = ids_R.shape[0]
+    z_RV = student_z(scratch("z", rows)).div_(temp)
+    ls_RV, ps_RV, lse_R = _log_softmax_(z_RV, scratch("p", rows))
     ent_R = -_rowdot(ps_RV, ls_RV)
     lp_R = ls_RV.gather(-1, ids_R[:, None]).squeeze(-1)
     empty = ls_RV.new_zeros(ls_RV.shape[0], 0)
     div_R, lse_t_R, tsum_R, gk_RK = torch.zeros_like(lp_R), torch.zeros_like(lp_R), None, empty
     if t_mode == "full":
-        lt_RV, lse_t_R = _log_softmax_(torch.mm(th_RH, tw_VH.T).div_(temp))
-        div_R, t_RV = _full_terms(ls_RV, lt_RV, ps_RV, kind, beta)
+        zt_RV = teacher_z(scratch("zt", rows)).div_(temp)
+        lt_RV, pt_RV, lse_t_R = _log_softmax_(zt_RV, scratch("t", rows))
+        div_R, t_RV = _full_terms(ls_RV, lt_RV, ps_RV, pt_RV, kind, beta)
         tsum_R = t_RV.sum(-1)
     if t_mode == "topk":
         div_R, gk_RK = _topk_partials(ls_RV, t_ids, t_lp, opts)
@@ -210,22 +275,23 @@ def _chunk_forward(x_RH, w_VH, ids_R, teacher, opts):
     return (lp_R, ent_R, div_R), (lse_R, ent_R, lse_t_R, tsum_R, gk_RK)
 
 
-def _chunk_grad_logits(x_RH, w_VH, ids_R, teacher, opts, saved, grads) -> Tensor:
+def _chunk_grad_logits(student_z, ids_R, teacher, opts, saved, grads, scratch) -> Tensor:
     """`dz [R, V]` (w.r.t. the tempered logits, before the 1/T) of `sum g * stats` for a chunk."""
-    t_mode, th_RH, tw_VH, t_ids, _ = teacher
+    t_mode, teacher_z, t_ids, _ = teacher
     kind, beta, temp, _ = opts
     lse_R, ent_R, lse_t_R, tsum_R, gk_RK = saved
     g_lp, g_ent, g_div = (g[:, None] for g in grads)
-    ls_RV = torch.mm(x_RH, w_VH.T).div_(temp).sub_(lse_R[:, None])
-    ps_RV = ls_RV.exp()
+    rows = ids_R.shape[0]
+    ls_RV = student_z(scratch("z", rows)).div_(temp).sub_(lse_R[:, None])
+    ps_RV = torch.exp(ls_RV, out=scratch("p", rows))
     # -g_ent p (ls + H) - g_lp p  ==  p * (-g_ent * ls + (-g_ent H - g_lp))
     coef_R1 = -g_ent * ent_R[:, None] - g_lp
     if t_mode == "topk":
         coef_R1 = coef_R1 - g_div * gk_RK.sum(-1, keepdim=True)
     if t_mode == "full":
-        lt_RV = torch.mm(th_RH, tw_VH.T).div_(temp).sub_(lse_t_R[:, None])
-        _, t_RV = _full_terms(ls_RV, lt_RV, ps_RV, kind, beta)
-        del lt_RV
+        lt_RV = teacher_z(scratch("zt", rows)).div_(temp).sub_(lse_t_R[:, None])
+        pt_RV = torch.exp(lt_RV, out=scratch("t", rows))
+        _, t_RV = _full_terms(ls_RV, lt_RV, ps_RV, pt_RV, kind, beta)
         coef_R1 = coef_R1 - g_div * tsum_R[:, None]
     gz_RV = ls_RV.mul_(-g_ent).add_(coef_R1).mul_(ps_RV)
     if t_mode == "full":
@@ -233,6 +299,15 @@ def _chunk_grad_logits(x_RH, w_VH, ids_R, teacher, opts, saved, grads) -> Tensor
     if t_mode == "topk":
         gz_RV.scatter_add_(-1, t_ids, g_div * gk_RK)
     return gz_RV.scatter_add_(-1, ids_R[:, None], g_lp)
+
+
+def _fused_teacher(t_mode, th32, tw32, t_ids, t_lp, r):
+    """The chunk's teacher: `(mode, teacher_z, topk_ids, topk_logprobs)`."""
+    if t_mode == "full":
+        return t_mode, partial(_matmul_into, th32[r], tw32), None, None
+    if t_mode == "topk":
+        return t_mode, None, t_ids[r], t_lp[r]
+    return t_mode, None, None, None
 
 
 class _FusedLinearTokenStats(torch.autograd.Function):
@@ -244,10 +319,13 @@ class _FusedLinearTokenStats(torch.autograd.Function):
         th32 = None if th is None else reference._clean_rows(th, keep)
         tw32 = None if tw is None else tw.float()
         outs, saved = [], []
+        scratch = _Scratch(min(chunk_rows, x.shape[0]), w.shape[0], x.device)
         for r0 in range(0, x.shape[0], chunk_rows):
             r = slice(r0, r0 + chunk_rows)
-            teacher = reference._teacher_rows(t_mode, th32, tw32, t_ids, t_lp, r)
-            out, sv = _chunk_forward(x32[r], w32, ids[r], teacher, opts)
+            teacher = _fused_teacher(t_mode, th32, tw32, t_ids, t_lp, r)
+            out, sv = _chunk_forward(
+                partial(_matmul_into, x32[r], w32), ids[r], teacher, opts, scratch
+            )
             outs.append(out)
             saved.append(sv)
         lp, ent, div = (torch.cat([o[i] for o in outs]) for i in range(3))
@@ -267,18 +345,70 @@ class _FusedLinearTokenStats(torch.autograd.Function):
         grads = [torch.where(keep, g.float(), 0.0) for g in (g_lp, g_ent, g_div)]
         gx32, gw32 = torch.empty_like(x32), torch.zeros_like(w32)
         temp = ctx.opts[2]
+        scratch = _Scratch(min(ctx.chunk_rows, x.shape[0]), w.shape[0], x.device)
         for r0 in range(0, x.shape[0], ctx.chunk_rows):
             r = slice(r0, r0 + ctx.chunk_rows)
-            teacher = reference._teacher_rows(ctx.t_mode, th32, tw32, t_ids, t_lp, r)
+            teacher = _fused_teacher(ctx.t_mode, th32, tw32, t_ids, t_lp, r)
             saved_r = [s[r] for s in sv]
+            grads_r = [g[r] for g in grads]
+            student_z = partial(_matmul_into, x32[r], w32)
             gz_RV = _chunk_grad_logits(
-                x32[r], w32, ids[r], teacher, ctx.opts, saved_r, [g[r] for g in grads]
+                student_z, ids[r], teacher, ctx.opts, saved_r, grads_r, scratch
             )
             gz_RV.div_(temp)
             torch.mm(gz_RV, w32, out=gx32[r])
             gw32.addmm_(gz_RV.T, x32[r])
         gx32 = torch.where(keep[:, None], gx32, 0.0)
         return (gx32.to(x.dtype), gw32.to(w.dtype), *([None] * 9))
+
+
+class _LogitsTokenStats(torch.autograd.Function):
+    """The chunk code of the fused path on given `[N, V]` logits: the forward keeps per-row
+    state only; the backward recomputes each chunk's statistics and writes its gradient into one
+    `[N, V]` buffer."""
+
+    @staticmethod
+    def forward(ctx, logits, ids, keep, teacher_logits, t_ids, t_lp, t_mode, opts, chunk_rows):
+        outs, saved = [], []
+        scratch = _Scratch(min(chunk_rows, logits.shape[0]), logits.shape[1], logits.device)
+        for r0 in range(0, logits.shape[0], chunk_rows):
+            r = slice(r0, r0 + chunk_rows)
+            teacher = _logits_teacher(t_mode, teacher_logits, t_ids, t_lp, keep, r)
+            student_z = partial(_copy_into, logits[r], keep[r], False)
+            out, sv = _chunk_forward(student_z, ids[r], teacher, opts, scratch)
+            outs.append(out)
+            saved.append(sv)
+        lp, ent, div = (torch.cat([o[i] for o in outs]) for i in range(3))
+        sv = [torch.cat([s[i] for s in saved]) for i in range(5)]
+        ctx.save_for_backward(logits, ids, keep, teacher_logits, t_ids, t_lp, *sv)
+        ctx.t_mode, ctx.opts, ctx.chunk_rows = t_mode, opts, chunk_rows
+        return tuple(torch.where(keep, o, 0.0) for o in (lp, ent, div))
+
+    @staticmethod
+    def backward(ctx, g_lp, g_ent, g_div):
+        logits, ids, keep, teacher_logits, t_ids, t_lp, *sv = ctx.saved_tensors
+        grads = [torch.where(keep, g.float(), 0.0) for g in (g_lp, g_ent, g_div)]
+        grad_logits = torch.empty_like(logits)
+        scratch = _Scratch(min(ctx.chunk_rows, logits.shape[0]), logits.shape[1], logits.device)
+        for r0 in range(0, logits.shape[0], ctx.chunk_rows):
+            r = slice(r0, r0 + ctx.chunk_rows)
+            teacher = _logits_teacher(ctx.t_mode, teacher_logits, t_ids, t_lp, keep, r)
+            student_z = partial(_copy_into, logits[r], keep[r], False)
+            saved_r, grads_r = [s[r] for s in sv], [g[r] for g in grads]
+            gz_RV = _chunk_grad_logits(
+                student_z, ids[r], teacher, ctx.opts, saved_r, grads_r, scratch
+            )
+            grad_logits[r] = gz_RV.div_(ctx.opts[2])
+        return grad_logits, *([None] * 8)
+
+
+def _logits_teacher(t_mode, teacher_logits, t_ids, t_lp, keep, r):
+    """The chunk's teacher for the logits path: `(mode, teacher_z, topk_ids, topk_logprobs)`."""
+    if t_mode == "full":
+        return t_mode, partial(_copy_into, teacher_logits[r], keep[r], True), None, None
+    if t_mode == "topk":
+        return t_mode, None, t_ids[r], t_lp[r]
+    return t_mode, None, None, None
 
 
 def fused_linear_token_stats(
@@ -334,16 +464,17 @@ def fused_linear_token_stats(
 # ---------------------------------------------------------------------------------------------
 
 
-def _chunk_divergence_grad(x_RH, w_VH, teacher, opts, weight_R) -> tuple[Tensor, Tensor]:
+def _chunk_divergence_grad(student_z, teacher, opts, weight_R, scratch):
     """`(D [R], dz [R, V])` with `dz = d(sum_r weight_r D_r)/dz` (tempered logits, before 1/T)."""
-    t_mode, th_RH, tw_VH, t_ids, t_lp = teacher
+    t_mode, teacher_z, t_ids, t_lp = teacher
     kind, beta, temp, _ = opts
-    ls_RV, _ = _log_softmax_(torch.mm(x_RH, w_VH.T).div_(temp))
-    ps_RV = ls_RV.exp()
+    rows = weight_R.shape[0]
+    z_RV = student_z(scratch("z", rows)).div_(temp)
+    ls_RV, ps_RV, _ = _log_softmax_(z_RV, scratch("p", rows))
     if t_mode == "full":
-        lt_RV, _ = _log_softmax_(torch.mm(th_RH, tw_VH.T).div_(temp))
-        div_R, t_RV = _full_terms(ls_RV, lt_RV, ps_RV, kind, beta)
-        del lt_RV, ls_RV
+        zt_RV = teacher_z(scratch("zt", rows)).div_(temp)
+        lt_RV, pt_RV, _ = _log_softmax_(zt_RV, scratch("t", rows))
+        div_R, t_RV = _full_terms(ls_RV, lt_RV, ps_RV, pt_RV, kind, beta)
         tsum_R1 = t_RV.sum(-1, keepdim=True)
         gz_RV = ps_RV.mul_(tsum_R1).neg_().add_(t_RV).mul_(weight_R[:, None])
         return div_R, gz_RV
@@ -365,10 +496,12 @@ class _FusedLinearDivergenceLoss(torch.autograd.Function):
         weight32 = torch.where(keep, weight.float(), 0.0)
         gx32, gw32 = torch.empty_like(x32), torch.zeros_like(w32)
         divs = []
+        scratch = _Scratch(min(chunk_rows, x.shape[0]), w.shape[0], x.device)
         for r0 in range(0, x.shape[0], chunk_rows):
             r = slice(r0, r0 + chunk_rows)
-            teacher = reference._teacher_rows(t_mode, th32, tw32, t_ids, t_lp, r)
-            div_R, gz_RV = _chunk_divergence_grad(x32[r], w32, teacher, opts, weight32[r])
+            teacher = _fused_teacher(t_mode, th32, tw32, t_ids, t_lp, r)
+            student_z = partial(_matmul_into, x32[r], w32)
+            div_R, gz_RV = _chunk_divergence_grad(student_z, teacher, opts, weight32[r], scratch)
             gz_RV.div_(opts[2])
             torch.mm(gz_RV, w32, out=gx32[r])
             gw32.addmm_(gz_RV.T, x32[r])

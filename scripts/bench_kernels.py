@@ -7,11 +7,10 @@ Baselines measured in the same run, on the same inputs:
 
 Each case runs once to warm up, then `--repeats` times; the table shows the median time and the
 peak resident memory above what the inputs already hold (Linux `VmHWM`, reset before each run
-through `/proc/self/clear_refs`), so gradients and every temporary count. The script re-runs
-itself with `MALLOC_MMAP_THRESHOLD_=1048576` so that freed tensors leave RSS (see `main`). The
-`check` column is the relative difference of the case's loss value from the naive one (a
-benchmark of a wrong answer is worthless). Ratios are against naive torch: time `x` > 1 is
-faster.
+through `/proc/self/clear_refs`), so gradients and every temporary count (glibc's retained heap
+too: what a user's process would see). The `check` column is the relative difference of the
+case's loss value from the naive one (a benchmark of a wrong answer is worthless). Ratios are
+against naive torch: time `x` > 1 is faster.
 
 Run (CPU, about 15 minutes at the default sizes, needs ~20 GB of RAM for the naive 4k x 152k):
     python scripts/bench_kernels.py [--sizes 1024x32768,4096x151936] [--hidden 256] [--repeats 2]
@@ -22,9 +21,7 @@ from __future__ import annotations
 
 import argparse
 import gc
-import os
 import statistics
-import sys
 import time
 from collections.abc import Callable
 
@@ -215,14 +212,6 @@ def parse_sizes(text: str) -> list[tuple[int, int]]:
 
 
 def main() -> None:
-    if sys.platform == "linux" and "MALLOC_MMAP_THRESHOLD_" not in os.environ:
-        # glibc serves allocations below its (self-raising, up to 32 MiB) mmap threshold from a
-        # heap it rarely gives back, so after one case frees 512 MiB tensors, the next case's
-        # 16 MiB chunks pile up in RSS (2 GiB instead of 0.1 GiB measured here). A fixed 1 MiB
-        # threshold maps every large tensor on its own: RSS then tracks live tensor memory, for
-        # every implementation alike. (Users can set the same variable in training jobs.)
-        env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(1 << 20)}
-        os.execve(sys.executable, [sys.executable, *sys.argv], env)
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument(
         "--sizes",

@@ -41,7 +41,12 @@ from opd.losses.reference import (
 
 
 def sampled_logprob_entropy(
-    logits: Tensor, ids: Tensor, *, temperature: float = 1.0, mask: Tensor | None = None
+    logits: Tensor,
+    ids: Tensor,
+    *,
+    temperature: float = 1.0,
+    mask: Tensor | None = None,
+    chunk_rows: int | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Log-prob of the sampled token and entropy of the student, per row (see the reference).
 
@@ -50,6 +55,7 @@ def sampled_logprob_entropy(
         ids: `[N]` int64 sampled token ids (ignored on masked rows).
         temperature: divides the logits.
         mask: optional `[N]` bool, True = keep; masked rows give 0 and receive 0 gradient.
+        chunk_rows: accepted for the torch path's sake and ignored (one program per row).
 
     Returns:
         `(logprob, entropy)`, each float32 `[N]`.
@@ -74,6 +80,7 @@ def topk_divergence(
     temperature: float = 1.0,
     mask: Tensor | None = None,
     student_top_k: int | None = None,
+    chunk_rows: int | None = None,
 ) -> Tensor:
     """Student/teacher divergence on a top-k support, per row (see the reference).
 
@@ -88,6 +95,7 @@ def topk_divergence(
         temperature: divides the student logits.
         mask: optional `[N]` bool, True = keep.
         student_top_k: k of the student support (default `K`).
+        chunk_rows: accepted for the torch path's sake and ignored (one program per row).
 
     Returns:
         float32 `[N]` divergence.
@@ -114,6 +122,7 @@ def full_divergence(
     beta: float = 0.5,
     temperature: float = 1.0,
     mask: Tensor | None = None,
+    chunk_rows: int | None = None,
 ) -> Tensor:
     """Student/teacher divergence over the full vocabulary, per row (see the reference).
 
@@ -124,6 +133,7 @@ def full_divergence(
         beta: JSD weight (`0` = forward KL, `1` = reverse KL).
         temperature: divides both sets of logits.
         mask: optional `[N]` bool, True = keep.
+        chunk_rows: accepted for the torch path's sake and ignored (one program per row).
 
     Returns:
         float32 `[N]` divergence.

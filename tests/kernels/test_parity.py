@@ -355,6 +355,30 @@ def test_fused_linear_divergence_loss_matches_unfused(ops, dtype, atol, rtol, te
     torch.testing.assert_close(grads[1].float(), grads64[1].float(), atol=atol, rtol=rtol)
 
 
+def test_all_rows_masked_give_zeros_and_zero_gradients(ops) -> None:
+    """Every row masked (a batch of padding): all outputs 0, every gradient exactly 0."""
+    zs, zt, ids, _, t_ids, t_lps = make_inputs(torch.float32)
+    none = torch.zeros(N, dtype=torch.bool)
+    z = zs.clone().requires_grad_(True)
+    outs = [
+        *ops.sampled_logprob_entropy(z, ids, mask=none),
+        ops.full_divergence(z, zt, kind="jsd", mask=none),
+        ops.topk_divergence(z, t_ids, t_lps, support="union", mask=none),
+    ]
+    x = torch.randn(N, H).requires_grad_(True)
+    w = torch.randn(V, H).requires_grad_(True)
+    fused = ops.fused_linear_token_stats(
+        x, w, ids, teacher_topk_ids=t_ids, teacher_topk_logprobs=t_lps, mask=none,
+        **ops.fused_options,
+    )  # fmt: skip
+    outs += list(fused.values())
+    for out in outs:
+        assert (out == 0).all()
+    grads = torch.autograd.grad(sum(o.sum() for o in outs), (z, x, w))
+    for grad in grads:
+        assert (grad == 0).all()
+
+
 class LargestTensor(TorchDispatchMode):
     """Records the largest tensor any op produces (to prove no [N, V] logits exist)."""
 

@@ -262,8 +262,8 @@ def _chunk_forward(student_z, ids_R, teacher, opts, scratch):
     ls_RV, ps_RV, lse_R = _log_softmax_(z_RV, scratch("p", rows))
     ent_R = -_rowdot(ps_RV, ls_RV)
     lp_R = ls_RV.gather(-1, ids_R[:, None]).squeeze(-1)
-    empty = ls_RV.new_zeros(ls_RV.shape[0], 0)
-    div_R, lse_t_R, tsum_R, gk_RK = torch.zeros_like(lp_R), torch.zeros_like(lp_R), None, empty
+    div_R, lse_t_R, tsum_R = (torch.zeros_like(lp_R) for _ in range(3))
+    gk_RK = ls_RV.new_zeros(rows, 0)
     if t_mode == "full":
         zt_RV = teacher_z(scratch("zt", rows)).div_(temp)
         lt_RV, pt_RV, lse_t_R = _log_softmax_(zt_RV, scratch("t", rows))
@@ -271,7 +271,6 @@ def _chunk_forward(student_z, ids_R, teacher, opts, scratch):
         tsum_R = t_RV.sum(-1)
     if t_mode == "topk":
         div_R, gk_RK = _topk_partials(ls_RV, t_ids, t_lp, opts)
-    tsum_R = torch.zeros_like(lp_R) if tsum_R is None else tsum_R
     return (lp_R, ent_R, div_R), (lse_R, ent_R, lse_t_R, tsum_R, gk_RK)
 
 
@@ -301,6 +300,31 @@ def _chunk_grad_logits(student_z, ids_R, teacher, opts, saved, grads, scratch) -
     return gz_RV.scatter_add_(-1, ids_R[:, None], g_lp)
 
 
+def _float_inputs(x, w, th, tw, keep):
+    """float32 `(x, w, teacher hidden, teacher weight)`, masked rows of the hiddens zeroed."""
+    th32 = None if th is None else reference._clean_rows(th, keep)
+    tw32 = None if tw is None else tw.float()
+    return reference._clean_rows(x, keep), w.float(), th32, tw32
+
+
+def _backprop_chunk(gz_RV, x_RH, w_VH, temp, grad_x_RH, grad_w_VH) -> None:
+    """From `dz` w.r.t. the tempered logits: `grad_x <- dz W / T`, `grad_w += dz^T x / T`."""
+    gz_RV.div_(temp)
+    torch.mm(gz_RV, w_VH, out=grad_x_RH)
+    grad_w_VH.addmm_(gz_RV.T, x_RH)
+
+
+def _stats_over_chunks(n: int, chunk_rows: int, chunk_forward):
+    """`chunk_forward(r)` for each row chunk `r`, concatenated: `(lp, ent, div)` and state."""
+    outs, saved = [], []
+    for r0 in range(0, n, chunk_rows):
+        out, sv = chunk_forward(slice(r0, r0 + chunk_rows))
+        outs.append(out)
+        saved.append(sv)
+    stats = tuple(torch.cat([o[i] for o in outs]) for i in range(3))
+    return stats, [torch.cat([sv[i] for sv in saved]) for i in range(5)]
+
+
 def _fused_teacher(t_mode, th32, tw32, t_ids, t_lp, r):
     """The chunk's teacher: `(mode, teacher_z, topk_ids, topk_logprobs)`."""
     if t_mode == "full":
@@ -315,21 +339,15 @@ class _FusedLinearTokenStats(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, w, ids, keep, th, tw, t_ids, t_lp, t_mode, opts, chunk_rows):
-        x32, w32 = reference._clean_rows(x, keep), w.float()
-        th32 = None if th is None else reference._clean_rows(th, keep)
-        tw32 = None if tw is None else tw.float()
-        outs, saved = [], []
+        x32, w32, th32, tw32 = _float_inputs(x, w, th, tw, keep)
         scratch = _Scratch(min(chunk_rows, x.shape[0]), w.shape[0], x.device)
-        for r0 in range(0, x.shape[0], chunk_rows):
-            r = slice(r0, r0 + chunk_rows)
+
+        def chunk_forward(r: slice):
             teacher = _fused_teacher(t_mode, th32, tw32, t_ids, t_lp, r)
-            out, sv = _chunk_forward(
-                partial(_matmul_into, x32[r], w32), ids[r], teacher, opts, scratch
-            )
-            outs.append(out)
-            saved.append(sv)
-        lp, ent, div = (torch.cat([o[i] for o in outs]) for i in range(3))
-        sv = [torch.cat([s[i] for s in saved]) for i in range(5)]
+            student_z = partial(_matmul_into, x32[r], w32)
+            return _chunk_forward(student_z, ids[r], teacher, opts, scratch)
+
+        (lp, ent, div), sv = _stats_over_chunks(x.shape[0], chunk_rows, chunk_forward)
         ctx.save_for_backward(x, w, ids, keep, th, tw, t_ids, t_lp, *sv)
         ctx.t_mode, ctx.opts, ctx.chunk_rows = t_mode, opts, chunk_rows
         return tuple(torch.where(keep, o, 0.0) for o in (lp, ent, div))
@@ -339,9 +357,7 @@ class _FusedLinearTokenStats(torch.autograd.Function):
         x, w, ids, keep, th, tw, t_ids, t_lp, *sv = ctx.saved_tensors
         # Inputs are re-cast here rather than saved as float32 copies: for bf16 weights that
         # keeps the saved state at the caller's size between forward and backward.
-        x32, w32 = reference._clean_rows(x, keep), w.float()
-        th32 = None if th is None else reference._clean_rows(th, keep)
-        tw32 = None if tw is None else tw.float()
+        x32, w32, th32, tw32 = _float_inputs(x, w, th, tw, keep)
         grads = [torch.where(keep, g.float(), 0.0) for g in (g_lp, g_ent, g_div)]
         gx32, gw32 = torch.empty_like(x32), torch.zeros_like(w32)
         temp = ctx.opts[2]
@@ -355,9 +371,7 @@ class _FusedLinearTokenStats(torch.autograd.Function):
             gz_RV = _chunk_grad_logits(
                 student_z, ids[r], teacher, ctx.opts, saved_r, grads_r, scratch
             )
-            gz_RV.div_(temp)
-            torch.mm(gz_RV, w32, out=gx32[r])
-            gw32.addmm_(gz_RV.T, x32[r])
+            _backprop_chunk(gz_RV, x32[r], w32, temp, gx32[r], gw32)
         gx32 = torch.where(keep[:, None], gx32, 0.0)
         return (gx32.to(x.dtype), gw32.to(w.dtype), *([None] * 9))
 
@@ -369,17 +383,14 @@ class _LogitsTokenStats(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, logits, ids, keep, teacher_logits, t_ids, t_lp, t_mode, opts, chunk_rows):
-        outs, saved = [], []
         scratch = _Scratch(min(chunk_rows, logits.shape[0]), logits.shape[1], logits.device)
-        for r0 in range(0, logits.shape[0], chunk_rows):
-            r = slice(r0, r0 + chunk_rows)
+
+        def chunk_forward(r: slice):
             teacher = _logits_teacher(t_mode, teacher_logits, t_ids, t_lp, keep, r)
             student_z = partial(_copy_into, logits[r], keep[r], False)
-            out, sv = _chunk_forward(student_z, ids[r], teacher, opts, scratch)
-            outs.append(out)
-            saved.append(sv)
-        lp, ent, div = (torch.cat([o[i] for o in outs]) for i in range(3))
-        sv = [torch.cat([s[i] for s in saved]) for i in range(5)]
+            return _chunk_forward(student_z, ids[r], teacher, opts, scratch)
+
+        (lp, ent, div), sv = _stats_over_chunks(logits.shape[0], chunk_rows, chunk_forward)
         ctx.save_for_backward(logits, ids, keep, teacher_logits, t_ids, t_lp, *sv)
         ctx.t_mode, ctx.opts, ctx.chunk_rows = t_mode, opts, chunk_rows
         return tuple(torch.where(keep, o, 0.0) for o in (lp, ent, div))
@@ -490,9 +501,7 @@ class _FusedLinearDivergenceLoss(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, w, weight, keep, th, tw, t_ids, t_lp, t_mode, opts, chunk_rows):
-        x32, w32 = reference._clean_rows(x, keep), w.float()
-        th32 = None if th is None else reference._clean_rows(th, keep)
-        tw32 = None if tw is None else tw.float()
+        x32, w32, th32, tw32 = _float_inputs(x, w, th, tw, keep)
         weight32 = torch.where(keep, weight.float(), 0.0)
         gx32, gw32 = torch.empty_like(x32), torch.zeros_like(w32)
         divs = []
@@ -502,9 +511,7 @@ class _FusedLinearDivergenceLoss(torch.autograd.Function):
             teacher = _fused_teacher(t_mode, th32, tw32, t_ids, t_lp, r)
             student_z = partial(_matmul_into, x32[r], w32)
             div_R, gz_RV = _chunk_divergence_grad(student_z, teacher, opts, weight32[r], scratch)
-            gz_RV.div_(opts[2])
-            torch.mm(gz_RV, w32, out=gx32[r])
-            gw32.addmm_(gz_RV.T, x32[r])
+            _backprop_chunk(gz_RV, x32[r], w32, opts[2], gx32[r], gw32)
             divs.append(div_R)
         div = torch.where(keep, torch.cat(divs), 0.0)
         ctx.save_for_backward(torch.where(keep[:, None], gx32, 0.0).to(x.dtype), gw32.to(w.dtype))

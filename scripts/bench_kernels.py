@@ -133,10 +133,9 @@ def hidden_cases(
         x.grad = w.grad = None
         return loss.detach()
 
-    def naive_rkl(mean: bool) -> torch.Tensor:
+    def naive_rkl_loss() -> torch.Tensor:
         ls, lt = naive_log_softmax(x @ w.T), naive_log_softmax(xt @ wt.T)
-        div = (ls.exp() * (ls - lt)).sum(-1)
-        return div.mean() if mean else div
+        return backward((ls.exp() * (ls - lt)).sum(-1).mean())
 
     def naive_stats() -> torch.Tensor:
         ls, lt = naive_log_softmax(x @ w.T), naive_log_softmax(xt @ wt.T)
@@ -177,7 +176,7 @@ def hidden_cases(
         return z[0, 0].float()
 
     rkl_loss = {
-        "naive torch": lambda: backward(naive_rkl(mean=True)),
+        "naive torch": naive_rkl_loss,
         "opd": opd_loss,
         "3 bare matmuls": bare_matmuls,
     }

@@ -18,7 +18,7 @@ from typing import Any, Literal
 
 from trl import GRPOConfig
 
-TEACHER_MODES = ("local",)
+TEACHER_MODES = ("local", "server", "vllm", "offline")
 
 
 class ConfigError(ValueError):
@@ -38,13 +38,48 @@ class OPDConfig(GRPOConfig):
     optionally discounted over future tokens with `opd_discount`.
     """
 
-    teacher_mode: Literal["local"] = field(
+    teacher_mode: Literal["local", "server", "vllm", "offline"] = field(
         default="local",
-        metadata={"help": "Where the teacher runs. 'local': an in-process transformers model."},
+        metadata={
+            "help": "Where the teacher runs. 'local': an in-process transformers model "
+            "(teacher_model_name_or_path). 'server': `opd teacher serve` at teacher_urls. "
+            "'vllm': a stock `vllm serve` OpenAI server at teacher_urls (prompt_logprobs). "
+            "'offline': scores precomputed by `opd teacher precompute` in teacher_shards "
+            "(Lightning OPD: trains on the fixed rollouts stored there, no generation)."
+        },
     )
     teacher_model_name_or_path: str | None = field(
         default=None,
-        metadata={"help": "Teacher model (path or hub name) for teacher_mode=local."},
+        metadata={
+            "help": "Teacher model (path or hub name). Required for 'local'; for 'server', "
+            "'vllm' and 'offline' optional: the served/recorded teacher must then have this name."
+        },
+    )
+    teacher_urls: list[str] = field(
+        default_factory=list,
+        metadata={
+            "help": "Teacher base URLs for 'server'/'vllm' (e.g. http://host:8000). Several: "
+            "requests are spread over them and a failing one is skipped."
+        },
+    )
+    teacher_api_key: str | None = field(
+        default=None,
+        metadata={"help": "Bearer token for the teacher server (default: $OPD_TEACHER_API_KEY)."},
+    )
+    teacher_timeout_s: float = field(
+        default=300.0,
+        metadata={"help": "Seconds to wait for one teacher HTTP answer before retrying."},
+    )
+    teacher_retry_budget_s: float = field(
+        default=120.0,
+        metadata={
+            "help": "How long a failing teacher request is retried (connection errors, 5xx) "
+            "before training stops with an error naming the teacher."
+        },
+    )
+    teacher_shards: str | None = field(
+        default=None,
+        metadata={"help": "'offline': the folder written by `opd teacher precompute`."},
     )
     teacher_top_k: int = field(
         default=0,
@@ -104,17 +139,20 @@ class OPDConfig(GRPOConfig):
         _check_choice(
             "opd_behaviour_logprobs", self.opd_behaviour_logprobs, BEHAVIOUR_LOGPROB_SOURCES
         )
-        for name in ("opd_kl_coef", "opd_outcome_weight", "opd_discount", "teacher_temperature"):
+        for name in (
+            "opd_kl_coef",
+            "opd_outcome_weight",
+            "opd_discount",
+            "teacher_temperature",
+            "teacher_timeout_s",
+            "teacher_retry_budget_s",
+        ):
             _check_number(name, getattr(self, name))
         for name in ("teacher_top_k", "teacher_batch_size"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int):
                 raise ValueError(f"{name} must be an integer, got {value!r}")
-        if self.teacher_mode == "local" and not self.teacher_model_name_or_path:
-            raise ValueError(
-                "teacher_mode='local' needs a teacher: set teacher_model_name_or_path "
-                "(e.g. --teacher_model_name_or_path Qwen/Qwen3-8B)."
-            )
+        self._check_teacher_source()
         if self.opd_kl_coef < 0 or self.opd_outcome_weight < 0:
             raise ValueError("opd_kl_coef and opd_outcome_weight must be >= 0.")
         if self.opd_kl_coef == 0 and self.opd_outcome_weight == 0:
@@ -129,6 +167,29 @@ class OPDConfig(GRPOConfig):
             raise ValueError(f"teacher_temperature must be > 0, got {self.teacher_temperature}.")
         if self.teacher_top_k < 0 or self.teacher_batch_size < 1:
             raise ValueError("teacher_top_k must be >= 0 and teacher_batch_size >= 1.")
+
+    def _check_teacher_source(self) -> None:
+        """Each teacher mode names where its teacher is; say which field is missing."""
+        if self.teacher_mode == "local" and not self.teacher_model_name_or_path:
+            raise ValueError(
+                "teacher_mode='local' needs a teacher: set teacher_model_name_or_path "
+                "(e.g. --teacher_model_name_or_path Qwen/Qwen3-8B)."
+            )
+        if self.teacher_mode in ("server", "vllm") and not self.teacher_urls:
+            raise ValueError(
+                f"teacher_mode={self.teacher_mode!r} needs the teacher's address: set "
+                "teacher_urls (e.g. --teacher_urls http://localhost:8000)."
+            )
+        bad_urls = [url for url in self.teacher_urls if not url.startswith(("http://", "https://"))]
+        if bad_urls:
+            raise ValueError(f"teacher_urls must start with http:// or https://, got {bad_urls}.")
+        if self.teacher_mode == "offline" and not self.teacher_shards:
+            raise ValueError(
+                "teacher_mode='offline' needs precomputed scores: set teacher_shards to the "
+                "folder written by `opd teacher precompute`."
+            )
+        if self.teacher_timeout_s <= 0 or self.teacher_retry_budget_s < 0:
+            raise ValueError("teacher_timeout_s must be > 0 and teacher_retry_budget_s >= 0.")
 
 
 def _cuda_available() -> bool:

@@ -34,16 +34,32 @@ def check_same_tokenizer(
     student: PreTrainedTokenizerBase, teacher: PreTrainedTokenizerBase, *, teacher_name: str = ""
 ) -> None:
     """Raise ConfigError naming every field in which the two tokenizers differ."""
-    student_print = tokenizer_fingerprint(student)
-    teacher_print = tokenizer_fingerprint(teacher)
+    compare_fingerprints(
+        tokenizer_fingerprint(student), tokenizer_fingerprint(teacher), teacher_name=teacher_name
+    )
+
+
+def compare_fingerprints(
+    student_print: dict[str, Any],
+    teacher_print: dict[str, Any],
+    *,
+    teacher_name: str = "",
+    source: str = "",
+) -> None:
+    """Raise ConfigError naming every fingerprint field in which student and teacher differ.
+
+    `teacher_print` may come from a server's `/info` or a shard manifest (`source` says which);
+    fields it lacks are not compared.
+    """
     differences = [
         f"{key}: student {student_print[key]!r} vs teacher {teacher_print[key]!r}"
         for key in student_print
-        if student_print[key] != teacher_print[key]
+        if key in teacher_print and student_print[key] != teacher_print[key]
     ]
     if differences:
+        where = f" ({source})" if source else ""
         raise ConfigError(
-            f"The teacher {teacher_name!r} does not share the student's tokenizer ("
+            f"The teacher {teacher_name!r}{where} does not share the student's tokenizer ("
             + "; ".join(differences)
             + "). OPD compares logprobs of the same token ids, so both models must use the same "
             "tokenizer, EOS token and chat template: pick a teacher from the student's family."

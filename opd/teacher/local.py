@@ -1,9 +1,11 @@
-"""In-process transformers teacher: for small runs, self-distillation and tests.
+"""In-process transformers teacher: small runs, self-distillation, tests, and the server backend.
 
 `LocalTeacher(model, temperature).score(batch, top_k)` runs the teacher on
-`teacher context + completion` for each row, in mini-batches of `batch_size` rows, and returns
-the teacher's logprob of every sampled completion token (and optionally its top-k). The teacher
-never receives gradients and only one mini-batch of logits exists at a time.
+`teacher context + completion` for each row and returns the teacher's logprob of every sampled
+completion token (and optionally its top-k). `score_sequences(request)` is the same on a ragged
+`ScoreRequest`; `opd teacher serve --backend transformers` serves exactly that function, so the
+server's scores are this in-process forward's. The teacher never receives gradients and only one
+mini-batch (`batch_size` sequences) of logits exists at a time.
 
 Test: `pytest tests/unit/test_local_teacher.py`.
 """
@@ -13,80 +15,132 @@ from __future__ import annotations
 import time
 
 import torch
-from transformers import AutoModelForCausalLM, PreTrainedModel
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
+from opd.teacher.consistency import check_same_tokenizer
+from opd.teacher.wire import (
+    ScoreRequest,
+    SequenceScores,
+    request_from_batch,
+    scores_from_sequences,
+)
 from opd.types import RolloutBatch, TeacherScores
 
 
 class LocalTeacher:
     """A frozen causal LM in this process that implements `TeacherScorer`."""
 
-    def __init__(self, model: PreTrainedModel, *, temperature: float = 1.0, batch_size: int = 16):
+    def __init__(
+        self,
+        model: PreTrainedModel,
+        *,
+        temperature: float = 1.0,
+        batch_size: int = 16,
+        tokenizer=None,
+    ):
         self.model = model.eval().requires_grad_(False)
         self.temperature = temperature
         self.batch_size = batch_size
+        self.tokenizer = tokenizer
         self.teacher_id = str(model.config.name_or_path or type(model).__name__)
 
     @classmethod
     def from_pretrained(cls, name_or_path: str, *, device: str | torch.device = "cpu", **kwargs):
         model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=torch.float32)
+        kwargs.setdefault("tokenizer", AutoTokenizer.from_pretrained(name_or_path))
         return cls(model.to(device), **kwargs)
 
-    @torch.no_grad()
+    def check_student_tokenizer(self, student_tokenizer) -> None:
+        if self.tokenizer is not None:
+            check_same_tokenizer(student_tokenizer, self.tokenizer, teacher_name=self.teacher_id)
+
+    @property
+    def vocab_size(self) -> int:
+        return int(self.model.get_output_embeddings().weight.shape[0])
+
     def score(self, batch: RolloutBatch, top_k: int = 0) -> TeacherScores:
         start = time.perf_counter()
-        num_rows, num_tokens = batch.completion_ids_BT.shape
-        device = self.model.device
-        sampled_BT = torch.zeros(num_rows, num_tokens, dtype=torch.float32)
-        topk_ids_BTK = torch.zeros(num_rows, num_tokens, top_k, dtype=torch.int64)
-        topk_logprobs_BTK = torch.full((num_rows, num_tokens, top_k), -torch.inf)
-        for lo in range(0, num_rows, self.batch_size):
-            rows = range(lo, min(lo + self.batch_size, num_rows))
-            input_ids, attention_mask, starts = _pack_rows(batch, rows, device)
-            logits = self.model(input_ids=input_ids, attention_mask=attention_mask).logits
-            for i, row in enumerate(rows):
-                # The logits at position p predict token p + 1: completion token t sits at
-                # starts[i] + t and is predicted by the logits one position earlier.
-                row_logits_TV = logits[i, starts[i] - 1 : starts[i] - 1 + num_tokens].float()
-                logprobs_TV = torch.log_softmax(row_logits_TV / self.temperature, dim=-1)
-                ids_T = batch.completion_ids_BT[row].to(device)
-                sampled_BT[row] = logprobs_TV.gather(-1, ids_T[:, None])[:, 0].cpu()
-                if top_k:
-                    values, indices = logprobs_TV.topk(min(top_k, logprobs_TV.shape[-1]), dim=-1)
-                    topk_logprobs_BTK[row, :, : values.shape[-1]] = values.cpu()
-                    topk_ids_BTK[row, :, : indices.shape[-1]] = indices.cpu()
-        mask_BT = batch.completion_mask_BT.cpu()
-        sampled_BT = sampled_BT * mask_BT
-        return TeacherScores(
-            sampled_logprobs_BT=sampled_BT,
-            completion_mask_BT=mask_BT,
-            topk_ids_BTK=topk_ids_BTK if top_k else None,
-            topk_logprobs_BTK=topk_logprobs_BTK if top_k else None,
+        request, rows = request_from_batch(batch, top_k=top_k, temperature=self.temperature)
+        scores = self.score_sequences(request) if rows else _no_scores(top_k)
+        return scores_from_sequences(
+            scores,
+            batch,
+            rows,
             teacher_id=self.teacher_id,
             temperature=self.temperature,
+            top_k=top_k,
             metrics={"teacher/latency_s": time.perf_counter() - start},
         )
 
+    @torch.no_grad()
+    def score_sequences(self, request: ScoreRequest) -> SequenceScores:
+        """Score every completion token of `request` (its own temperature and top-k)."""
+        contexts, completions = request.contexts(), request.completions()
+        top_k = min(request.top_k, self.vocab_size)
+        sampled, topk_ids, topk_logprobs = [], [], []
+        for lo in range(0, len(contexts), self.batch_size):
+            hi = min(lo + self.batch_size, len(contexts))
+            input_ids, attention_mask = _pack(
+                contexts[lo:hi], completions[lo:hi], self.model.device
+            )
+            logits = self.model(input_ids=input_ids, attention_mask=attention_mask).logits
+            for i, (context, completion) in enumerate(
+                zip(contexts[lo:hi], completions[lo:hi], strict=True)
+            ):
+                # The logits at position p predict token p + 1: completion token t sits at
+                # len(context) + t and is predicted by the logits one position earlier.
+                start = len(context) - 1
+                row_logits_TV = logits[i, start : start + len(completion)].float()
+                logprobs_TV = torch.log_softmax(row_logits_TV / request.temperature, dim=-1)
+                ids_T = torch.tensor(completion, device=logprobs_TV.device)
+                sampled.append(logprobs_TV.gather(-1, ids_T[:, None])[:, 0].cpu())
+                if top_k:
+                    values, indices = logprobs_TV.topk(top_k, dim=-1)
+                    topk_logprobs.append(values.cpu())
+                    topk_ids.append(indices.cpu())
+        return SequenceScores(
+            completion_lengths_B=request.completion_lengths_B.clone(),
+            sampled_logprobs_M=torch.cat(sampled),
+            topk_ids_MK=_pad_topk(torch.cat(topk_ids), request.top_k, 0) if top_k else None,
+            topk_logprobs_MK=(
+                _pad_topk(torch.cat(topk_logprobs), request.top_k, -torch.inf) if top_k else None
+            ),
+        )
 
-def _pack_rows(
-    batch: RolloutBatch, rows: range, device: torch.device
-) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
-    """Right-padded `[context + completion]` ids for `rows`, with where each completion starts.
+
+def _pack(
+    contexts: list[list[int]], completions: list[list[int]], device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-padded `[context + completion]` ids and attention mask.
 
     Right padding keeps every position id equal to the unpadded one, so scores match an
     unbatched forward exactly.
     """
-    contexts = [batch.teacher_context_ids[row] for row in rows]
-    if any(len(context) == 0 for context in contexts):
-        raise ValueError("the teacher needs a non-empty context before each completion")
-    num_tokens = batch.completion_ids_BT.shape[1]
-    width = max(len(context) for context in contexts) + num_tokens
-    input_ids = torch.zeros(len(rows), width, dtype=torch.long)
-    attention_mask = torch.zeros(len(rows), width, dtype=torch.long)
-    for i, (row, context) in enumerate(zip(rows, contexts, strict=True)):
-        length = len(context)
-        input_ids[i, :length] = torch.tensor(context)
-        input_ids[i, length : length + num_tokens] = batch.completion_ids_BT[row]
-        attention_mask[i, : length + num_tokens] = 1
-    starts = [len(context) for context in contexts]
-    return input_ids.to(device), attention_mask.to(device), starts
+    sequences = [
+        context + completion for context, completion in zip(contexts, completions, strict=True)
+    ]
+    width = max(len(sequence) for sequence in sequences)
+    input_ids = torch.zeros(len(sequences), width, dtype=torch.long)
+    attention_mask = torch.zeros(len(sequences), width, dtype=torch.long)
+    for i, sequence in enumerate(sequences):
+        input_ids[i, : len(sequence)] = torch.tensor(sequence)
+        attention_mask[i, : len(sequence)] = 1
+    return input_ids.to(device), attention_mask.to(device)
+
+
+def _pad_topk(values_MK: torch.Tensor, top_k: int, fill: float) -> torch.Tensor:
+    """Pad the top-k axis to the requested K when the vocabulary is smaller than K."""
+    missing = top_k - values_MK.shape[1]
+    if missing <= 0:
+        return values_MK
+    padding = torch.full((values_MK.shape[0], missing), fill, dtype=values_MK.dtype)
+    return torch.cat([values_MK, padding], dim=1)
+
+
+def _no_scores(top_k: int) -> SequenceScores:
+    return SequenceScores(
+        completion_lengths_B=torch.zeros(0, dtype=torch.int64),
+        sampled_logprobs_M=torch.zeros(0),
+        topk_ids_MK=torch.zeros(0, top_k, dtype=torch.int64) if top_k else None,
+        topk_logprobs_MK=torch.zeros(0, top_k) if top_k else None,
+    )

@@ -1,0 +1,376 @@
+"""Ragged score requests/responses and their binary wire format.
+
+Every teacher (in-process, our HTTP server, stock vLLM, offline shards) scores the same thing:
+for each sequence, the teacher's context ids and the completion ids after it. Here that is a
+`ScoreRequest` of flat int64 arrays plus per-sequence lengths, and the answer a `SequenceScores`
+of flat per-token arrays. No padding travels: a batch of short and long completions costs only
+its real tokens.
+
+On the wire both are safetensors blobs (`safetensors.torch.save`): named tensors with explicit
+dtypes and shapes, and a small string metadata header (`top_k`, `temperature`, `teacher_id`).
+Parsing never unpickles anything, and `decode_request` checks every field a client controls, so
+a bad body becomes a `WireError` (HTTP 4xx) naming what is wrong, never a server crash.
+
+`request_from_batch` / `scores_from_sequences` convert to and from the trainer's `[B, T]`
+`RolloutBatch` / `TeacherScores`.
+
+Test: `pytest tests/unit/test_wire.py`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load as safetensors_load
+from safetensors.torch import save as safetensors_save
+
+from opd.types import RolloutBatch, TeacherScores
+
+CONTENT_TYPE = "application/vnd.opd.safetensors"
+REQUEST_TENSORS = ("context_ids", "context_lengths", "completion_ids", "completion_lengths")
+
+
+class WireError(ValueError):
+    """A request or response that does not follow the wire format; `status` is the HTTP code."""
+
+    def __init__(self, message: str, status: int = 400):
+        super().__init__(message)
+        self.status = status
+
+
+@dataclass(frozen=True)
+class ScoreRequest:
+    """Sequences to score: sequence i is `context_i + completion_i`; only completions are scored."""
+
+    context_ids_N: torch.Tensor
+    """int64, every context concatenated."""
+    context_lengths_B: torch.Tensor
+    """int64 [B] tokens of each context (>= 1: a completion token needs a token before it)."""
+    completion_ids_M: torch.Tensor
+    """int64, every completion concatenated."""
+    completion_lengths_B: torch.Tensor
+    """int64 [B] tokens of each completion (>= 1)."""
+    top_k: int = 0
+    temperature: float = 1.0
+
+    @property
+    def num_sequences(self) -> int:
+        return int(self.context_lengths_B.numel())
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.context_ids_N.numel() + self.completion_ids_M.numel())
+
+    def contexts(self) -> list[list[int]]:
+        return [c.tolist() for c in self.context_ids_N.split(self.context_lengths_B.tolist())]
+
+    def completions(self) -> list[list[int]]:
+        return [c.tolist() for c in self.completion_ids_M.split(self.completion_lengths_B.tolist())]
+
+    def select(self, sequences: list[int]) -> ScoreRequest:
+        """The request restricted to some sequences (server batching, client load spreading)."""
+        contexts, completions = self.contexts(), self.completions()
+        return make_request(
+            [contexts[i] for i in sequences],
+            [completions[i] for i in sequences],
+            top_k=self.top_k,
+            temperature=self.temperature,
+        )
+
+
+@dataclass(frozen=True)
+class SequenceScores:
+    """The teacher's judgement of every completion token of a `ScoreRequest`, flat."""
+
+    completion_lengths_B: torch.Tensor
+    """int64 [B] as in the request: splits the flat arrays back into sequences."""
+    sampled_logprobs_M: torch.Tensor
+    """float32 [M] the teacher's logprob of each completion token."""
+    topk_ids_MK: torch.Tensor | None = None
+    """int64 [M, K] the teacher's top-k ids at each completion position."""
+    topk_logprobs_MK: torch.Tensor | None = None
+    """float32 [M, K] their logprobs, descending, -inf padded."""
+
+    def __post_init__(self):
+        num_tokens = int(self.completion_lengths_B.sum())
+        if tuple(self.sampled_logprobs_M.shape) != (num_tokens,):
+            raise WireError(
+                f"sampled_logprobs has shape {tuple(self.sampled_logprobs_M.shape)}, "
+                f"expected ({num_tokens},) for completion lengths summing to {num_tokens}"
+            )
+        if (self.topk_ids_MK is None) != (self.topk_logprobs_MK is None):
+            raise WireError("topk_ids and topk_logprobs come together")
+        if self.topk_ids_MK is not None:
+            shape = tuple(self.topk_ids_MK.shape)
+            if len(shape) != 2 or shape[0] != num_tokens or self.topk_logprobs_MK.shape != shape:
+                raise WireError(
+                    f"top-k arrays have shapes {shape} and "
+                    f"{tuple(self.topk_logprobs_MK.shape)}, expected ({num_tokens}, K)"
+                )
+
+    @staticmethod
+    def concat(parts: list[SequenceScores]) -> SequenceScores:
+        """Scores of consecutive requests, in order, as one."""
+        has_topk = parts[0].topk_ids_MK is not None
+        return SequenceScores(
+            completion_lengths_B=torch.cat([p.completion_lengths_B for p in parts]),
+            sampled_logprobs_M=torch.cat([p.sampled_logprobs_M for p in parts]),
+            topk_ids_MK=torch.cat([p.topk_ids_MK for p in parts]) if has_topk else None,
+            topk_logprobs_MK=torch.cat([p.topk_logprobs_MK for p in parts]) if has_topk else None,
+        )
+
+
+def make_request(
+    contexts: list[list[int]], completions: list[list[int]], *, top_k: int = 0, temperature=1.0
+) -> ScoreRequest:
+    def flat(rows: list[list[int]]) -> torch.Tensor:
+        return torch.tensor([i for row in rows for i in row], dtype=torch.int64)
+
+    return ScoreRequest(
+        context_ids_N=flat(contexts),
+        context_lengths_B=torch.tensor([len(c) for c in contexts], dtype=torch.int64),
+        completion_ids_M=flat(completions),
+        completion_lengths_B=torch.tensor([len(c) for c in completions], dtype=torch.int64),
+        top_k=int(top_k),
+        temperature=float(temperature),
+    )
+
+
+# ------------------------------------------------------------------------------------------------
+# [B, T] batches <-> ragged requests
+# ------------------------------------------------------------------------------------------------
+
+
+def request_from_batch(
+    batch: RolloutBatch, *, top_k: int = 0, temperature: float = 1.0
+) -> tuple[ScoreRequest, list[int]]:
+    """The batch's non-empty rows as a request, and which rows those are.
+
+    A row's completion is sent up to its last unmasked token (masked tokens inside it, e.g. tool
+    outputs, are still context for the tokens after them). All-masked rows are not sent.
+    """
+    mask_BT = batch.completion_mask_BT.bool().cpu()
+    num_tokens = mask_BT.shape[1]
+    positions_T = torch.arange(1, num_tokens + 1)
+    lengths_B = (mask_BT * positions_T).amax(dim=1) if num_tokens else torch.zeros(len(mask_BT))
+    rows = [row for row, length in enumerate(lengths_B.tolist()) if length > 0]
+    contexts = batch.teacher_context_ids
+    completion_ids_BT = batch.completion_ids_BT.cpu()
+    request = make_request(
+        [list(contexts[row]) for row in rows],
+        [completion_ids_BT[row, : int(lengths_B[row])].tolist() for row in rows],
+        top_k=top_k,
+        temperature=temperature,
+    )
+    return request, rows
+
+
+def scores_from_sequences(
+    scores: SequenceScores,
+    batch: RolloutBatch,
+    rows: list[int],
+    *,
+    teacher_id: str,
+    temperature: float,
+    top_k: int,
+    metrics: dict[str, float] | None = None,
+) -> TeacherScores:
+    """Scatter ragged scores back to the batch's `[B, T]` layout (0 / -inf where masked)."""
+    mask_BT = batch.completion_mask_BT.cpu()
+    num_rows, num_tokens = mask_BT.shape
+    sampled_BT = torch.zeros(num_rows, num_tokens, dtype=torch.float32)
+    topk_ids_BTK = torch.zeros(num_rows, num_tokens, top_k, dtype=torch.int64)
+    topk_logprobs_BTK = torch.full((num_rows, num_tokens, top_k), -torch.inf)
+    lengths = scores.completion_lengths_B.tolist()
+    offset = 0
+    for row, length in zip(rows, lengths, strict=True):
+        sampled_BT[row, :length] = scores.sampled_logprobs_M[offset : offset + length]
+        if top_k:
+            width = min(top_k, scores.topk_ids_MK.shape[1])
+            topk_ids_BTK[row, :length, :width] = scores.topk_ids_MK[
+                offset : offset + length, :width
+            ]
+            topk_logprobs_BTK[row, :length, :width] = scores.topk_logprobs_MK[
+                offset : offset + length, :width
+            ]
+        offset += length
+    return TeacherScores(
+        sampled_logprobs_BT=sampled_BT * mask_BT,
+        completion_mask_BT=mask_BT,
+        topk_ids_BTK=topk_ids_BTK if top_k else None,
+        topk_logprobs_BTK=topk_logprobs_BTK if top_k else None,
+        teacher_id=teacher_id,
+        temperature=temperature,
+        metrics=dict(metrics or {}),
+    )
+
+
+# ------------------------------------------------------------------------------------------------
+# Binary encoding
+# ------------------------------------------------------------------------------------------------
+
+
+def encode_request(request: ScoreRequest) -> bytes:
+    tensors = {name: getattr(request, _field(name)).contiguous() for name in REQUEST_TENSORS}
+    metadata = {"top_k": str(request.top_k), "temperature": repr(request.temperature)}
+    return safetensors_save(tensors, metadata=metadata)
+
+
+def encode_scores(scores: SequenceScores, *, teacher_id: str = "", temperature=1.0) -> bytes:
+    tensors = {
+        "completion_lengths": scores.completion_lengths_B.contiguous(),
+        "sampled_logprobs": scores.sampled_logprobs_M.contiguous(),
+    }
+    if scores.topk_ids_MK is not None:
+        tensors["topk_ids"] = scores.topk_ids_MK.contiguous()
+        tensors["topk_logprobs"] = scores.topk_logprobs_MK.contiguous()
+    metadata = {"teacher_id": teacher_id, "temperature": repr(float(temperature))}
+    return safetensors_save(tensors, metadata=metadata)
+
+
+def decode_scores(body: bytes) -> tuple[SequenceScores, dict[str, str]]:
+    """A server's response; raises `WireError` when it is not a scores blob."""
+    tensors, metadata = _load(body)
+    for name, dtype in (("completion_lengths", torch.int64), ("sampled_logprobs", torch.float32)):
+        _expect(tensors, name, dtype, ndim=1)
+    if "topk_ids" in tensors:
+        _expect(tensors, "topk_ids", (torch.int32, torch.int64), ndim=2)
+        _expect(tensors, "topk_logprobs", torch.float32, ndim=2)
+    scores = SequenceScores(
+        completion_lengths_B=tensors["completion_lengths"],
+        sampled_logprobs_M=tensors["sampled_logprobs"],
+        topk_ids_MK=tensors.get("topk_ids"),
+        topk_logprobs_MK=tensors.get("topk_logprobs"),
+    )
+    return scores, metadata
+
+
+@dataclass(frozen=True)
+class RequestLimits:
+    """What a server accepts; each violation is a 4xx naming the limit."""
+
+    vocab_size: int
+    max_top_k: int = 128
+    max_sequence_tokens: int = 32768
+    max_sequences: int = 4096
+
+
+def decode_request(body: bytes, limits: RequestLimits) -> ScoreRequest:
+    """Parse and validate a client's request body; raises `WireError` (4xx) on anything wrong."""
+    tensors, metadata = _load(body)
+    unknown = sorted(set(tensors) - set(REQUEST_TENSORS))
+    if unknown:
+        raise WireError(f"unknown tensors {unknown}; a request holds {list(REQUEST_TENSORS)}")
+    for name in REQUEST_TENSORS:
+        _expect(tensors, name, torch.int64, ndim=1)
+    top_k = _metadata_number(metadata, "top_k", int, default=0)
+    temperature = _metadata_number(metadata, "temperature", float, default=1.0)
+    if not 0 <= top_k <= limits.max_top_k:
+        raise WireError(
+            f"top_k={top_k} is outside [0, {limits.max_top_k}] (the server's --max-top-k)"
+        )
+    if not (temperature > 0 and temperature < float("inf")):
+        raise WireError(f"temperature must be a finite number > 0, got {temperature}")
+    request = ScoreRequest(
+        context_ids_N=tensors["context_ids"],
+        context_lengths_B=tensors["context_lengths"],
+        completion_ids_M=tensors["completion_ids"],
+        completion_lengths_B=tensors["completion_lengths"],
+        top_k=top_k,
+        temperature=temperature,
+    )
+    _check_request(request, limits)
+    return request
+
+
+def _check_request(request: ScoreRequest, limits: RequestLimits) -> None:
+    num_sequences = request.num_sequences
+    if num_sequences == 0:
+        raise WireError("the request holds no sequences")
+    if num_sequences > limits.max_sequences:
+        raise WireError(
+            f"{num_sequences} sequences in one request; the limit is {limits.max_sequences}",
+            status=413,
+        )
+    if request.completion_lengths_B.numel() != num_sequences:
+        raise WireError(
+            f"{num_sequences} context lengths but "
+            f"{request.completion_lengths_B.numel()} completion lengths"
+        )
+    for name, ids, lengths in (
+        ("context", request.context_ids_N, request.context_lengths_B),
+        ("completion", request.completion_ids_M, request.completion_lengths_B),
+    ):
+        if int(lengths.min()) < 1:
+            row = int((lengths < 1).nonzero()[0])
+            raise WireError(f"sequence {row} has an empty {name} (each needs >= 1 token)")
+        if int(lengths.sum()) != ids.numel():
+            raise WireError(
+                f"{name}_lengths sum to {int(lengths.sum())} but {name}_ids holds {ids.numel()} ids"
+            )
+        if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= limits.vocab_size):
+            bad = int(ids[(ids < 0) | (ids >= limits.vocab_size)][0])
+            raise WireError(
+                f"{name} token id {bad} is outside the teacher's vocabulary "
+                f"[0, {limits.vocab_size})"
+            )
+    total_B = request.context_lengths_B + request.completion_lengths_B
+    if int(total_B.max()) > limits.max_sequence_tokens:
+        row = int(total_B.argmax())
+        raise WireError(
+            f"sequence {row} has {int(total_B[row])} tokens; the limit is "
+            f"{limits.max_sequence_tokens} (the server's --max-sequence-tokens)",
+            status=413,
+        )
+
+
+def _load(body: bytes) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    if not body:
+        raise WireError(f"empty body; send a safetensors blob ({CONTENT_TYPE})")
+    try:
+        tensors = safetensors_load(body)
+        metadata = _read_metadata(body)
+    except (SafetensorError, ValueError, OSError) as error:
+        raise WireError(f"the body is not a valid safetensors blob: {error}") from error
+    return tensors, metadata
+
+
+def _read_metadata(body: bytes) -> dict[str, str]:
+    """The `__metadata__` of a safetensors header (the torch loader drops it)."""
+    import json
+
+    header_length = int.from_bytes(body[:8], "little")
+    header = json.loads(body[8 : 8 + header_length])
+    return {str(k): str(v) for k, v in (header.get("__metadata__") or {}).items()}
+
+
+def _expect(tensors, name: str, dtype, *, ndim: int) -> None:
+    dtypes = dtype if isinstance(dtype, tuple) else (dtype,)
+    if name not in tensors:
+        raise WireError(f"missing tensor {name!r}")
+    tensor = tensors[name]
+    if tensor.dtype not in dtypes:
+        expected = " or ".join(str(d).removeprefix("torch.") for d in dtypes)
+        raise WireError(
+            f"{name} has dtype {str(tensor.dtype).removeprefix('torch.')}, expected {expected}"
+        )
+    if tensor.ndim != ndim:
+        raise WireError(f"{name} has shape {tuple(tensor.shape)}, expected {ndim} dimension(s)")
+
+
+def _metadata_number(metadata: dict[str, str], key: str, kind, *, default):
+    if key not in metadata:
+        return default
+    try:
+        return kind(metadata[key])
+    except ValueError as error:
+        raise WireError(f"metadata {key}={metadata[key]!r} is not a number") from error
+
+
+def _field(tensor_name: str) -> str:
+    suffix = (
+        "_N" if tensor_name == "context_ids" else "_M" if tensor_name == "completion_ids" else "_B"
+    )
+    return tensor_name + suffix

@@ -1,6 +1,9 @@
 """The `opd` command: thin dispatch to the stage entry points.
 
     opd distill [--config recipe.yaml] [--field value ...]   (no --config: the embedded demo)
+    opd rollout --model_name_or_path M --dataset_name D --output_dir OUT
+    opd teacher serve --model M [--backend transformers|vllm] [--port 8000]
+    opd teacher precompute --rollouts DIR --teacher_mode ... --output_dir OUT
 
 Arguments are parsed the TRL way (`TrlParser`): YAML values become defaults, flags override them,
 unknown keys and wrong types fail with a message that names the field.
@@ -15,6 +18,10 @@ DESCRIPTION = "opd: on-policy distillation of language models (vLLM + teacher + 
 COMMANDS = {
     "distill": "Train a student on its own samples, scored per token by a teacher (default: "
     "the embedded CPU demo).",
+    "rollout": "Sample completions for a prompt dataset with the student (vLLM), once, to shards.",
+    "teacher serve": "Serve a teacher's per-token scores over HTTP (transformers or vLLM backend).",
+    "teacher precompute": "Score a rollout set with a teacher and write parquet shards (offline "
+    "OPD).",
 }
 
 
@@ -26,13 +33,25 @@ def main(argv: list[str] | None = None) -> int:
     command, rest = argv[0], argv[1:]
     if command == "distill":
         return distill_main(rest)
+    if command == "rollout":
+        from opd.rollout.job import rollout_main
+
+        return rollout_main(rest)
+    if command == "teacher" and rest and rest[0] in ("serve", "precompute"):
+        if rest[0] == "serve":
+            from opd.teacher.serve import serve_main
+
+            return serve_main(rest[1:])
+        from opd.teacher.precompute import precompute_main
+
+        return precompute_main(rest[1:])
     print(f"opd: unknown command {command!r}.\n\n{top_level_help()}", file=sys.stderr)
     return 2
 
 
 def top_level_help() -> str:
     lines = [DESCRIPTION, "", "usage: opd <command> [options]", "", "commands:"]
-    lines += [f"  {name:10} {text}" for name, text in COMMANDS.items()]
+    lines += [f"  {name:19} {text}" for name, text in COMMANDS.items()]
     lines += ["", "Run `opd <command> --help` for the fields of a command."]
     return "\n".join(lines)
 

@@ -1,0 +1,68 @@
+"""Build the teacher named by a config's `teacher_*` fields (one `match`, no registry).
+
+Used by `opd distill` (an `OPDConfig`) and `opd teacher precompute` (its own arguments, which
+carry the same `teacher_*` field names). Every teacher is checked against the student's tokenizer
+before it is returned, so a mismatch fails before any model or engine is loaded for training.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from opd.teacher.http import RetryPolicy
+from opd.teacher.protocol import TeacherScorer
+
+
+def build_teacher(args: Any, student_tokenizer=None) -> TeacherScorer:
+    """The teacher for `args.teacher_mode`; checked against `student_tokenizer` when given."""
+    retry = RetryPolicy(budget_s=float(getattr(args, "teacher_retry_budget_s", 120.0)))
+    match args.teacher_mode:
+        case "local":
+            import torch
+
+            from opd.teacher.local import LocalTeacher
+
+            teacher = LocalTeacher.from_pretrained(
+                args.teacher_model_name_or_path,
+                device="cuda" if torch.cuda.is_available() else "cpu",
+                temperature=args.teacher_temperature,
+                batch_size=args.teacher_batch_size,
+            )
+        case "server":
+            from opd.teacher.client import ServerTeacher
+
+            teacher = ServerTeacher(
+                args.teacher_urls,
+                api_key=args.teacher_api_key,
+                timeout_s=args.teacher_timeout_s,
+                retry=retry,
+                temperature=args.teacher_temperature,
+                batch_size=args.teacher_batch_size,
+                expected_model=args.teacher_model_name_or_path,
+            )
+        case "vllm":
+            from opd.teacher.vllm_client import VLLMTeacher
+
+            teacher = VLLMTeacher(
+                args.teacher_urls,
+                model=args.teacher_model_name_or_path,
+                api_key=args.teacher_api_key,
+                timeout_s=args.teacher_timeout_s,
+                retry=retry,
+                temperature=args.teacher_temperature,
+                batch_size=args.teacher_batch_size,
+            )
+        case "offline":
+            from opd.teacher.offline import OfflineTeacher
+
+            teacher = OfflineTeacher(
+                args.teacher_shards,
+                expected_model=args.teacher_model_name_or_path,
+                top_k=args.teacher_top_k,
+                temperature=args.teacher_temperature,
+            )
+        case other:
+            raise ValueError(f"teacher_mode={other!r} is not one of local, server, vllm, offline.")
+    if student_tokenizer is not None:
+        teacher.check_student_tokenizer(getattr(student_tokenizer, "tokenizer", student_tokenizer))
+    return teacher

@@ -94,11 +94,16 @@ def distill_main(argv: list[str]) -> int:
     except (ValueError, FileNotFoundError) as error:  # unknown keys, bad values, bad combinations
         print(f"opd distill: error: {error}", file=sys.stderr)
         return 2
+    from opd.teacher.http import TeacherRequestError, TeacherUnavailableError
+
     try:
         run_distill(script_args, config)
     except ConfigError as error:  # bad data or models found at start-up; other errors keep traces
         print(f"opd distill: error: {error}", file=sys.stderr)
         return 2
+    except (TeacherUnavailableError, TeacherRequestError) as error:  # the message says what to do
+        print(f"opd distill: error: {error}", file=sys.stderr)
+        return 1
     return 0
 
 

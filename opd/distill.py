@@ -79,17 +79,25 @@ def run_distill(script_args: DistillArguments, config: OPDConfig) -> dict[str, A
         return {}
     from transformers import AutoTokenizer
 
-    from opd.trainer import OPDTrainer, build_teacher
+    from opd.teacher.build import build_teacher
+    from opd.trainer import OPDTrainer
 
     start = time.perf_counter()
-    train_dataset = load_prompt_dataset(
-        script_args.dataset_name,
-        config=script_args.dataset_config,
-        split=script_args.dataset_train_split,
-        prompt_column=script_args.dataset_prompt_column,
-        as_chat=script_args.dataset_chat_template,
+    train_dataset = None  # offline: the trainer trains on the rollouts stored in the shards
+    if config.teacher_mode != "offline":
+        train_dataset = load_prompt_dataset(
+            script_args.dataset_name,
+            config=script_args.dataset_config,
+            split=script_args.dataset_train_split,
+            prompt_column=script_args.dataset_prompt_column,
+            as_chat=script_args.dataset_chat_template,
+        )
+    # The demo evaluation runs the teacher model in-process (accuracy and reverse KL).
+    evaluate = (
+        script_args.eval_before_after
+        and script_args.dataset_name == DEMO_DATASET
+        and config.teacher_mode == "local"
     )
-    evaluate = script_args.eval_before_after and script_args.dataset_name == DEMO_DATASET
     teacher = tokenizer = None
     if evaluate:  # one teacher serves the trainer and both evaluations
         tokenizer = AutoTokenizer.from_pretrained(script_args.model_name_or_path)

@@ -25,8 +25,8 @@ from trl import GRPOTrainer
 
 from opd.config import ConfigError, OPDConfig
 from opd.objectives.vanilla import masked_mean, vanilla_opd_advantage
-from opd.teacher.consistency import check_same_tokenizer
-from opd.teacher.local import LocalTeacher
+from opd.teacher.build import build_teacher
+from opd.teacher.http import TeacherUnavailableError
 from opd.teacher.protocol import TeacherScorer
 from opd.types import RolloutBatch, TeacherScores
 
@@ -70,6 +70,15 @@ class OPDTrainer(GRPOTrainer):
             if student_tokenizer is None:
                 student_tokenizer = _load_tokenizer(model, "student")
             teacher = build_teacher(args, student_tokenizer)
+        offline = None
+        if args.teacher_mode == "offline":
+            # Lightning OPD trains on the fixed rollouts stored with the scores: no generation.
+            from opd.rollout.offline import OfflineRollouts
+
+            offline = OfflineRollouts(teacher, num_generations=args.num_generations)
+            train_dataset = offline.prompt_dataset() if train_dataset is None else train_dataset
+            args.use_vllm = False
+            kwargs["rollout_func"] = offline.rollout_func
         on_cpu_colocate = (
             args.use_vllm and args.vllm_mode == "colocate" and not torch.cuda.is_available()
         )
@@ -86,6 +95,7 @@ class OPDTrainer(GRPOTrainer):
                 **kwargs,
             )
         self.teacher = teacher
+        self.offline = offline
         if self.use_vllm and self.vllm_mode == "colocate" and self.accelerator.device.type == "cpu":
             from opd.rollout.cpu_weight_sync import sync_trl_colocate_weights_on_cpu
 
@@ -94,9 +104,10 @@ class OPDTrainer(GRPOTrainer):
             )
 
     def _generate_and_score_completions(self, inputs: list[dict[str, Any]]) -> dict[str, Any]:
+        if self.offline is not None:
+            self.offline.select(inputs, process_index=self.accelerator.process_index)
         output = super()._generate_and_score_completions(inputs)
-        rollout = self._rollout_batch(output)
-        scores = self.teacher.score(rollout, top_k=self.args.teacher_top_k)
+        scores = self._teacher_scores(output)
         student_old_BT = self._behaviour_logprobs(output)
         mask_BT = output["completion_mask"]
         if "tool_mask" in output:
@@ -113,6 +124,25 @@ class OPDTrainer(GRPOTrainer):
         self._log_opd_metrics(student_old_BT, scores, advantages_BT, mask_BT)
         output["advantages"] = advantages_BT
         return output
+
+    def _teacher_scores(self, output: dict[str, Any]) -> TeacherScores:
+        """Score the batch; if the teacher stays down past its retry budget, checkpoint and stop.
+
+        Generation happens before any gradient of the step, so the weights are still those of
+        the last finished step: `checkpoint-<global_step>` resumes without losing or repeating
+        a batch (`--resume_from_checkpoint`).
+        """
+        if self.offline is not None:
+            return self.offline.scores(output["completion_ids"].shape[1])
+        try:
+            return self.teacher.score(self._rollout_batch(output), top_k=self.args.teacher_top_k)
+        except TeacherUnavailableError as error:
+            self._save_checkpoint(self.model, trial=None)
+            checkpoint = f"{self.args.output_dir}/checkpoint-{self.state.global_step}"
+            raise TeacherUnavailableError(
+                f"{error}\nTraining stopped at step {self.state.global_step}; saved {checkpoint}. "
+                f"Once the teacher is back: opd distill ... --resume_from_checkpoint {checkpoint}"
+            ) from error
 
     def _rollout_batch(self, output: dict[str, Any]) -> RolloutBatch:
         """The generated batch in opd's contract (ragged prompts, right-padded completions)."""
@@ -132,6 +162,8 @@ class OPDTrainer(GRPOTrainer):
     def _behaviour_logprobs(self, output: dict[str, Any]) -> torch.Tensor:
         """lp_old: the sampler's logprobs, or the trainer's where those are missing or asked for."""
         sampler_BT = output.get("sampling_per_token_logps")
+        if self.offline is not None:  # Lightning OPD: the stored sampler was an earlier student
+            return self._trainer_logprobs(output)
         if self.args.opd_behaviour_logprobs == "sampler" and sampler_BT is not None:
             if not torch.isnan(sampler_BT).any():
                 return sampler_BT
@@ -173,22 +205,6 @@ class OPDTrainer(GRPOTrainer):
         for name, value in values.items():
             gathered = self.accelerator.gather(torch.tensor(value, device=self.accelerator.device))
             self._metrics[mode][name].append(gathered.float().mean().item())
-
-
-def build_teacher(args: OPDConfig, student_tokenizer) -> TeacherScorer:
-    """The teacher named by `args.teacher_*`, after checking it shares the student's tokenizer."""
-    teacher_tokenizer = _load_tokenizer(args.teacher_model_name_or_path, "teacher")
-    student_tokenizer = getattr(student_tokenizer, "tokenizer", student_tokenizer)
-    check_same_tokenizer(
-        student_tokenizer, teacher_tokenizer, teacher_name=args.teacher_model_name_or_path
-    )
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    return LocalTeacher.from_pretrained(
-        args.teacher_model_name_or_path,
-        device=device,
-        temperature=args.teacher_temperature,
-        batch_size=args.teacher_batch_size,
-    )
 
 
 def _load_tokenizer(model, role: str):

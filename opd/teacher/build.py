@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from opd.config import ConfigError
 from opd.teacher.http import RetryPolicy
 from opd.teacher.protocol import TeacherScorer
 
@@ -18,16 +19,7 @@ def build_teacher(args: Any, student_tokenizer=None) -> TeacherScorer:
     retry = RetryPolicy(budget_s=float(getattr(args, "teacher_retry_budget_s", 120.0)))
     match args.teacher_mode:
         case "local":
-            import torch
-
-            from opd.teacher.local import LocalTeacher
-
-            teacher = LocalTeacher.from_pretrained(
-                args.teacher_model_name_or_path,
-                device="cuda" if torch.cuda.is_available() else "cpu",
-                temperature=args.teacher_temperature,
-                batch_size=args.teacher_batch_size,
-            )
+            return _build_local_teacher(args, student_tokenizer)
         case "server":
             from opd.teacher.client import ServerTeacher
 
@@ -64,5 +56,46 @@ def build_teacher(args: Any, student_tokenizer=None) -> TeacherScorer:
         case other:
             raise ValueError(f"teacher_mode={other!r} is not one of local, server, vllm, offline.")
     if student_tokenizer is not None:
-        teacher.check_student_tokenizer(getattr(student_tokenizer, "tokenizer", student_tokenizer))
+        teacher.check_student_tokenizer(_text_tokenizer(student_tokenizer))
     return teacher
+
+
+def _build_local_teacher(args: Any, student_tokenizer) -> TeacherScorer:
+    """Compare tokenizers before loading the teacher's weights (the slow, large part)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from opd.teacher.consistency import check_same_tokenizer
+    from opd.teacher.local import LocalTeacher
+
+    name = args.teacher_model_name_or_path
+    try:
+        teacher_tokenizer = AutoTokenizer.from_pretrained(name)
+    except OSError as error:
+        raise ConfigError(
+            f"cannot load the teacher tokenizer from {name!r} ({error}); check "
+            "teacher_model_name_or_path."
+        ) from error
+    if student_tokenizer is not None:
+        check_same_tokenizer(
+            _text_tokenizer(student_tokenizer), teacher_tokenizer, teacher_name=name
+        )
+    try:
+        model = AutoModelForCausalLM.from_pretrained(name, dtype=torch.float32)
+    except OSError as error:
+        raise ConfigError(
+            f"cannot load the teacher model from {name!r} ({error}); check "
+            "teacher_model_name_or_path."
+        ) from error
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    return LocalTeacher(
+        model.to(device),
+        temperature=args.teacher_temperature,
+        batch_size=args.teacher_batch_size,
+        tokenizer=teacher_tokenizer,
+    )
+
+
+def _text_tokenizer(tokenizer):
+    """A processor's text tokenizer, or the tokenizer itself."""
+    return getattr(tokenizer, "tokenizer", tokenizer)

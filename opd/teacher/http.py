@@ -50,12 +50,14 @@ def request_with_retry(
     *,
     policy: RetryPolicy,
     first_url: int = 0,
+    stats: dict[str, int] | None = None,
     **kwargs,
 ) -> httpx.Response:
     """`client.request(method, url + path)` on the first URL that answers with a non-5xx.
 
     Starts at `urls[first_url]` (callers spread load by starting at different URLs) and moves to
-    the next URL after each failure.
+    the next URL after each failure. Each failed attempt adds 1 to `stats["retries"]` when given
+    (the trainer logs it as `teacher/retries`).
     """
     deadline = time.monotonic() + policy.budget_s
     backoff = policy.first_backoff_s
@@ -77,6 +79,8 @@ def request_with_retry(
                     )
                 return response
             failures.append(f"{url}: HTTP {response.status_code}: {_error_text(response)}")
+        if stats is not None:
+            stats["retries"] = stats.get("retries", 0) + 1
         if time.monotonic() + backoff > deadline:
             raise TeacherUnavailableError(
                 f"the teacher at {', '.join(urls)} did not answer {method} {path} after "

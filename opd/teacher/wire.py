@@ -178,6 +178,8 @@ def scores_from_sequences(
     metrics: dict[str, float] | None = None,
 ) -> TeacherScores:
     """Scatter ragged scores back to the batch's `[B, T]` layout (0 / -inf where masked)."""
+    if top_k and scores.topk_ids_MK is None:
+        raise WireError(f"the teacher returned no top-k although top_k={top_k} was requested")
     mask_BT = batch.completion_mask_BT.cpu()
     num_rows, num_tokens = mask_BT.shape
     sampled_BT = torch.zeros(num_rows, num_tokens, dtype=torch.float32)
@@ -196,11 +198,16 @@ def scores_from_sequences(
                 offset : offset + length, :width
             ]
         offset += length
+    # Masked tokens inside a completion (tool outputs) were scored as context only: they get the
+    # same 0 / -inf as padding (`where`, not a product, so a -inf score never becomes NaN).
+    valid_BT = mask_BT.bool()
     return TeacherScores(
-        sampled_logprobs_BT=sampled_BT * mask_BT,
+        sampled_logprobs_BT=torch.where(valid_BT, sampled_BT, 0.0),
         completion_mask_BT=mask_BT,
-        topk_ids_BTK=topk_ids_BTK if top_k else None,
-        topk_logprobs_BTK=topk_logprobs_BTK if top_k else None,
+        topk_ids_BTK=torch.where(valid_BT[..., None], topk_ids_BTK, 0) if top_k else None,
+        topk_logprobs_BTK=(
+            torch.where(valid_BT[..., None], topk_logprobs_BTK, -torch.inf) if top_k else None
+        ),
         teacher_id=teacher_id,
         temperature=temperature,
         metrics=dict(metrics or {}),
@@ -299,6 +306,10 @@ def _check_request(request: ScoreRequest, limits: RequestLimits) -> None:
             f"{num_sequences} context lengths but "
             f"{request.completion_lengths_B.numel()} completion lengths"
         )
+    # Lengths are bounded before anything adds them: huge client-sent lengths could otherwise
+    # overflow int64 sums and pass the checks below.
+    _check_sequence_tokens(request.context_lengths_B, limits)
+    _check_sequence_tokens(request.completion_lengths_B, limits)
     for name, ids, lengths in (
         ("context", request.context_ids_N, request.context_lengths_B),
         ("completion", request.completion_ids_M, request.completion_lengths_B),
@@ -310,17 +321,20 @@ def _check_request(request: ScoreRequest, limits: RequestLimits) -> None:
             raise WireError(
                 f"{name}_lengths sum to {int(lengths.sum())} but {name}_ids holds {ids.numel()} ids"
             )
-        if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= limits.vocab_size):
+        if int(ids.min()) < 0 or int(ids.max()) >= limits.vocab_size:
             bad = int(ids[(ids < 0) | (ids >= limits.vocab_size)][0])
             raise WireError(
                 f"{name} token id {bad} is outside the teacher's vocabulary "
                 f"[0, {limits.vocab_size})"
             )
-    total_B = request.context_lengths_B + request.completion_lengths_B
-    if int(total_B.max()) > limits.max_sequence_tokens:
-        row = int(total_B.argmax())
+    _check_sequence_tokens(request.context_lengths_B + request.completion_lengths_B, limits)
+
+
+def _check_sequence_tokens(tokens_B: torch.Tensor, limits: RequestLimits) -> None:
+    if int(tokens_B.max()) > limits.max_sequence_tokens:
+        row = int(tokens_B.argmax())
         raise WireError(
-            f"sequence {row} has {int(total_B[row])} tokens; the limit is "
+            f"sequence {row} has {int(tokens_B[row])} tokens; the limit is "
             f"{limits.max_sequence_tokens} (the server's --max-sequence-tokens)",
             status=413,
         )

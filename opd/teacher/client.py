@@ -1,0 +1,219 @@
+"""`ServerTeacher`: the `TeacherScorer` that asks `opd teacher serve` servers over HTTP.
+
+`score(batch, top_k)` turns the `[B, T]` batch into a ragged `ScoreRequest` (only real tokens
+travel), cuts it into chunks of `batch_size` sequences and sends the chunks concurrently, chunk i
+starting at URL i % len(urls), so several servers share the load and one server batches the
+chunks it receives together. Each chunk is retried (`request_with_retry`): connection errors,
+timeouts and 5xx answers move to the next URL with backoff until the retry budget runs out
+(`TeacherUnavailableError`); a 4xx is raised at once (`TeacherRequestError`, the server's reason).
+
+The servers' `/info` is read once, on first use: every URL must serve the same model and
+tokenizer, the model must be `expected_model` when one is given, and requests are checked
+against the server's limits (`max_top_k`) before they are sent.
+
+Test: `.venv/bin/pytest tests/integration/test_teacher_server.py`.
+"""
+
+from __future__ import annotations
+
+import time
+from concurrent.futures import ThreadPoolExecutor
+from functools import partial
+from typing import Any
+
+import httpx
+import torch
+
+from opd.config import ConfigError
+from opd.teacher.consistency import compare_fingerprints, tokenizer_fingerprint
+from opd.teacher.http import RetryPolicy, auth_headers, request_with_retry
+from opd.teacher.wire import (
+    CONTENT_TYPE,
+    ScoreRequest,
+    SequenceScores,
+    WireError,
+    decode_scores,
+    encode_request,
+    request_from_batch,
+    scores_from_sequences,
+)
+from opd.types import RolloutBatch, TeacherScores
+
+
+class ServerTeacher:
+    """HTTP client of one or more `opd teacher serve` servers of the same teacher."""
+
+    def __init__(
+        self,
+        urls: list[str],
+        *,
+        api_key: str | None = None,
+        timeout_s: float = 300.0,
+        retry: RetryPolicy = RetryPolicy(),  # noqa: B008 (frozen dataclass: a safe default)
+        temperature: float = 1.0,
+        batch_size: int = 64,
+        expected_model: str | None = None,
+    ):
+        if not urls:
+            raise ConfigError("ServerTeacher needs at least one server URL (teacher_urls).")
+        self.urls = [url.rstrip("/") for url in urls]
+        self.retry = retry
+        self.temperature = temperature
+        self.batch_size = batch_size
+        self.expected_model = expected_model
+        self._http = httpx.Client(timeout=timeout_s, headers=auth_headers(api_key))
+        self._pool = ThreadPoolExecutor(max_workers=max(4, 2 * len(self.urls)))
+        self._server_info: dict[str, Any] | None = None
+
+    @property
+    def teacher_id(self) -> str:
+        return str(self.server_info()["model"])
+
+    def info(self, url_index: int = 0) -> dict[str, Any]:
+        """A fresh `GET /info` of one server (its `stats` change with traffic)."""
+        response = request_with_retry(
+            self._http, "GET", [self.urls[url_index]], "/info", policy=self.retry
+        )
+        return response.json()
+
+    def server_info(self) -> dict[str, Any]:
+        """The first server's `/info`, read once, after checking that all servers agree."""
+        if self._server_info is None:
+            infos = [self.info(index) for index in range(len(self.urls))]
+            check_same_teacher(infos, self.urls, expected_model=self.expected_model)
+            self._server_info = infos[0]
+        return self._server_info
+
+    def check_student_tokenizer(self, student_tokenizer) -> None:
+        info = self.server_info()
+        compare_fingerprints(
+            tokenizer_fingerprint(student_tokenizer),
+            info["tokenizer"],
+            teacher_name=str(info["model"]),
+            source=f"{self.urls[0]}/info",
+        )
+
+    def score(self, batch: RolloutBatch, top_k: int = 0) -> TeacherScores:
+        start = time.perf_counter()
+        self._check_top_k(top_k)
+        request, rows = request_from_batch(batch, top_k=top_k, temperature=self.temperature)
+        http_stats = {"retries": 0}
+        scores, request_bytes, response_bytes = (
+            self._score_chunks(request, http_stats) if rows else (_no_scores(top_k), 0, 0)
+        )
+        return scores_from_sequences(
+            scores,
+            batch,
+            rows,
+            teacher_id=self.teacher_id,
+            temperature=self.temperature,
+            top_k=top_k,
+            metrics={
+                "teacher/latency_s": time.perf_counter() - start,
+                "teacher/request_bytes": float(request_bytes),
+                "teacher/response_bytes": float(response_bytes),
+                "teacher/retries": float(http_stats["retries"]),
+            },
+        )
+
+    def score_sequences(self, request: ScoreRequest) -> SequenceScores:
+        """Score a ragged request (its own `top_k` and `temperature`) on the servers."""
+        self._check_top_k(request.top_k)
+        return self._score_chunks(request)[0]
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
+        self._http.close()
+
+    def __enter__(self) -> ServerTeacher:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
+    def _check_top_k(self, top_k: int) -> None:
+        max_top_k = int(self.server_info()["max_top_k"])
+        if top_k > max_top_k:
+            raise ConfigError(
+                f"teacher_top_k={top_k} is above the teacher server's max_top_k={max_top_k} "
+                f"({self.urls[0]}/info): lower teacher_top_k, or restart the server with "
+                f"`opd teacher serve ... --max_top_k {top_k}`."
+            )
+
+    def _score_chunks(
+        self, request: ScoreRequest, http_stats: dict[str, int] | None = None
+    ) -> tuple[SequenceScores, int, int]:
+        """Scores of `request`, sent in chunks of sequences; also bytes sent and received."""
+        chunk_size = min(self.batch_size, int(self.server_info()["max_sequences"]))
+        chunks = [
+            request.select(list(range(lo, min(lo + chunk_size, request.num_sequences))))
+            for lo in range(0, request.num_sequences, chunk_size)
+        ]
+        if len(chunks) == 1:  # the common case: no thread hop
+            results = [self._post(chunks[0], 0, http_stats)]
+        else:
+            post = partial(self._post, http_stats=http_stats)
+            results = list(self._pool.map(post, chunks, range(len(chunks))))
+        scores = SequenceScores.concat([result[0] for result in results])
+        return scores, sum(result[1] for result in results), sum(result[2] for result in results)
+
+    def _post(
+        self, chunk: ScoreRequest, index: int, http_stats: dict[str, int] | None = None
+    ) -> tuple[SequenceScores, int, int]:
+        body = encode_request(chunk)
+        response = request_with_retry(
+            self._http,
+            "POST",
+            self.urls,
+            "/v1/score",
+            policy=self.retry,
+            first_url=index % len(self.urls),
+            stats=http_stats,
+            content=body,
+            headers={"Content-Type": CONTENT_TYPE},
+        )
+        try:
+            scores, _ = decode_scores(response.content)
+        except WireError as error:
+            raise WireError(
+                f"the teacher at {response.url} sent a malformed answer: {error}"
+            ) from error
+        if not torch.equal(scores.completion_lengths_B, chunk.completion_lengths_B):
+            raise WireError(
+                f"the teacher at {response.url} answered for completion lengths "
+                f"{scores.completion_lengths_B.tolist()}, not the requested "
+                f"{chunk.completion_lengths_B.tolist()}"
+            )
+        return scores, len(body), len(response.content)
+
+
+def check_same_teacher(
+    infos: list[dict[str, Any]], urls: list[str], *, expected_model: str | None
+) -> None:
+    """Raise ConfigError unless every server serves `expected_model` (when given) with one
+    tokenizer: scores from different teachers must not be mixed in one run."""
+    first = infos[0]
+    if expected_model and str(first["model"]) != expected_model:
+        raise ConfigError(
+            f"the teacher server at {urls[0]} serves {first['model']!r}, but "
+            f"teacher_model_name_or_path is {expected_model!r}: point teacher_urls at the right "
+            "server, or set teacher_model_name_or_path to the served model."
+        )
+    for url, info in zip(urls[1:], infos[1:], strict=True):
+        for key in ("model", "tokenizer"):
+            if info.get(key) != first.get(key):
+                raise ConfigError(
+                    f"the teacher servers disagree on their {key}: {urls[0]} has "
+                    f"{first.get(key)!r}, {url} has {info.get(key)!r}. All teacher_urls must "
+                    "serve the same teacher."
+                )
+
+
+def _no_scores(top_k: int) -> SequenceScores:
+    """Scores of zero sequences (a batch whose rows are all masked sends nothing)."""
+    return SequenceScores(
+        completion_lengths_B=torch.zeros(0, dtype=torch.int64),
+        sampled_logprobs_M=torch.zeros(0),
+        topk_ids_MK=torch.zeros(0, top_k, dtype=torch.int64) if top_k else None,
+        topk_logprobs_MK=torch.zeros(0, top_k) if top_k else None,
+    )

@@ -1,0 +1,210 @@
+"""Load test of the teacher server: N concurrent clients for D seconds on loopback.
+
+    .venv/bin/python scripts/load_teacher.py                 # a server on the demo teacher
+    .venv/bin/python scripts/load_teacher.py --url http://127.0.0.1:8000 --api-key KEY
+    .venv/bin/python scripts/load_teacher.py --model PATH --clients 64 --duration 30
+
+Without `--url` it starts `opd teacher serve --model M` in a subprocess (M: `--model`, default the
+demo teacher of `opd.demo.pretrain.prepare_demo_models`, trained and cached on first use) and
+stops it at the end. Each client (an asyncio task with its own connection) sends one request at a
+time: `--sequences` sequences of random ids below the teacher's vocabulary, with context and
+completion lengths drawn uniformly from `--prompt-tokens` and `--completion-tokens`, asking for
+`--top-k`. Every answer is decoded and checked (HTTP 200, one score per completion token).
+
+Prints one table row: clients, duration, requests, requests/s, tokens/s (context + completion
+tokens scored), p50/p99 latency in ms, errors; plus the server's batching (requests per batch).
+Exits 1 if any request failed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import random
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+
+from opd.teacher.http import auth_headers
+from opd.teacher.wire import CONTENT_TYPE, decode_scores, encode_request, make_request
+
+NUM_DISTINCT_BODIES = 256  # built before the clock starts, so the clients spend no CPU on them
+
+
+@dataclass
+class LoadResult:
+    latencies_ms: list[float] = field(default_factory=list)
+    tokens: int = 0
+    errors: list[str] = field(default_factory=list)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--url", help="a running server; default: start one on --model")
+    parser.add_argument("--model", help="model for the started server (default: demo teacher)")
+    parser.add_argument("--api-key", help="bearer token (default: $OPD_TEACHER_API_KEY)")
+    parser.add_argument("--clients", type=int, default=32)
+    parser.add_argument("--duration", type=float, default=60.0, help="seconds")
+    parser.add_argument("--sequences", type=int, default=8, help="sequences per request")
+    parser.add_argument("--top-k", type=int, default=16)
+    parser.add_argument("--prompt-tokens", default="16:128", help="min:max context length")
+    parser.add_argument("--completion-tokens", default="16:256", help="min:max completion length")
+    parser.add_argument("--seed", type=int, default=0)
+    return parser.parse_args(argv)
+
+
+def token_range(text: str) -> tuple[int, int]:
+    low, high = (int(part) for part in text.split(":"))
+    assert 1 <= low <= high, f"bad length range {text!r}: want min:max with 1 <= min <= max"
+    return low, high
+
+
+def build_bodies(args: argparse.Namespace, vocab_size: int) -> list[tuple[bytes, int, int]]:
+    """Request bodies with their token count and completion-token count."""
+    rng = random.Random(args.seed)
+    prompt_range, completion_range = (
+        token_range(args.prompt_tokens),
+        token_range(args.completion_tokens),
+    )
+
+    def ids(length_range: tuple[int, int]) -> list[int]:
+        return [rng.randrange(vocab_size) for _ in range(rng.randint(*length_range))]
+
+    bodies = []
+    for _ in range(NUM_DISTINCT_BODIES):
+        contexts = [ids(prompt_range) for _ in range(args.sequences)]
+        completions = [ids(completion_range) for _ in range(args.sequences)]
+        request = make_request(contexts, completions, top_k=args.top_k)
+        bodies.append(
+            (encode_request(request), request.num_tokens, request.completion_ids_M.numel())
+        )
+    return bodies
+
+
+async def run_client(
+    client: httpx.AsyncClient, url: str, bodies, first: int, deadline: float, result: LoadResult
+) -> None:
+    index = first
+    while time.monotonic() < deadline:
+        body, num_tokens, num_completion_tokens = bodies[index % len(bodies)]
+        index += 1
+        start = time.perf_counter()
+        try:
+            response = await client.post(f"{url}/v1/score", content=body)
+            if response.status_code != 200:
+                raise RuntimeError(f"HTTP {response.status_code}: {response.text[:200]}")
+            scores, _ = decode_scores(response.content)
+            assert scores.sampled_logprobs_M.numel() == num_completion_tokens, "wrong token count"
+        except Exception as error:  # count every failure; the run goes on
+            result.errors.append(f"{type(error).__name__}: {error}")
+            continue
+        result.latencies_ms.append(1000 * (time.perf_counter() - start))
+        result.tokens += num_tokens
+
+
+async def run_load(args: argparse.Namespace, url: str, bodies) -> tuple[LoadResult, float]:
+    result = LoadResult()
+    headers = {**auth_headers(args.api_key), "Content-Type": CONTENT_TYPE}
+    limits = httpx.Limits(max_connections=args.clients, max_keepalive_connections=args.clients)
+    async with httpx.AsyncClient(headers=headers, timeout=600, limits=limits) as client:
+        start = time.monotonic()
+        deadline = start + args.duration
+        await asyncio.gather(
+            *(run_client(client, url, bodies, i * 7, deadline, result) for i in range(args.clients))
+        )
+        return result, time.monotonic() - start
+
+
+def percentile(values: list[float], fraction: float) -> float:
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(fraction * len(ordered)))]
+
+
+def print_table(args, result: LoadResult, elapsed_s: float, batching: str) -> None:
+    requests = len(result.latencies_ms)
+    header = f"{'clients':>7} {'duration_s':>10} {'requests':>8} {'requests/s':>10} "
+    header += f"{'tokens/s':>9} {'p50_ms':>7} {'p99_ms':>7} {'errors':>6}"
+    row = f"{args.clients:>7} {elapsed_s:>10.1f} {requests:>8} {requests / elapsed_s:>10.2f} "
+    row += f"{result.tokens / elapsed_s:>9.0f} {percentile(result.latencies_ms, 0.5):>7.0f} "
+    row += f"{percentile(result.latencies_ms, 0.99):>7.0f} {len(result.errors):>6}"
+    print(header)
+    print(row)
+    print(batching)
+    for error in result.errors[:5]:
+        print(f"error: {error}")
+
+
+def start_server(model: str, top_k: int, log_path: Path) -> tuple[subprocess.Popen, str]:
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    command = [
+        sys.executable, "-m", "opd.cli", "teacher", "serve", "--model", model,
+        "--port", str(port), "--max_top_k", str(max(top_k, 128)), "--log_level", "warning",
+    ]  # fmt: skip
+    with open(log_path, "w") as log:
+        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise SystemExit(f"the server exited:\n{log_path.read_text()[-3000:]}")
+        try:
+            if httpx.get(f"{url}/health", timeout=1).status_code == 200:
+                return process, url
+        except httpx.TransportError:
+            pass
+        time.sleep(0.5)
+    process.terminate()
+    raise SystemExit(f"the server did not start in 300 s:\n{log_path.read_text()[-3000:]}")
+
+
+def server_info(url: str, api_key: str | None) -> dict:
+    response = httpx.get(f"{url}/info", headers=auth_headers(api_key), timeout=30)
+    response.raise_for_status()
+    return response.json()
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    process = None
+    url = args.url
+    if url is None:
+        model = args.model
+        if model is None:
+            from opd.demo.pretrain import prepare_demo_models
+
+            model = str(prepare_demo_models()[0])
+        log_path = Path(tempfile.mkdtemp(prefix="opd-load-")) / "server.log"
+        process, url = start_server(model, args.top_k, log_path)
+        print(f"started opd teacher serve on {model} at {url} (log: {log_path})")
+    try:
+        before = server_info(url, args.api_key)
+        bodies = build_bodies(args, int(before["vocab_size"]))
+        print(f"model {before['model']} ({before['backend']}), {args.sequences} sequences/request")
+        result, elapsed_s = asyncio.run(run_load(args, url, bodies))
+        after = server_info(url, args.api_key)
+    finally:
+        if process is not None:
+            process.terminate()
+            process.wait(timeout=30)
+    requests = after["stats"]["requests"] - before["stats"]["requests"]
+    batches = after["stats"]["batches"] - before["stats"]["batches"]
+    batching = (
+        f"server: {requests} requests in {batches} batches ({requests / max(batches, 1):.1f}/batch)"
+    )
+    print_table(args, result, elapsed_s, batching)
+    return 1 if result.errors else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

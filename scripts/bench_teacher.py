@@ -1,0 +1,370 @@
+"""Teacher costs in one run: server round trip vs in-process forward, wire bytes, offline vs online.
+
+    python scripts/bench_teacher.py                     # all three sections (CPU: ~10 minutes)
+    python scripts/bench_teacher.py --only server,wire  # skip the training-step section
+
+1. **Server overhead.** The same batch (`--sequences` x (`--prompt-tokens` + `--completion-tokens`),
+   top-k `--top-k`) scored by `LocalTeacher` in this process and by `ServerTeacher` against
+   `opd teacher serve` (a subprocess on loopback, same model, same threads). Median of
+   `--repeats`. The model is a Qwen2-shaped random model with a 32k vocabulary (`--hidden`,
+   `--layers`), big enough that a forward costs what a small real teacher's does.
+2. **Wire bytes.** That batch's request and response in opd's binary format (safetensors) vs the
+   same numbers as JSON lists, the usual alternative (e.g. TRL's vllm_serve answers).
+3. **Offline vs online step.** The demo pair on the demo task: one `OPDTrainer` step online
+   (vLLM rollouts on CPU + an in-process teacher + update) vs offline (Lightning OPD: rollouts
+   and teacher scores read from shards written by `opd rollout` + `opd teacher precompute`,
+   lp_old recomputed, update). Median step time over `--steps` steps after one warm-up step,
+   plus the one-time cost of the rollout and precompute jobs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
+
+import torch
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--only", default="server,wire,offline")
+    parser.add_argument("--sequences", type=int, default=16)
+    parser.add_argument("--prompt-tokens", type=int, default=128)
+    parser.add_argument("--completion-tokens", type=int, default=384)
+    parser.add_argument("--top-k", type=int, default=20)
+    parser.add_argument("--hidden", type=int, default=512)
+    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--vocab", type=int, default=32000)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--steps", type=int, default=4, help="timed training steps per mode")
+    parser.add_argument("--prompts", type=int, default=64, help="prompts per training step")
+    return parser.parse_args()
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def bench_model(args, folder: Path) -> Path:
+    """A random Qwen2-shaped teacher with a `--vocab` vocabulary (char tokenizer for /info)."""
+    from opd.demo.tiny import build_char_tokenizer, build_tiny_model
+
+    model = build_tiny_model(
+        args.vocab,
+        hidden_size=args.hidden,
+        num_layers=args.layers,
+        num_heads=args.hidden // 64,
+        intermediate_size=args.hidden * 3,
+        max_positions=args.prompt_tokens + args.completion_tokens + 8,
+    )
+    model.save_pretrained(folder)
+    build_char_tokenizer().save_pretrained(folder)
+    return folder
+
+
+def bench_batch(args):
+    from opd.types import RolloutBatch
+
+    generator = torch.Generator().manual_seed(0)
+    shape = (args.sequences, args.completion_tokens)
+    return RolloutBatch(
+        prompt_ids=torch.randint(
+            3, args.vocab, (args.sequences, args.prompt_tokens), generator=generator
+        ).tolist(),
+        completion_ids_BT=torch.randint(3, args.vocab, shape, generator=generator),
+        completion_mask_BT=torch.ones(shape, dtype=torch.long),
+    )
+
+
+def start_server(model: Path, port: int, batch_size: int) -> subprocess.Popen:
+    import httpx
+
+    command = [
+        sys.executable,
+        "-m",
+        "opd.cli",
+        "teacher",
+        "serve",
+        "--model",
+        str(model),
+        "--port",
+        str(port),
+        "--batch_size",
+        str(batch_size),
+        "--log_level",
+        "warning",
+    ]
+    server = subprocess.Popen(command)
+    for _ in range(1200):
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
+                return server
+        except httpx.TransportError:
+            time.sleep(0.1)
+    server.kill()
+    raise RuntimeError("the teacher server did not start")
+
+
+def median_time(function, repeats: int) -> tuple[float, object]:
+    result = function()  # warm-up
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        result = function()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times), result
+
+
+def bench_server(args, folder: Path) -> list[tuple[str, str, str]]:
+    from opd.teacher.client import ServerTeacher
+    from opd.teacher.local import LocalTeacher
+
+    model_path = bench_model(args, folder / "teacher")
+    batch = bench_batch(args)
+    local = LocalTeacher.from_pretrained(str(model_path), batch_size=args.sequences)
+    local_s, local_scores = median_time(lambda: local.score(batch, top_k=args.top_k), args.repeats)
+    local.model = None  # free the in-process copy before the server loads its own
+    port = free_port()
+    server = start_server(model_path, port, args.sequences)
+    try:
+        client = ServerTeacher([f"http://127.0.0.1:{port}"], batch_size=args.sequences)
+        server_s, server_scores = median_time(
+            lambda: client.score(batch, top_k=args.top_k), args.repeats
+        )
+        client.close()
+    finally:
+        server.kill()
+    max_error = (server_scores.sampled_logprobs_BT - local_scores.sampled_logprobs_BT).abs().max()
+    tokens = args.sequences * (args.prompt_tokens + args.completion_tokens)
+    return [
+        ("in-process forward (LocalTeacher)", f"{local_s * 1e3:.0f} ms", f"{tokens} tokens"),
+        (
+            "server round trip (ServerTeacher)",
+            f"{server_s * 1e3:.0f} ms",
+            f"overhead {100 * (server_s / local_s - 1):+.1f}% (target <= 5%)",
+        ),
+        ("max |server - local| logprob", f"{float(max_error):.1e}", "same model, fp32"),
+    ]
+
+
+def bench_wire(args) -> list[tuple[str, str, str]]:
+    from opd.teacher.wire import (
+        SequenceScores,
+        encode_request,
+        encode_scores,
+        request_from_batch,
+    )
+
+    batch = bench_batch(args)
+    request, _ = request_from_batch(batch, top_k=args.top_k)
+    tokens = int(request.completion_lengths_B.sum())
+    generator = torch.Generator().manual_seed(1)
+    scores = SequenceScores(
+        completion_lengths_B=request.completion_lengths_B,
+        sampled_logprobs_M=-torch.rand(tokens, generator=generator) * 10,
+        topk_ids_MK=torch.randint(0, args.vocab, (tokens, args.top_k), generator=generator),
+        topk_logprobs_MK=-torch.rand(tokens, args.top_k, generator=generator).sort(1).values * 10,
+    )
+    binary_request, binary_response = len(encode_request(request)), len(encode_scores(scores))
+    json_request = len(
+        json.dumps(
+            {
+                "contexts": request.contexts(),
+                "completions": request.completions(),
+                "top_k": args.top_k,
+            }
+        )
+    )
+    json_response = len(json.dumps(json_scores(scores)))
+    return [
+        (
+            "request: binary vs JSON",
+            f"{binary_request:,} B vs {json_request:,} B",
+            f"{json_request / binary_request:.1f}x smaller",
+        ),
+        (
+            "response: binary vs JSON",
+            f"{binary_response:,} B vs {json_response:,} B",
+            f"{json_response / binary_response:.1f}x smaller (target >= 10x)",
+        ),
+    ]
+
+
+def json_scores(scores) -> list[dict]:
+    """The same scores the way a JSON API sends them: per sequence, per token, lists of floats."""
+    out, offset = [], 0
+    for length in scores.completion_lengths_B.tolist():
+        rows = slice(offset, offset + length)
+        out.append(
+            {
+                "logprobs": scores.sampled_logprobs_M[rows].tolist(),
+                "top_logprobs": [
+                    dict(zip(map(str, ids), values, strict=True))
+                    for ids, values in zip(
+                        scores.topk_ids_MK[rows].tolist(),
+                        scores.topk_logprobs_MK[rows].tolist(),
+                        strict=True,
+                    )
+                ],
+            }
+        )
+        offset += length
+    return out
+
+
+def run_opd(*argv: str) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "opd.cli", *argv], capture_output=True, text=True
+    )
+    if result.returncode:
+        raise RuntimeError(f"opd {' '.join(argv[:2])} failed:\n{result.stderr[-3000:]}")
+
+
+def bench_offline(args, folder: Path) -> list[tuple[str, str, str]]:
+    from opd.demo.pretrain import demo_splits, prepare_demo_models
+
+    teacher, student = prepare_demo_models()
+    prompts = folder / "prompts.jsonl"
+    train = demo_splits()[0].select(range(args.prompts * (args.steps + 1)))
+    train.to_json(prompts)
+    generations = 4
+    rollouts, scores = folder / "rollouts", folder / "scores"
+    start = time.perf_counter()
+    run_opd(
+        "rollout",
+        "--model_name_or_path",
+        str(student),
+        "--dataset_name",
+        str(prompts),
+        "--output_dir",
+        str(rollouts),
+        "--num_generations",
+        str(generations),
+        "--max_completion_length",
+        "4",
+        "--vllm_max_model_length",
+        "32",
+    )
+    rollout_s = time.perf_counter() - start
+    start = time.perf_counter()
+    run_opd(
+        "teacher",
+        "precompute",
+        "--rollouts",
+        str(rollouts),
+        "--output_dir",
+        str(scores),
+        "--teacher_mode",
+        "local",
+        "--teacher_model_name_or_path",
+        str(teacher),
+        "--teacher_batch_size",
+        "512",
+    )
+    precompute_s = time.perf_counter() - start
+    common = [
+        "--model_name_or_path",
+        str(student),
+        "--max_steps",
+        str(args.steps + 1),
+        "--per_device_train_batch_size",
+        str(args.prompts * generations),
+        "--num_generations",
+        str(generations),
+        "--max_completion_length",
+        "4",
+        "--vllm_max_model_length",
+        "32",
+        "--logging_steps",
+        "1",
+        "--save_strategy",
+        "no",
+        "--report_to",
+        "none",
+        "--eval_before_after",
+        "false",
+        "--teacher_batch_size",
+        "512",
+        "--reward_funcs",
+        "[]",
+    ]
+    online = step_seconds(
+        folder / "online",
+        [
+            *common,
+            "--teacher_mode",
+            "local",
+            "--teacher_model_name_or_path",
+            str(teacher),
+            "--dataset_name",
+            str(prompts),
+            "--use_vllm",
+            "true",
+        ],
+    )
+    offline = step_seconds(
+        folder / "offline", [*common, "--teacher_mode", "offline", "--teacher_shards", str(scores)]
+    )
+    return [
+        (
+            "online step (vLLM rollout + teacher + update)",
+            f"{online * 1e3:.0f} ms",
+            f"{args.prompts} prompts x {generations}",
+        ),
+        (
+            "offline step (shards + lp_old + update)",
+            f"{offline * 1e3:.0f} ms",
+            f"{online / offline:.1f}x faster per step",
+        ),
+        (
+            "one-time: opd rollout + opd teacher precompute",
+            f"{rollout_s:.0f} s + {precompute_s:.0f} s",
+            "CLI wall time, incl. start-up",
+        ),
+    ]
+
+
+def step_seconds(output_dir: Path, argv: list[str]) -> float:
+    """Median seconds per optimizer step after the first, from TRL's per-step `step_time`."""
+    run_opd("distill", *argv, "--output_dir", str(output_dir))
+    history = json.loads((output_dir / "opd_results.json").read_text())["log_history"]
+    times = [entry["step_time"] for entry in history if "step_time" in entry][1:]
+    return statistics.median(times)
+
+
+def print_table(rows: list[tuple[str, str, str]]) -> None:
+    widths = [max(len(row[i]) for row in rows) for i in range(3)]
+    for row in rows:
+        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)))
+
+
+def main() -> None:
+    args = parse_args()
+    sections = set(args.only.split(","))
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
+    rows: list[tuple[str, str, str]] = [("measurement", "value", "note")]
+    with tempfile.TemporaryDirectory() as folder:
+        if "server" in sections:
+            rows += bench_server(args, Path(folder))
+        if "wire" in sections:
+            rows += bench_wire(args)
+        if "offline" in sections:
+            rows += bench_offline(args, Path(folder))
+    print_table(rows)
+
+
+if __name__ == "__main__":
+    main()

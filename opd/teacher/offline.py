@@ -1,0 +1,250 @@
+"""`OfflineTeacher`: the `TeacherScorer` of offline OPD, reading shards of `opd teacher precompute`.
+
+No teacher runs during training (Lightning OPD, METHODS.md section 6). The shards hold the fixed
+rollouts and the teacher's scores of them; the trainer iterates over the stored rollouts:
+
+    teacher = OfflineTeacher(scores_dir, expected_model="Qwen/Qwen3-8B", top_k=16)
+    teacher.check_student_tokenizer(student_tokenizer)
+    for rows in teacher.grouped_rows():               # one prompt's samples, in sample order
+        batch, scores = teacher.batch_for_rows(rows)  # right-padded, stored sampler logprobs
+
+`score(batch, top_k)` also works as for any teacher: it looks each row up by (teacher context
+ids, completion ids up to the last unmasked token) and fails, naming the row, when it is not in
+the shards. The set must be complete and made with the expected teacher, at least the asked
+top-k and the same temperature; anything else is refused with a `ConfigError` naming the field.
+
+Test: `pytest tests/integration/test_rollout_precompute.py -k offline`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import torch
+
+from opd.config import ConfigError
+from opd.teacher.consistency import compare_fingerprints, tokenizer_fingerprint
+from opd.teacher.shard_rows import list_lengths, rollout_batch_from_table, teacher_scores_from_table
+from opd.teacher.shards import load_shard_set
+from opd.types import RolloutBatch, TeacherScores
+
+PRECOMPUTE = "opd teacher precompute"
+
+
+class OfflineTeacher:
+    """Teacher scores precomputed into a complete teacher-score shard set."""
+
+    def __init__(
+        self,
+        shards_dir: str | Path,
+        *,
+        expected_model: str | None = None,
+        top_k: int = 0,
+        temperature: float = 1.0,
+    ):
+        self.shards_dir = Path(shards_dir)
+        self.manifest, self._dataset = load_shard_set(
+            self.shards_dir, kind="teacher_scores", rerun_hint=PRECOMPUTE
+        )
+        recorded = self.manifest["teacher"]
+        self.teacher_id: str = recorded["model"]
+        self.temperature = float(recorded["temperature"])
+        self.stored_top_k = int(recorded["top_k"])
+        check_recorded_teacher(self.shards_dir, recorded, expected_model, top_k, temperature)
+        self._table: pa.Table = self._dataset.with_format("arrow")[:]
+        self._row_by_key: dict[bytes, int] | None = None
+
+    def check_student_tokenizer(self, student_tokenizer) -> None:
+        """The student must share the teacher's tokenizer and that of the student that sampled
+        the rollouts (their ids are the training data), as far as the manifest records them."""
+        student_print = tokenizer_fingerprint(student_tokenizer)
+        source = f"shard manifest {self.shards_dir / 'manifest.json'}"
+        recorded = self.manifest["teacher"].get("tokenizer")
+        if recorded is not None:
+            compare_fingerprints(
+                student_print, recorded, teacher_name=self.teacher_id, source=source
+            )
+        sampler = self.manifest["rollouts"].get("student_tokenizer")
+        if sampler is not None:
+            compare_fingerprints(
+                student_print,
+                sampler,
+                teacher_name=self.teacher_id,
+                source=f"{source}, tokenizer of the student that sampled the rollouts",
+            )
+
+    # --------------------------------------------------------------------------------------------
+    # What the trainer iterates over
+    # --------------------------------------------------------------------------------------------
+
+    def dataset(self):
+        """The rows as a `datasets.Dataset` (rollout, pass-through and teacher columns)."""
+        return self._dataset
+
+    def __len__(self) -> int:
+        return self._table.num_rows
+
+    def grouped_rows(self) -> list[list[int]]:
+        """Row indices per prompt_index (ascending), each group in sample_index order."""
+        prompt_B = self._table["prompt_index"].to_numpy()
+        sample_B = self._table["sample_index"].to_numpy()
+        order = np.lexsort((sample_B, prompt_B))
+        boundaries = np.flatnonzero(np.diff(prompt_B[order])) + 1
+        return [group.tolist() for group in np.split(order, boundaries)]
+
+    def rows_for_prompt_index(self, prompt_index: int) -> list[int]:
+        prompt_B = self._table["prompt_index"].to_numpy()
+        rows = np.flatnonzero(prompt_B == prompt_index)
+        sample_B = self._table["sample_index"].to_numpy()[rows]
+        return rows[np.argsort(sample_B, kind="stable")].tolist()
+
+    def batch_for_rows(
+        self, rows: list[int], top_k: int | None = None
+    ) -> tuple[RolloutBatch, TeacherScores]:
+        """Stored rollouts (right-padded, with the sampler's logprobs) and their teacher scores.
+
+        `top_k` defaults to the stored K and may be smaller (the first `top_k` of each list).
+        """
+        top_k = self.stored_top_k if top_k is None else self._check_top_k(top_k)
+        table = self._table.take(pa.array(rows, pa.int64()))
+        scores = teacher_scores_from_table(
+            table, top_k=top_k, teacher_id=self.teacher_id, temperature=self.temperature
+        )
+        return rollout_batch_from_table(table), scores
+
+    # --------------------------------------------------------------------------------------------
+    # TeacherScorer
+    # --------------------------------------------------------------------------------------------
+
+    def score(self, batch: RolloutBatch, top_k: int = 0) -> TeacherScores:
+        start = time.perf_counter()
+        self._check_top_k(top_k)
+        mask_BT = batch.completion_mask_BT.bool().cpu()
+        num_rows, num_tokens = mask_BT.shape
+        positions_T = torch.arange(1, num_tokens + 1)
+        lengths_B = (mask_BT * positions_T).amax(dim=1).tolist() if num_tokens else [0] * num_rows
+        completion_ids_BT = batch.completion_ids_BT.cpu()
+        scored = [row for row in range(num_rows) if lengths_B[row] > 0]
+        stored_rows = [
+            self._find(
+                batch.teacher_context_ids[row], completion_ids_BT[row, : lengths_B[row]], row
+            )
+            for row in scored
+        ]
+        stored = teacher_scores_from_table(
+            self._table.take(pa.array(stored_rows, pa.int64())),
+            top_k=top_k,
+            teacher_id=self.teacher_id,
+            temperature=self.temperature,
+        )
+        return scatter_scores(stored, mask_BT, scored, top_k, time.perf_counter() - start)
+
+    def _check_top_k(self, top_k: int) -> int:
+        if top_k > self.stored_top_k:
+            raise ConfigError(
+                f"teacher_top_k={top_k} but {self.shards_dir} stores the teacher's top "
+                f"{self.stored_top_k}; lower teacher_top_k or rerun `{PRECOMPUTE}` with "
+                f"--teacher_top_k {top_k} into a new output_dir."
+            )
+        return top_k
+
+    def _find(self, context: list[int], completion_T: torch.Tensor, row: int) -> int:
+        if self._row_by_key is None:
+            self._row_by_key = self._build_index()
+        key = row_key(np.asarray(context, np.int32), completion_T.numpy().astype(np.int32))
+        stored = self._row_by_key.get(key)
+        if stored is None:
+            raise ConfigError(
+                f"row {row} of the batch ({len(context)} context tokens, {len(completion_T)} "
+                f"completion tokens) is not in the teacher shards at {self.shards_dir}. Offline "
+                "OPD trains on the rollouts stored there (OfflineTeacher.grouped_rows / "
+                f"batch_for_rows); to score other rollouts, run `{PRECOMPUTE}` on them."
+            )
+        return stored
+
+    def _build_index(self) -> dict[bytes, int]:
+        """key(teacher context, completion) -> first row holding it. Identical samples (same
+        context and completion) have identical teacher scores, so any of them will do."""
+        contexts = _ragged_numpy(self._table["teacher_prompt_ids"])
+        completions = _ragged_numpy(self._table["completion_ids"])
+        index: dict[bytes, int] = {}
+        for row, (context, completion) in enumerate(zip(contexts, completions, strict=True)):
+            index.setdefault(row_key(context, completion), row)
+        return index
+
+
+def row_key(context: np.ndarray, completion: np.ndarray) -> bytes:
+    """Hash of the int32 context and completion ids (the lengths keep the split unambiguous)."""
+    digest = hashlib.blake2b(digest_size=16)
+    digest.update(np.asarray([len(context), len(completion)], np.int64).tobytes())
+    digest.update(context.tobytes())
+    digest.update(completion.tobytes())
+    return digest.digest()
+
+
+def _ragged_numpy(column: pa.ChunkedArray) -> list[np.ndarray]:
+    lengths = list_lengths(column)
+    values = column.combine_chunks().flatten().to_numpy(zero_copy_only=False).astype(np.int32)
+    return np.split(values, np.cumsum(lengths)[:-1])
+
+
+def scatter_scores(
+    stored: TeacherScores, mask_BT: torch.Tensor, rows: list[int], top_k: int, latency_s: float
+) -> TeacherScores:
+    """Stored scores (one per scored batch row, padded like the batch: 0 / -inf) placed in the
+    batch's `[B, T]` layout. A stored row is never longer than its batch row."""
+    num_rows, num_tokens = mask_BT.shape
+    rows_R = torch.tensor(rows, dtype=torch.int64)
+    width = stored.sampled_logprobs_BT.shape[1]
+    sampled_BT = torch.zeros(num_rows, num_tokens, dtype=torch.float32)
+    sampled_BT[rows_R, :width] = stored.sampled_logprobs_BT
+    topk = {}
+    if stored.topk_ids_BTK is not None and stored.topk_logprobs_BTK is not None:
+        topk_ids_BTK = torch.zeros(num_rows, num_tokens, top_k, dtype=torch.int64)
+        topk_logprobs_BTK = torch.full((num_rows, num_tokens, top_k), -torch.inf)
+        topk_ids_BTK[rows_R, :width] = stored.topk_ids_BTK
+        topk_logprobs_BTK[rows_R, :width] = stored.topk_logprobs_BTK
+        topk = {"topk_ids_BTK": topk_ids_BTK, "topk_logprobs_BTK": topk_logprobs_BTK}
+    return TeacherScores(
+        sampled_logprobs_BT=sampled_BT,
+        completion_mask_BT=mask_BT.long(),
+        teacher_id=stored.teacher_id,
+        temperature=stored.temperature,
+        metrics={"teacher/latency_s": latency_s},
+        **topk,
+    )
+
+
+def check_recorded_teacher(
+    folder: Path, recorded: dict[str, Any], expected_model, top_k: int, temperature: float
+) -> None:
+    """Refuse shards that another teacher, a smaller top-k or another temperature produced."""
+    where = f"the teacher scores in {folder}"
+    if expected_model is not None and not same_model(expected_model, recorded["model"]):
+        raise ConfigError(
+            f"teacher_model_name_or_path={expected_model!r} but {where} come from "
+            f"{recorded['model']!r}; point teacher_shards at that teacher's scores or rerun "
+            f"`{PRECOMPUTE}` with this teacher."
+        )
+    if top_k > int(recorded["top_k"]):
+        raise ConfigError(
+            f"teacher_top_k={top_k} but {where} hold the top {recorded['top_k']}; lower "
+            f"teacher_top_k or rerun `{PRECOMPUTE}` with --teacher_top_k {top_k}."
+        )
+    if not np.isclose(float(recorded["temperature"]), float(temperature), rtol=0, atol=1e-9):
+        raise ConfigError(
+            f"teacher_temperature={temperature} but {where} were computed at temperature "
+            f"{recorded['temperature']}; use that temperature or rerun `{PRECOMPUTE}`."
+        )
+
+
+def same_model(expected: str, recorded: str) -> bool:
+    """Equal names, or two spellings of the same local folder."""
+    if expected == recorded:
+        return True
+    return Path(expected).exists() and Path(expected).resolve() == Path(recorded).resolve()

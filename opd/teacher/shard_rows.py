@@ -1,0 +1,134 @@
+"""Shard rows <-> the stage types: arrow tables of ragged lists to `RolloutBatch` /
+`TeacherScores` (right-padded `[B, T]`) and back.
+
+The column layout is described in `opd/teacher/shards.py`. Conversions go through numpy on the
+flat arrow buffers, never through Python lists of floats, so a shard of long completions with
+top-k scores converts in milliseconds.
+
+Test: `pytest tests/unit/test_shards.py`.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+import torch
+
+from opd.types import RolloutBatch, TeacherScores
+
+
+def _as_array(column: pa.ChunkedArray | pa.Array) -> pa.Array:
+    return column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
+
+
+def list_lengths(column: pa.ChunkedArray | pa.Array) -> np.ndarray:
+    """int64 [B] length of each list (0 for a null list)."""
+    lengths = _as_array(column).value_lengths().fill_null(0)
+    return np.asarray(lengths.to_numpy(zero_copy_only=False), dtype=np.int64)
+
+
+def _flat_values(column: pa.ChunkedArray | pa.Array) -> np.ndarray:
+    return _as_array(column).flatten().to_numpy(zero_copy_only=False)
+
+
+def _padded(values: np.ndarray, lengths_B: np.ndarray, fill, dtype) -> torch.Tensor:
+    """Ragged values (concatenated rows) to a right-padded `[B, T, ...]` tensor."""
+    width = int(lengths_B.max()) if len(lengths_B) else 0
+    inner_shape = values.shape[1:]
+    out = np.full((len(lengths_B), width, *inner_shape), fill, dtype=dtype)
+    # A boolean mask in row-major order visits positions in the order the values are concatenated.
+    out[np.arange(width)[None, :] < lengths_B[:, None]] = values
+    return torch.from_numpy(out)
+
+
+def ragged_ids(column: pa.ChunkedArray | pa.Array) -> list[list[int]]:
+    return column.to_pylist()
+
+
+def rollout_batch_from_table(table: pa.Table) -> RolloutBatch:
+    """The rows of a rollout (or teacher-score) table as a right-padded `RolloutBatch`.
+
+    Every stored completion token is unmasked. `sampler_logprobs_BT` is None when a row has no
+    sampler logprobs (rollouts made outside `opd rollout`); `teacher_prompt_ids` is None when it
+    equals `prompt_ids` on every row.
+    """
+    lengths_B = list_lengths(table["completion_ids"])
+    completion_ids_BT = _padded(_flat_values(table["completion_ids"]), lengths_B, 0, np.int64)
+    width = completion_ids_BT.shape[1]
+    mask_BT = torch.from_numpy(np.arange(width)[None, :] < lengths_B[:, None]).long()
+    sampler = table["sampler_logprobs"]
+    has_sampler = sampler.null_count == 0 and np.array_equal(list_lengths(sampler), lengths_B)
+    prompt_ids = ragged_ids(table["prompt_ids"])
+    teacher_prompt_ids = ragged_ids(table["teacher_prompt_ids"])
+    return RolloutBatch(
+        prompt_ids=prompt_ids,
+        completion_ids_BT=completion_ids_BT,
+        completion_mask_BT=mask_BT,
+        sampler_logprobs_BT=(
+            _padded(_flat_values(sampler), lengths_B, 0.0, np.float32) if has_sampler else None
+        ),
+        stop_reason_B=table["stop_reason"].to_pylist(),
+        teacher_prompt_ids=None if teacher_prompt_ids == prompt_ids else teacher_prompt_ids,
+    )
+
+
+def teacher_scores_from_table(
+    table: pa.Table, *, top_k: int, teacher_id: str, temperature: float
+) -> TeacherScores:
+    """The stored teacher scores of a teacher-score table, `[B, T]` like its `RolloutBatch`.
+
+    `top_k` may be smaller than the stored K: the stored lists are sorted descending, so their
+    first `top_k` entries are the top `top_k`.
+    """
+    lengths_B = list_lengths(table["completion_ids"])
+    sampled_BT = _padded(_flat_values(table["teacher_logprobs"]), lengths_B, 0.0, np.float32)
+    mask_BT = torch.arange(sampled_BT.shape[1])[None, :] < torch.from_numpy(lengths_B)[:, None]
+    topk = {}
+    if top_k:
+        for name, key, fill, dtype in (
+            ("teacher_topk_ids", "topk_ids_BTK", 0, np.int64),
+            ("teacher_topk_logprobs", "topk_logprobs_BTK", -np.inf, np.float32),
+        ):
+            per_token = _flat_values(table[name].combine_chunks().flatten())
+            num_tokens = int(lengths_B.sum())
+            stored_k = len(per_token) // num_tokens if num_tokens else top_k
+            values_MK = per_token.reshape(num_tokens, stored_k)[:, :top_k]
+            topk[key] = _padded(values_MK, lengths_B, fill, dtype)
+    return TeacherScores(
+        sampled_logprobs_BT=sampled_BT,
+        completion_mask_BT=mask_BT.long(),
+        teacher_id=teacher_id,
+        temperature=temperature,
+        **topk,
+    )
+
+
+def _list_array(values: np.ndarray, lengths_B: np.ndarray, value_type: pa.DataType) -> pa.Array:
+    offsets = np.concatenate([[0], np.cumsum(lengths_B)]).astype(np.int32)
+    return pa.ListArray.from_arrays(pa.array(offsets), pa.array(values, type=value_type))
+
+
+def teacher_columns(
+    scores: TeacherScores, lengths_B: np.ndarray, top_k: int
+) -> dict[str, pa.Array]:
+    """The teacher-score columns for rows whose completions have `lengths_B` tokens.
+
+    Takes the first `lengths_B[b]` positions of each row (the whole stored completion).
+    """
+    width = scores.sampled_logprobs_BT.shape[1]
+    keep_BT = torch.from_numpy(np.arange(width)[None, :] < lengths_B[:, None])
+    sampled_M = scores.sampled_logprobs_BT.cpu()[keep_BT].numpy().astype(np.float32)
+    columns = {"teacher_logprobs": _list_array(sampled_M, lengths_B, pa.float32())}
+    if top_k:
+        num_tokens = int(lengths_B.sum())
+        per_token = np.full(num_tokens, top_k, dtype=np.int64)
+        assert scores.topk_ids_BTK is not None and scores.topk_logprobs_BTK is not None
+        for name, tensor, value_type in (
+            ("teacher_topk_ids", scores.topk_ids_BTK, pa.int32()),
+            ("teacher_topk_logprobs", scores.topk_logprobs_BTK, pa.float32()),
+        ):
+            flat = tensor.cpu()[keep_BT][:, :top_k].reshape(-1).numpy()
+            inner = _list_array(flat, per_token, value_type)
+            offsets = np.concatenate([[0], np.cumsum(lengths_B)]).astype(np.int32)
+            columns[name] = pa.ListArray.from_arrays(pa.array(offsets), inner)
+    return columns

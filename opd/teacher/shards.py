@@ -1,0 +1,306 @@
+"""Shard sets on disk: the rollouts of `opd rollout` and the teacher scores of `opd teacher
+precompute`, as parquet files plus a JSON manifest.
+
+A shard set is a folder:
+
+    manifest.json          what the set is (kind, producer, settings) and which shards are done
+    shard-00000.parquet    rows [0, S); each file loads with datasets.load_dataset("parquet", ...)
+    shard-00001.parquet    rows [S, 2S); ...
+
+Rollout rows: `prompt_index`, `sample_index` (int64), `prompt_ids`, `teacher_prompt_ids`,
+`completion_ids` (list<int32>), `sampler_logprobs` (list<float32>, one per completion token),
+`stop_reason` (string), then the prompt dataset's own columns. Teacher-score rows add
+`teacher_logprobs` (list<float32>) and, when top_k > 0, `teacher_topk_ids` (list<list<int32>>)
+and `teacher_topk_logprobs` (list<list<float32>>, -inf padded): K values per completion token.
+
+Crash safety: every file is written to `<name>.tmp-<pid>` and renamed over the target
+(`os.replace` is atomic), and the manifest is rewritten after each finished shard. A killed job
+leaves complete shards and a manifest listing them (`complete: false`); the rerun verifies their
+sha256 and writes only the rest. Nothing volatile (times, hosts, pids) enters a shard or the
+manifest, so an interrupted-and-resumed set is byte-identical to an uninterrupted one.
+
+Test: `pytest tests/unit/test_shards.py`.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import os
+import threading
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from opd.config import ConfigError
+
+FORMAT = "opd-shards"
+VERSION = 1
+MANIFEST_NAME = "manifest.json"
+LOCK_NAME = ".opd-shards.lock"
+ROLLOUT_COLUMNS = (
+    "prompt_index",
+    "sample_index",
+    "prompt_ids",
+    "teacher_prompt_ids",
+    "completion_ids",
+    "sampler_logprobs",
+    "stop_reason",
+)
+TEACHER_COLUMNS = ("teacher_logprobs", "teacher_topk_ids", "teacher_topk_logprobs")
+# Plan keys that may change between a run and its resumption (the data did not change).
+RELOCATABLE_KEYS = ("rollouts.path",)
+
+
+class ShardError(ConfigError):
+    """A shard set that is missing, corrupt, incomplete or not what the caller expected."""
+
+
+def shard_name(index: int) -> str:
+    return f"shard-{index:05d}.parquet"
+
+
+def file_sha256(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        for block in iter(lambda: file.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def shard_set_fingerprint(shards: list[dict[str, Any]]) -> str:
+    """sha256 over the ordered shard hashes: equal fingerprints mean byte-identical sets."""
+    return hashlib.sha256("\n".join(entry["sha256"] for entry in shards).encode()).hexdigest()
+
+
+# ------------------------------------------------------------------------------------------------
+# Atomic writes
+# ------------------------------------------------------------------------------------------------
+
+
+def _temporary_path(path: Path) -> Path:
+    return path.with_name(f"{path.name}.tmp-{os.getpid()}")
+
+
+def _replace_durably(temporary: Path, path: Path) -> None:
+    with open(temporary, "rb") as file:
+        os.fsync(file.fileno())
+    os.replace(temporary, path)
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    """Write `data` to `path` so that a reader (or a crash) sees the old or the new file only."""
+    path = Path(path)
+    temporary = _temporary_path(path)
+    temporary.write_bytes(data)
+    _replace_durably(temporary, path)
+
+
+def write_parquet_atomic(path: str | Path, table: pa.Table) -> str:
+    """Write `table` as parquet to `path` atomically; returns the file's sha256.
+
+    Schema metadata is dropped and chunks combined so the bytes depend only on the rows.
+    """
+    path = Path(path)
+    temporary = _temporary_path(path)
+    pq.write_table(table.replace_schema_metadata(None).combine_chunks(), temporary)
+    sha256 = file_sha256(temporary)
+    _replace_durably(temporary, path)
+    return sha256
+
+
+def manifest_bytes(manifest: dict[str, Any]) -> bytes:
+    return (json.dumps(manifest, indent=2) + "\n").encode()
+
+
+# ------------------------------------------------------------------------------------------------
+# Reading and validating
+# ------------------------------------------------------------------------------------------------
+
+
+def read_manifest(folder: str | Path, *, kind: str | None = None) -> dict[str, Any]:
+    """The manifest of the shard set in `folder`, checked for format, version and kind."""
+    path = Path(folder) / MANIFEST_NAME
+    if not path.is_file():
+        raise ShardError(f"{folder} is not a shard set: it has no {MANIFEST_NAME}.")
+    try:
+        manifest = json.loads(path.read_text())
+    except json.JSONDecodeError as error:
+        raise ShardError(f"{path} is not valid JSON ({error}).") from error
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise ShardError(f"{path} is not an {FORMAT} manifest.")
+    if manifest.get("version") != VERSION:
+        raise ShardError(
+            f"{path} has format version {manifest.get('version')}; this opd reads version "
+            f"{VERSION}."
+        )
+    if kind is not None and manifest.get("kind") != kind:
+        raise ShardError(f"{folder} holds {manifest.get('kind')!r} shards, expected {kind!r}.")
+    return manifest
+
+
+def shard_problem(folder: str | Path, entry: dict[str, Any]) -> str | None:
+    """Why the manifest's shard `entry` is unusable (missing or corrupt); None if it is fine."""
+    path = Path(folder) / entry["file"]
+    if not path.is_file():
+        return f"{path} is listed in {MANIFEST_NAME} but missing"
+    sha256 = file_sha256(path)
+    if sha256 != entry["sha256"]:
+        return (
+            f"{path} is corrupt: its sha256 is {sha256[:12]}..., "
+            f"the manifest says {entry['sha256'][:12]}..."
+        )
+    return None
+
+
+def validate_shard_set(
+    folder: str | Path, manifest: dict[str, Any], *, verify_hashes: bool = True
+) -> None:
+    """Raise ShardError naming the first missing or corrupt shard file."""
+    for entry in manifest["shards"]:
+        if not verify_hashes:
+            if not (Path(folder) / entry["file"]).is_file():
+                raise ShardError(f"{Path(folder) / entry['file']} is listed but missing.")
+            continue
+        problem = shard_problem(folder, entry)
+        if problem:
+            raise ShardError(f"{problem}. Rerun the job that wrote {folder} to rewrite it.")
+
+
+def check_complete(folder: str | Path, manifest: dict[str, Any], *, rerun_hint: str) -> None:
+    done, planned = len(manifest["shards"]), manifest["num_shards"]
+    if not manifest.get("complete") or done != planned:
+        raise ShardError(
+            f"{folder}: {rerun_hint} did not finish: {done} of {planned} shards; rerun "
+            f"`{rerun_hint} ...` with the same arguments to complete it."
+        )
+
+
+def load_shard_set(folder: str | Path, *, kind: str, rerun_hint: str, verify_hashes: bool = True):
+    """A complete shard set as (manifest, `datasets.Dataset` of its rows in shard order)."""
+    from datasets import load_dataset
+
+    manifest = read_manifest(folder, kind=kind)
+    check_complete(folder, manifest, rerun_hint=rerun_hint)
+    validate_shard_set(folder, manifest, verify_hashes=verify_hashes)
+    files = [str(Path(folder) / entry["file"]) for entry in manifest["shards"]]
+    dataset = load_dataset("parquet", data_files=files, split="train")
+    if len(dataset) != manifest["num_rows"]:
+        raise ShardError(
+            f"{folder} holds {len(dataset)} rows; its manifest says {manifest['num_rows']}."
+        )
+    return manifest, dataset
+
+
+# ------------------------------------------------------------------------------------------------
+# Resumable writing
+# ------------------------------------------------------------------------------------------------
+
+
+def plan_differences(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:
+    """`key: old vs new` for every (dotted) key whose value differs, relocatable keys excepted."""
+    differences = []
+    for key in sorted(set(old) | set(new)):
+        name = f"{prefix}{key}"
+        before, after = old.get(key), new.get(key)
+        if isinstance(before, dict) and isinstance(after, dict):
+            differences += plan_differences(before, after, prefix=f"{name}.")
+        elif before != after and name not in RELOCATABLE_KEYS:
+            differences.append(f"{name}: {before!r} in the folder vs {after!r} now")
+    return differences
+
+
+class ShardSetWriter:
+    """Writes the shards of one planned set into `folder`, resuming a set a crash left behind.
+
+    `plan` is everything that defines the set (kind, producer, settings, row and shard counts);
+    the manifest is the plan plus the finished shards. A folder holding a different plan is
+    refused, so a rerun never mixes shards of two settings. Thread-safe: workers may write
+    different shards concurrently. A lock file keeps a second job out of the same folder.
+    """
+
+    def __init__(self, folder: str | Path, plan: dict[str, Any], *, rerun_hint: str):
+        self.folder = Path(folder)
+        self.plan = {"format": FORMAT, "version": VERSION, **plan}
+        self.rerun_hint = rerun_hint
+        self._shards: dict[int, dict[str, Any]] = {}
+        self._mutex = threading.Lock()
+        self._lock_file = None
+
+    def start(self) -> set[int]:
+        """Take the folder and return the indices of shards already finished (verified)."""
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self._take_lock()
+        for stale in self.folder.glob("*.tmp-*"):  # left by a killed writer
+            stale.unlink()
+        if (self.folder / MANIFEST_NAME).exists():
+            self._resume(read_manifest(self.folder))
+        else:
+            self._check_empty()
+        self._write_manifest()
+        return set(self._shards)
+
+    def _take_lock(self) -> None:
+        self._lock_file = open(self.folder / LOCK_NAME, "w")  # noqa: SIM115 (held until close)
+        try:
+            fcntl.flock(self._lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError as error:
+            raise ShardError(f"another job is writing to {self.folder}; wait for it.") from error
+
+    def _check_empty(self) -> None:
+        others = [p.name for p in self.folder.iterdir() if p.name != LOCK_NAME]
+        if others:
+            raise ShardError(
+                f"output_dir {self.folder} is not empty ({', '.join(sorted(others)[:3])} ...) "
+                f"and holds no {MANIFEST_NAME}; use a new output_dir."
+            )
+
+    def _resume(self, manifest: dict[str, Any]) -> None:
+        old_plan = {
+            k: v for k, v in manifest.items() if k not in ("shards", "fingerprint", "complete")
+        }
+        differences = plan_differences(old_plan, self.plan)
+        if differences:
+            raise ShardError(
+                f"output_dir {self.folder} already holds a shard set made with different settings ("
+                + "; ".join(differences)
+                + "). Use a new output_dir (or delete this one to start over)."
+            )
+        for entry in manifest["shards"]:
+            problem = shard_problem(self.folder, entry)
+            if problem:
+                print(f"{self.rerun_hint}: {problem}; it will be rewritten.")
+                continue
+            self._shards[int(entry["file"][len("shard-") : -len(".parquet")])] = entry
+
+    def write_shard(self, index: int, table: pa.Table) -> None:
+        """Write shard `index` atomically, then record it in the manifest."""
+        sha256 = write_parquet_atomic(self.folder / shard_name(index), table)
+        entry = {"file": shard_name(index), "num_rows": table.num_rows, "sha256": sha256}
+        with self._mutex:
+            self._shards[index] = entry
+            self._write_manifest()
+
+    @property
+    def complete(self) -> bool:
+        return len(self._shards) == self.plan["num_shards"]
+
+    def manifest(self) -> dict[str, Any]:
+        shards = [self._shards[index] for index in sorted(self._shards)]
+        return {
+            **self.plan,
+            "shards": shards,
+            "fingerprint": shard_set_fingerprint(shards),
+            "complete": self.complete,
+        }
+
+    def _write_manifest(self) -> None:
+        atomic_write_bytes(self.folder / MANIFEST_NAME, manifest_bytes(self.manifest()))
+
+    def close(self) -> None:
+        if self._lock_file is not None:
+            self._lock_file.close()
+            self._lock_file = None

@@ -74,38 +74,47 @@ class LocalTeacher:
 
     @torch.no_grad()
     def score_sequences(self, request: ScoreRequest) -> SequenceScores:
-        """Score every completion token of `request` (its own temperature and top-k)."""
+        """Score every completion token of `request` (its own temperature and top-k).
+
+        Sequences go through the model sorted by length, so each mini-batch pads little (a
+        server batch mixes short and long requests); results come back in request order.
+        """
         contexts, completions = request.contexts(), request.completions()
         top_k = min(request.top_k, self.vocab_size)
-        sampled, topk_ids, topk_logprobs = [], [], []
-        for lo in range(0, len(contexts), self.batch_size):
-            hi = min(lo + self.batch_size, len(contexts))
+        order = sorted(range(len(contexts)), key=lambda i: len(contexts[i]) + len(completions[i]))
+        per_sequence: list[tuple[torch.Tensor, ...]] = [()] * len(contexts)
+        for lo in range(0, len(order), self.batch_size):
+            chunk = order[lo : lo + self.batch_size]
             input_ids, attention_mask = _pack(
-                contexts[lo:hi], completions[lo:hi], self.model.device
+                [contexts[i] for i in chunk], [completions[i] for i in chunk], self.model.device
             )
             logits = self.model(input_ids=input_ids, attention_mask=attention_mask).logits
-            for i, (context, completion) in enumerate(
-                zip(contexts[lo:hi], completions[lo:hi], strict=True)
-            ):
+            for row, i in enumerate(chunk):
                 # The logits at position p predict token p + 1: completion token t sits at
                 # len(context) + t and is predicted by the logits one position earlier.
-                start = len(context) - 1
-                row_logits_TV = logits[i, start : start + len(completion)].float()
+                start = len(contexts[i]) - 1
+                row_logits_TV = logits[row, start : start + len(completions[i])].float()
                 logprobs_TV = torch.log_softmax(row_logits_TV / request.temperature, dim=-1)
-                ids_T = torch.tensor(completion, device=logprobs_TV.device)
-                sampled.append(logprobs_TV.gather(-1, ids_T[:, None])[:, 0].cpu())
-                if top_k:
-                    values, indices = logprobs_TV.topk(top_k, dim=-1)
-                    topk_logprobs.append(values.cpu())
-                    topk_ids.append(indices.cpu())
+                ids_T = torch.tensor(completions[i], device=logprobs_TV.device)
+                sampled_T = logprobs_TV.gather(-1, ids_T[:, None])[:, 0]
+                topk = logprobs_TV.topk(top_k, dim=-1) if top_k else None
+                per_sequence[i] = (sampled_T.cpu(), *(() if topk is None else _cpu(topk)))
+        sampled = torch.cat([scores[0] for scores in per_sequence])
+        if not top_k:
+            return SequenceScores(request.completion_lengths_B.clone(), sampled)
         return SequenceScores(
             completion_lengths_B=request.completion_lengths_B.clone(),
-            sampled_logprobs_M=torch.cat(sampled),
-            topk_ids_MK=_pad_topk(torch.cat(topk_ids), request.top_k, 0) if top_k else None,
-            topk_logprobs_MK=(
-                _pad_topk(torch.cat(topk_logprobs), request.top_k, -torch.inf) if top_k else None
+            sampled_logprobs_M=sampled,
+            topk_ids_MK=_pad_topk(torch.cat([s[2] for s in per_sequence]), request.top_k, 0),
+            topk_logprobs_MK=_pad_topk(
+                torch.cat([s[1] for s in per_sequence]), request.top_k, -torch.inf
             ),
         )
+
+
+def _cpu(topk) -> tuple[torch.Tensor, torch.Tensor]:
+    """(values, indices) of a `torch.topk` result, on the CPU."""
+    return topk.values.cpu(), topk.indices.cpu()
 
 
 def _pack(

@@ -29,6 +29,7 @@ from opd.teacher.consistency import compare_fingerprints, tokenizer_fingerprint
 from opd.teacher.http import RetryPolicy, auth_headers, request_with_retry
 from opd.teacher.wire import (
     CONTENT_TYPE,
+    SERVER_SECONDS_HEADER,
     ScoreRequest,
     SequenceScores,
     WireError,
@@ -97,7 +98,7 @@ class ServerTeacher:
         start = time.perf_counter()
         self._check_top_k(top_k)
         request, rows = request_from_batch(batch, top_k=top_k, temperature=self.temperature)
-        http_stats = {"retries": 0}
+        http_stats = {"retries": 0, "server_s": 0.0}
         scores, request_bytes, response_bytes = (
             self._score_chunks(request, http_stats) if rows else (_no_scores(top_k), 0, 0)
         )
@@ -113,6 +114,7 @@ class ServerTeacher:
                 "teacher/request_bytes": float(request_bytes),
                 "teacher/response_bytes": float(response_bytes),
                 "teacher/retries": float(http_stats["retries"]),
+                "teacher/server_s": float(http_stats["server_s"]),
             },
         )
 
@@ -184,6 +186,9 @@ class ServerTeacher:
                 f"{scores.completion_lengths_B.tolist()}, not the requested "
                 f"{chunk.completion_lengths_B.tolist()}"
             )
+        if http_stats is not None:  # chunks run in parallel: the slowest one is what we waited for
+            server_s = float(response.headers.get(SERVER_SECONDS_HEADER, 0.0))
+            http_stats["server_s"] = max(http_stats.get("server_s", 0.0), server_s)
         return scores, len(body), len(response.content)
 
 

@@ -28,6 +28,7 @@ import contextlib
 import hmac
 import logging
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -39,6 +40,7 @@ import opd
 from opd.teacher.consistency import tokenizer_fingerprint
 from opd.teacher.wire import (
     CONTENT_TYPE,
+    SERVER_SECONDS_HEADER,
     RequestLimits,
     ScoreRequest,
     SequenceScores,
@@ -135,6 +137,10 @@ class ScoreBatcher:
         self._queue: asyncio.Queue[_Pending] = asyncio.Queue()
         self._carry: _Pending | None = None  # taken from the queue but over the last budget
         self._worker: asyncio.Task | None = None
+        # One dedicated thread for every backend call: torch's OpenMP pool belongs to the thread
+        # that calls it, and `asyncio.to_thread` rotates over threads, each call then paying for
+        # (and spinning against) another pool. Measured: +17% per batch on 2 cores.
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="opd-teacher")
 
     async def score(self, request: ScoreRequest) -> SequenceScores:
         if self._worker is None:
@@ -148,6 +154,7 @@ class ScoreBatcher:
             self._worker.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._worker
+        self._executor.shutdown(wait=False, cancel_futures=True)
 
     async def _run(self) -> None:
         while True:
@@ -179,7 +186,9 @@ class ScoreBatcher:
             futures = [batch[i].future for i in group]
             merged = merge_requests([requests[i] for i in group])
             try:
-                scores = await asyncio.to_thread(self.backend.score_sequences, merged)
+                scores = await asyncio.get_running_loop().run_in_executor(
+                    self._executor, self.backend.score_sequences, merged
+                )
                 parts = split_scores(scores, [requests[i].num_sequences for i in group])
             except WireError as error:  # the backend's own limit: the clients' fault, no trace
                 logger.info("the backend refused %d requests: %s", len(group), error)
@@ -251,6 +260,7 @@ def create_app(
     @app.post("/v1/score", dependencies=[authorized])
     async def score(request: Request) -> Response:
         body = await _read_body(request, max_body_bytes)
+        start = time.perf_counter()
         try:
             score_request = decode_request(body, limits)
         except WireError as error:
@@ -267,7 +277,9 @@ def create_app(
         content = encode_scores(
             scores, teacher_id=backend.teacher_id, temperature=score_request.temperature
         )
-        return Response(content=content, media_type=CONTENT_TYPE)
+        # Queueing + scoring + encoding: the client's round trip minus this is the HTTP cost.
+        headers = {SERVER_SECONDS_HEADER: f"{time.perf_counter() - start:.6f}"}
+        return Response(content=content, media_type=CONTENT_TYPE, headers=headers)
 
     return app
 

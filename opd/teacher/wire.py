@@ -29,6 +29,8 @@ from safetensors.torch import save as safetensors_save
 from opd.types import RolloutBatch, TeacherScores
 
 CONTENT_TYPE = "application/vnd.opd.safetensors"
+# Response header: seconds the server spent on the request (queue + scoring + encoding).
+SERVER_SECONDS_HEADER = "X-OPD-Server-Seconds"
 REQUEST_TENSORS = ("context_ids", "context_lengths", "completion_ids", "completion_lengths")
 
 
@@ -89,7 +91,7 @@ class SequenceScores:
     sampled_logprobs_M: torch.Tensor
     """float32 [M] the teacher's logprob of each completion token."""
     topk_ids_MK: torch.Tensor | None = None
-    """int64 [M, K] the teacher's top-k ids at each completion position."""
+    """int32/int64 [M, K] the teacher's top-k ids at each completion position (int32 on the wire)."""
     topk_logprobs_MK: torch.Tensor | None = None
     """float32 [M, K] their logprobs, descending, -inf padded."""
 
@@ -220,7 +222,11 @@ def scores_from_sequences(
 
 
 def encode_request(request: ScoreRequest) -> bytes:
-    tensors = {name: getattr(request, _field(name)).contiguous() for name in REQUEST_TENSORS}
+    # int32 on the wire (vocabularies and lengths fit): half the bytes of int64.
+    tensors = {
+        name: getattr(request, _field(name)).to(torch.int32).contiguous()
+        for name in REQUEST_TENSORS
+    }
     metadata = {"top_k": str(request.top_k), "temperature": repr(request.temperature)}
     return safetensors_save(tensors, metadata=metadata)
 
@@ -231,7 +237,7 @@ def encode_scores(scores: SequenceScores, *, teacher_id: str = "", temperature=1
         "sampled_logprobs": scores.sampled_logprobs_M.contiguous(),
     }
     if scores.topk_ids_MK is not None:
-        tensors["topk_ids"] = scores.topk_ids_MK.contiguous()
+        tensors["topk_ids"] = scores.topk_ids_MK.to(torch.int32).contiguous()
         tensors["topk_logprobs"] = scores.topk_logprobs_MK.contiguous()
     metadata = {"teacher_id": teacher_id, "temperature": repr(float(temperature))}
     return safetensors_save(tensors, metadata=metadata)
@@ -271,7 +277,8 @@ def decode_request(body: bytes, limits: RequestLimits) -> ScoreRequest:
     if unknown:
         raise WireError(f"unknown tensors {unknown}; a request holds {list(REQUEST_TENSORS)}")
     for name in REQUEST_TENSORS:
-        _expect(tensors, name, torch.int64, ndim=1)
+        _expect(tensors, name, (torch.int32, torch.int64), ndim=1)
+        tensors[name] = tensors[name].to(torch.int64)
     top_k = _metadata_number(metadata, "top_k", int, default=0)
     temperature = _metadata_number(metadata, "temperature", float, default=1.0)
     if not 0 <= top_k <= limits.max_top_k:

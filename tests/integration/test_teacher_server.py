@@ -164,10 +164,17 @@ def _assert_scores_equal(actual, expected) -> None:
     if expected.topk_ids_MK is None:
         assert actual.topk_ids_MK is None
         return
-    assert torch.equal(actual.topk_ids_MK.long(), expected.topk_ids_MK)
     torch.testing.assert_close(
         actual.topk_logprobs_MK, expected.topk_logprobs_MK, atol=1e-5, rtol=0
     )
+    # Ids must agree except between near-tied neighbours: a server batch pads differently from
+    # the one-request reference, and 1e-7 of rounding may swap two tokens 1e-6 apart.
+    values_MK = expected.topk_logprobs_MK
+    gaps_MK = (values_MK[:, :-1] - values_MK[:, 1:]).abs()
+    tied_MK = torch.zeros_like(values_MK, dtype=torch.bool)
+    tied_MK[:, :-1] |= gaps_MK < 2e-5
+    tied_MK[:, 1:] |= gaps_MK < 2e-5
+    assert torch.equal(actual.topk_ids_MK.long()[~tied_MK], expected.topk_ids_MK[~tied_MK])
 
 
 def _random_request(seed: int) -> ScoreRequest:
@@ -300,7 +307,7 @@ def _body(metadata=None, **overrides) -> bytes:
 
 BAD_REQUESTS = {
     "malformed body": (b"\x00not safetensors", {}, 400, "not a valid safetensors blob"),
-    "wrong dtype": (_body(context_ids=torch.tensor([3, 4, 5]).int()), {}, 400, "dtype int32"),
+    "wrong dtype": (_body(context_ids=torch.tensor([3, 4, 5]).short()), {}, 400, "dtype int16"),
     "wrong shape": (_body(completion_ids=torch.tensor([[6, 7, 8]])), {}, 400, "1 dimension"),
     "negative id": (_body(context_ids=torch.tensor([3, -1, 5])), {}, 400, "token id -1 is outside"),
     "out-of-vocab id": (_body(completion_ids=torch.tensor([6, VOCAB, 8])), {}, 400, "[0, 49)"),

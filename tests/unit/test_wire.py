@@ -163,11 +163,15 @@ REJECTIONS = [
     (_body(context_lengths=None), "missing tensor 'context_lengths'", 400),
     (_body(extra=torch.zeros(1)), "unknown tensors ['extra']", 400),
     (
-        _body(context_ids=torch.tensor([3, 4, 5], dtype=torch.int32)),
-        "dtype int32, expected int64",
+        _body(context_ids=torch.tensor([3, 4, 5], dtype=torch.int16)),
+        "dtype int16, expected int32 or int64",
         400,
     ),
-    (_body(completion_ids=torch.tensor([6.0, 7.0, 8.0])), "dtype float32, expected int64", 400),
+    (
+        _body(completion_ids=torch.tensor([6.0, 7.0, 8.0])),
+        "dtype float32, expected int32 or int64",
+        400,
+    ),
     (_body(context_ids=torch.tensor([[3, 4, 5]])), "shape (1, 3), expected 1 dimension", 400),
     (_body(context_ids=torch.tensor([3, -4, 5])), "context token id -4 is outside", 400),
     (_body(completion_ids=torch.tensor([6, 50, 8])), "completion token id 50 is outside", 400),

@@ -8,6 +8,10 @@ from __future__ import annotations
 
 import json
 import os
+import socket
+import threading
+import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -41,3 +45,41 @@ def prompt_file(tmp_path_factory) -> Path:
     rows = [{"prompt": f"{a}+{b}=", "answer": str(a + b)} for a in range(4) for b in range(4)]
     path.write_text("".join(json.dumps(row) + "\n" for row in rows))
     return path
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@contextmanager
+def _serve_in_thread(app, port: int = 0):
+    """Run an ASGI `app` with uvicorn on loopback in a background thread; yields its URL."""
+    import uvicorn
+
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        assert thread.is_alive() and time.monotonic() < deadline, "the server did not start"
+        time.sleep(0.02)
+    bound_port = server.servers[0].sockets[0].getsockname()[1]
+    try:
+        yield f"http://127.0.0.1:{bound_port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+
+
+@pytest.fixture(scope="session")
+def free_port():
+    """`free_port()`: a TCP port on loopback that nothing listens on right now."""
+    return _free_port
+
+
+@pytest.fixture(scope="session")
+def serve_in_thread():
+    """`with serve_in_thread(app, port=0) as url:` serves a FastAPI app on loopback (a thread)."""
+    return _serve_in_thread

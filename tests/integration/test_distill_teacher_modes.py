@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -23,12 +22,6 @@ import torch
 from safetensors.torch import load_file
 
 STEPS = 6
-
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 class Server:
@@ -69,8 +62,8 @@ class Server:
 
 
 @pytest.fixture
-def server(tiny_teacher, tmp_path):
-    server = Server(tiny_teacher, _free_port(), tmp_path / "server.log")
+def server(tiny_teacher, tmp_path, free_port):
+    server = Server(tiny_teacher, free_port(), tmp_path / "server.log")
     yield server
     server.kill()
 

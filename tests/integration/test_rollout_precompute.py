@@ -206,6 +206,34 @@ def test_two_workers_equal_one(scores, rollouts, tiny_teacher, tmp_path):
     assert _files(output_dir) == _files(scores)
 
 
+def test_precompute_through_two_servers(scores, rollouts, tiny_teacher, tmp_path, serve_in_thread):
+    """`--teacher_mode server` with two URLs and two workers: the local job's values."""
+    from opd.teacher.serve import ServeArguments, build_app, build_backend
+
+    serve_args = ServeArguments(model=str(tiny_teacher), batch_size=3)
+    backend = build_backend(serve_args)
+    output_dir = tmp_path / "served"
+    with (
+        serve_in_thread(build_app(serve_args, backend)) as first,
+        serve_in_thread(build_app(serve_args, backend)) as second,
+    ):
+        args = _precompute_args(rollouts, tiny_teacher, output_dir, "--teacher_mode", "server",
+                                "--teacher_urls", first, second, "--num_workers", "2")  # fmt: skip
+        assert precompute_main(args) == 0
+    manifest = read_manifest(output_dir, kind="teacher_scores")
+    assert manifest["teacher"]["mode"] == "server" and manifest["teacher"]["tokenizer"]
+    assert manifest["teacher"]["model"] == read_manifest(scores)["teacher"]["model"]
+    _, served = load_shard_set(output_dir, kind="teacher_scores", rerun_hint="x")
+    _, local = load_shard_set(scores, kind="teacher_scores", rerun_hint="x")
+    for column in ("teacher_logprobs", "teacher_topk_logprobs"):
+        # The server batches rows differently from the local job: equal up to fp32 rounding.
+        for served_row, local_row in zip(served[column], local[column], strict=True):
+            torch.testing.assert_close(
+                torch.tensor(served_row), torch.tensor(local_row), atol=1e-5, rtol=0
+            )
+    assert served["completion_ids"] == local["completion_ids"]
+
+
 def test_precompute_refuses_other_settings_in_same_folder(scores, rollouts, tiny_teacher, capsys):
     args = _precompute_args(rollouts, tiny_teacher, scores)
     args[args.index("--teacher_top_k") + 1] = "2"

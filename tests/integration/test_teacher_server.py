@@ -10,18 +10,15 @@ from __future__ import annotations
 
 import asyncio
 import re
-import socket
 import subprocess
 import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
 
 import httpx
 import pytest
 import torch
-import uvicorn
 from safetensors.torch import save as safetensors_save
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -56,30 +53,6 @@ FAST_RETRY = RetryPolicy(budget_s=20.0, first_backoff_s=0.1, max_backoff_s=0.5)
 # ------------------------------------------------------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-@contextmanager
-def _serve_in_thread(app, port: int = 0):
-    """Run `app` with uvicorn on loopback in a background thread; yields its URL."""
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        assert thread.is_alive() and time.monotonic() < deadline, "the server did not start"
-        time.sleep(0.02)
-    bound_port = server.servers[0].sockets[0].getsockname()[1]
-    try:
-        yield f"http://127.0.0.1:{bound_port}"
-    finally:
-        server.should_exit = True
-        thread.join(timeout=10)
-
-
 def _serve_arguments(model, **overrides) -> ServeArguments:
     values = {
         "model": str(model),
@@ -98,15 +71,15 @@ def backend(tiny_teacher):
 
 
 @pytest.fixture(scope="module")
-def server_url(tiny_teacher, backend):
-    with _serve_in_thread(build_app(_serve_arguments(tiny_teacher), backend)) as url:
+def server_url(tiny_teacher, backend, serve_in_thread):
+    with serve_in_thread(build_app(_serve_arguments(tiny_teacher), backend)) as url:
         yield url
 
 
 @pytest.fixture(scope="module")
-def cli_server_url(tiny_teacher, tmp_path_factory):
+def cli_server_url(tiny_teacher, tmp_path_factory, free_port):
     """`python -m opd.cli teacher serve` in a subprocess (the real entry point, dashed flags)."""
-    port = _free_port()
+    port = free_port()
     log_path = tmp_path_factory.mktemp("cli_server") / "server.log"
     command = [
         sys.executable, "-m", "opd.cli", "teacher", "serve", "--model", str(tiny_teacher),
@@ -380,7 +353,7 @@ BACKEND_ERRORS = {
 
 @pytest.mark.parametrize("case", list(BACKEND_ERRORS))
 def test_backend_failure_fails_one_request_and_the_server_keeps_serving(
-    backend, tiny_teacher, reference, case
+    backend, tiny_teacher, reference, case, serve_in_thread
 ):
     """A fake backend here: the real one cannot be made to fail on demand."""
     error, status, message = BACKEND_ERRORS[case]
@@ -400,7 +373,7 @@ def test_backend_failure_fails_one_request_and_the_server_keeps_serving(
 
     app = build_app(_serve_arguments(tiny_teacher), FailsOnce(backend))
     request = _random_request(seed=2)
-    with _serve_in_thread(app) as url:
+    with serve_in_thread(app) as url:
         failed = _post(url, encode_request(request))
         assert failed.status_code == status and message in failed.json()["detail"]
         response = _post(url, encode_request(request))
@@ -423,9 +396,11 @@ def test_two_urls_share_the_load(server_url, cli_server_url, reference, tiny_tea
     _assert_batch_scores_equal(actual, reference.score(batch, top_k=3))
 
 
-def test_servers_of_different_teachers_are_refused(server_url, tiny_student, tiny_teacher):
+def test_servers_of_different_teachers_are_refused(
+    server_url, tiny_student, tiny_teacher, serve_in_thread
+):
     student_args = _serve_arguments(tiny_student)
-    with _serve_in_thread(build_app(student_args, build_backend(student_args))) as other_url:
+    with serve_in_thread(build_app(student_args, build_backend(student_args))) as other_url:
         teacher = ServerTeacher([server_url, other_url], api_key=API_KEY)
         message = re.escape(f"disagree on their model: {server_url} has '{tiny_teacher}'")
         with teacher, pytest.raises(ConfigError, match=message):
@@ -446,8 +421,8 @@ def test_student_tokenizer_mismatch_names_the_server(server_url, tiny_student):
             teacher.check_student_tokenizer(build_char_tokenizer("abc"))
 
 
-def test_unreachable_url_fails_within_the_budget():
-    url = f"http://127.0.0.1:{_free_port()}"
+def test_unreachable_url_fails_within_the_budget(free_port):
+    url = f"http://127.0.0.1:{free_port()}"
     start = time.monotonic()
     teacher = ServerTeacher([url], retry=RetryPolicy(budget_s=1.0, first_backoff_s=0.1))
     message = re.escape(url) + ".*teacher_retry_budget_s"
@@ -456,8 +431,10 @@ def test_unreachable_url_fails_within_the_budget():
     assert time.monotonic() - start < 5
 
 
-def test_a_server_that_comes_back_within_the_budget_is_used(backend, tiny_teacher, reference):
-    port = _free_port()
+def test_a_server_that_comes_back_within_the_budget_is_used(
+    backend, tiny_teacher, reference, serve_in_thread, free_port
+):
+    port = free_port()
     batch = _batch()
     results = {}
 
@@ -468,7 +445,7 @@ def test_a_server_that_comes_back_within_the_budget_is_used(backend, tiny_teache
     client = threading.Thread(target=score)
     client.start()
     time.sleep(1.0)  # the client is retrying against a closed port by now
-    with _serve_in_thread(build_app(_serve_arguments(tiny_teacher), backend), port=port):
+    with serve_in_thread(build_app(_serve_arguments(tiny_teacher), backend), port=port):
         client.join(timeout=30)
     assert "scores" in results
     _assert_batch_scores_equal(results["scores"], reference.score(batch, top_k=2))
@@ -486,8 +463,8 @@ def test_serve_main_help_lists_both_flag_spellings(capsys):
     assert "--api_key" in out and "--api-key" in out and "--max_top_k" in out
 
 
-def test_api_key_falls_back_to_the_environment(tiny_teacher, backend, monkeypatch):
+def test_api_key_falls_back_to_the_environment(tiny_teacher, backend, monkeypatch, serve_in_thread):
     monkeypatch.setenv("OPD_TEACHER_API_KEY", "from-env")
-    with _serve_in_thread(build_app(_serve_arguments(tiny_teacher, api_key=None), backend)) as url:
+    with serve_in_thread(build_app(_serve_arguments(tiny_teacher, api_key=None), backend)) as url:
         assert _post(url, _body(), api_key=None).status_code == 401
         assert _post(url, _body(), api_key="from-env").status_code == 200

@@ -17,7 +17,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -88,9 +87,9 @@ SERVED_TOP_KS = (0, TOP_K, 60)  # 60 > the tiny vocabulary (49): padded like Loc
 
 
 @pytest.fixture(scope="module")
-def served_vllm_url(tiny_teacher, tmp_path_factory):
+def served_vllm_url(tiny_teacher, tmp_path_factory, free_port):
     """`opd teacher serve --backend vllm` on loopback (the engine runs in the server process)."""
-    port = _free_port()
+    port = free_port()
     log_path = tmp_path_factory.mktemp("vllm_backend") / "server.log"
     command = [sys.executable, "-m", "opd.cli", "teacher", "serve", "--model", str(tiny_teacher),
                "--backend", "vllm", "--port", str(port), "--log_level", "warning"]  # fmt: skip
@@ -143,16 +142,10 @@ def test_vllm_backend_refuses_temperature_other_than_one(served_vllm_url):
 # ------------------------------------------------------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
-def vllm_url(tiny_teacher, tmp_path_factory):
+def vllm_url(tiny_teacher, tmp_path_factory, free_port):
     """A stock vLLM OpenAI server on loopback, killed with its engine process at the end."""
-    port = _free_port()
+    port = free_port()
     folder = tmp_path_factory.mktemp("vllm_server")
     log_path = folder / "server.log"
     (folder / "template.jinja").write_text(CHAT_TEMPLATE)

@@ -37,7 +37,11 @@ def main(argv: list[str] | None = None) -> int:
         from opd.rollout.job import rollout_main
 
         return rollout_main(rest)
-    if command == "teacher" and rest and rest[0] in ("serve", "precompute"):
+    if command == "teacher":
+        if not rest or rest[0] not in ("serve", "precompute"):
+            print("opd teacher: choose `opd teacher serve` or `opd teacher precompute` "
+                  "(add --help for their options).", file=sys.stderr)  # fmt: skip
+            return 2
         if rest[0] == "serve":
             from opd.teacher.serve import serve_main
 
@@ -104,6 +108,24 @@ def distill_main(argv: list[str]) -> int:
     except (TeacherUnavailableError, TeacherRequestError) as error:  # the message says what to do
         print(f"opd distill: error: {error}", file=sys.stderr)
         return 1
+    return 0
+
+
+def run_dataclass_command(arguments_type, run, argv: list[str], *, prog: str, description: str):
+    """Parse `argv` into `arguments_type` (HfArgumentParser: `--help`, `--a_b`/`--a-b`) and
+    `run(args)`; a `ConfigError` is printed as `prog: error: ...` with exit code 2."""
+    from transformers import HfArgumentParser
+
+    from opd.config import ConfigError
+
+    # transformers types dataclass_types as a NewType that no dataclass matches for pyright.
+    parser = HfArgumentParser([arguments_type], prog=prog, description=description)  # pyright: ignore[reportArgumentType]
+    try:
+        (args,) = parser.parse_args_into_dataclasses(argv)
+        run(args)
+    except ConfigError as error:
+        print(f"{prog}: error: {error}", file=sys.stderr)
+        return 2
     return 0
 
 

@@ -327,8 +327,6 @@ def bench_offline(args, folder: Path) -> list[tuple[str, str, str]]:
         "false",
         "--teacher_batch_size",
         "512",
-        "--reward_funcs",
-        "[]",
     ]
     online = step_seconds(
         folder / "online",

@@ -19,7 +19,6 @@ Test: `pytest tests/integration/test_rollout_precompute.py -k rollout`.
 
 from __future__ import annotations
 
-import sys
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -95,17 +94,11 @@ class RolloutArguments:
 
 
 def rollout_main(argv: list[str]) -> int:
-    from transformers import HfArgumentParser
+    from opd.cli import run_dataclass_command
 
-    # transformers types dataclass_types as a NewType that no dataclass matches for pyright.
-    parser = HfArgumentParser([RolloutArguments], prog=PROG, description=DESCRIPTION)  # pyright: ignore[reportArgumentType]
-    try:
-        (args,) = parser.parse_args_into_dataclasses(argv)
-        run_rollout(args)
-    except ConfigError as error:
-        print(f"{PROG}: error: {error}", file=sys.stderr)
-        return 2
-    return 0
+    return run_dataclass_command(
+        RolloutArguments, run_rollout, argv, prog=PROG, description=DESCRIPTION
+    )
 
 
 def run_rollout(args: RolloutArguments) -> dict[str, Any]:

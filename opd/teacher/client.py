@@ -16,7 +16,6 @@ Test: `.venv/bin/pytest tests/integration/test_teacher_server.py`.
 
 from __future__ import annotations
 
-import time
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 from typing import Any
@@ -35,8 +34,7 @@ from opd.teacher.wire import (
     WireError,
     decode_scores,
     encode_request,
-    request_from_batch,
-    scores_from_sequences,
+    score_batch,
 )
 from opd.types import RolloutBatch, TeacherScores
 
@@ -95,33 +93,22 @@ class ServerTeacher:
         )
 
     def score(self, batch: RolloutBatch, top_k: int = 0) -> TeacherScores:
-        start = time.perf_counter()
         self._check_top_k(top_k)
-        request, rows = request_from_batch(batch, top_k=top_k, temperature=self.temperature)
-        http_stats = {"retries": 0, "server_s": 0.0}
-        scores, request_bytes, response_bytes = (
-            self._score_chunks(request, http_stats) if rows else (_no_scores(top_k), 0, 0)
-        )
-        return scores_from_sequences(
-            scores,
+        stats = {"retries": 0, "server_s": 0.0, "request_bytes": 0, "response_bytes": 0}
+        scores = score_batch(
+            partial(self._score_chunks, http_stats=stats),
             batch,
-            rows,
-            teacher_id=self.teacher_id,
-            temperature=self.temperature,
             top_k=top_k,
-            metrics={
-                "teacher/latency_s": time.perf_counter() - start,
-                "teacher/request_bytes": float(request_bytes),
-                "teacher/response_bytes": float(response_bytes),
-                "teacher/retries": float(http_stats["retries"]),
-                "teacher/server_s": float(http_stats["server_s"]),
-            },
+            temperature=self.temperature,
+            teacher_id=self.teacher_id,
         )
+        scores.metrics.update({f"teacher/{name}": float(value) for name, value in stats.items()})
+        return scores
 
     def score_sequences(self, request: ScoreRequest) -> SequenceScores:
         """Score a ragged request (its own `top_k` and `temperature`) on the servers."""
         self._check_top_k(request.top_k)
-        return self._score_chunks(request)[0]
+        return self._score_chunks(request)
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
@@ -143,9 +130,12 @@ class ServerTeacher:
             )
 
     def _score_chunks(
-        self, request: ScoreRequest, http_stats: dict[str, int] | None = None
-    ) -> tuple[SequenceScores, int, int]:
-        """Scores of `request`, sent in chunks of sequences; also bytes sent and received."""
+        self, request: ScoreRequest, http_stats: dict[str, float] | None = None
+    ) -> SequenceScores:
+        """Scores of `request`, sent in chunks of sequences over the URLs.
+
+        `http_stats` (when given) receives retries, bytes each way and the server's own time.
+        """
         chunk_size = min(self.batch_size, int(self.server_info()["max_sequences"]))
         chunks = [
             request.select(list(range(lo, min(lo + chunk_size, request.num_sequences))))
@@ -156,12 +146,11 @@ class ServerTeacher:
         else:
             post = partial(self._post, http_stats=http_stats)
             results = list(self._pool.map(post, chunks, range(len(chunks))))
-        scores = SequenceScores.concat([result[0] for result in results])
-        return scores, sum(result[1] for result in results), sum(result[2] for result in results)
+        return SequenceScores.concat(results)
 
     def _post(
-        self, chunk: ScoreRequest, index: int, http_stats: dict[str, int] | None = None
-    ) -> tuple[SequenceScores, int, int]:
+        self, chunk: ScoreRequest, index: int, http_stats: dict[str, float] | None = None
+    ) -> SequenceScores:
         body = encode_request(chunk)
         response = request_with_retry(
             self._http,
@@ -186,10 +175,15 @@ class ServerTeacher:
                 f"{scores.completion_lengths_B.tolist()}, not the requested "
                 f"{chunk.completion_lengths_B.tolist()}"
             )
-        if http_stats is not None:  # chunks run in parallel: the slowest one is what we waited for
+        if http_stats is not None:
+            # Chunks run in parallel: the slowest server time is what the caller waited for.
             server_s = float(response.headers.get(SERVER_SECONDS_HEADER, 0.0))
             http_stats["server_s"] = max(http_stats.get("server_s", 0.0), server_s)
-        return scores, len(body), len(response.content)
+            http_stats["request_bytes"] = http_stats.get("request_bytes", 0) + len(body)
+            http_stats["response_bytes"] = http_stats.get("response_bytes", 0) + len(
+                response.content
+            )
+        return scores
 
 
 def check_same_teacher(
@@ -212,13 +206,3 @@ def check_same_teacher(
                     f"{first.get(key)!r}, {url} has {info.get(key)!r}. All teacher_urls must "
                     "serve the same teacher."
                 )
-
-
-def _no_scores(top_k: int) -> SequenceScores:
-    """Scores of zero sequences (a batch whose rows are all masked sends nothing)."""
-    return SequenceScores(
-        completion_lengths_B=torch.zeros(0, dtype=torch.int64),
-        sampled_logprobs_M=torch.zeros(0),
-        topk_ids_MK=torch.zeros(0, top_k, dtype=torch.int64) if top_k else None,
-        topk_logprobs_MK=torch.zeros(0, top_k) if top_k else None,
-    )

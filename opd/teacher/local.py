@@ -12,8 +12,6 @@ Test: `pytest tests/unit/test_local_teacher.py`.
 
 from __future__ import annotations
 
-import time
-
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
@@ -21,8 +19,7 @@ from opd.teacher.consistency import check_same_tokenizer
 from opd.teacher.wire import (
     ScoreRequest,
     SequenceScores,
-    request_from_batch,
-    scores_from_sequences,
+    score_batch,
 )
 from opd.types import RolloutBatch, TeacherScores
 
@@ -59,17 +56,12 @@ class LocalTeacher:
         return int(self.model.get_output_embeddings().weight.shape[0])
 
     def score(self, batch: RolloutBatch, top_k: int = 0) -> TeacherScores:
-        start = time.perf_counter()
-        request, rows = request_from_batch(batch, top_k=top_k, temperature=self.temperature)
-        scores = self.score_sequences(request) if rows else _no_scores(top_k)
-        return scores_from_sequences(
-            scores,
+        return score_batch(
+            self.score_sequences,
             batch,
-            rows,
-            teacher_id=self.teacher_id,
-            temperature=self.temperature,
             top_k=top_k,
-            metrics={"teacher/latency_s": time.perf_counter() - start},
+            temperature=self.temperature,
+            teacher_id=self.teacher_id,
         )
 
     @torch.no_grad()
@@ -144,12 +136,3 @@ def _pad_topk(values_MK: torch.Tensor, top_k: int, fill: float) -> torch.Tensor:
         return values_MK
     padding = torch.full((values_MK.shape[0], missing), fill, dtype=values_MK.dtype)
     return torch.cat([values_MK, padding], dim=1)
-
-
-def _no_scores(top_k: int) -> SequenceScores:
-    return SequenceScores(
-        completion_lengths_B=torch.zeros(0, dtype=torch.int64),
-        sampled_logprobs_M=torch.zeros(0),
-        topk_ids_MK=torch.zeros(0, top_k, dtype=torch.int64) if top_k else None,
-        topk_logprobs_MK=torch.zeros(0, top_k) if top_k else None,
-    )

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import os
 import queue
-import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -121,17 +120,11 @@ class PrecomputeArguments:
 
 
 def precompute_main(argv: list[str]) -> int:
-    from transformers import HfArgumentParser
+    from opd.cli import run_dataclass_command
 
-    # transformers types dataclass_types as a NewType that no dataclass matches for pyright.
-    parser = HfArgumentParser([PrecomputeArguments], prog=PROG, description=DESCRIPTION)  # pyright: ignore[reportArgumentType]
-    try:
-        (args,) = parser.parse_args_into_dataclasses(argv)
-        run_precompute(args)
-    except ConfigError as error:
-        print(f"{PROG}: error: {error}", file=sys.stderr)
-        return 2
-    return 0
+    return run_dataclass_command(
+        PrecomputeArguments, run_precompute, argv, prog=PROG, description=DESCRIPTION
+    )
 
 
 # ------------------------------------------------------------------------------------------------

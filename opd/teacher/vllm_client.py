@@ -20,12 +20,10 @@ Test: `pytest tests/integration/test_teacher_vllm.py`.
 
 from __future__ import annotations
 
-import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import httpx
-import torch
 
 from opd.config import ConfigError
 from opd.teacher.http import (
@@ -38,8 +36,7 @@ from opd.teacher.vllm_parse import scores_from_completion_response, vocab_size_f
 from opd.teacher.wire import (
     ScoreRequest,
     SequenceScores,
-    request_from_batch,
-    scores_from_sequences,
+    score_batch,
 )
 from opd.types import RolloutBatch, TeacherScores
 
@@ -103,17 +100,12 @@ class VLLMTeacher:
         self.client.close()
 
     def score(self, batch: RolloutBatch, top_k: int = 0) -> TeacherScores:
-        start = time.perf_counter()
-        request, rows = request_from_batch(batch, top_k=top_k)
-        scores = self.score_sequences(request) if rows else _no_scores(top_k)
-        return scores_from_sequences(
-            scores,
+        return score_batch(
+            self.score_sequences,
             batch,
-            rows,
-            teacher_id=self.teacher_id,
-            temperature=self.temperature,
             top_k=top_k,
-            metrics={"teacher/latency_s": time.perf_counter() - start},
+            temperature=self.temperature,
+            teacher_id=self.teacher_id,
         )
 
     def score_sequences(self, request: ScoreRequest) -> SequenceScores:
@@ -276,12 +268,3 @@ def compare_ids(what: str, student_ids: list[int], teacher_ids: list[int]) -> li
 
 def _shown(ids: list[int]) -> str:
     return str(ids) if len(ids) <= MAX_SHOWN_IDS else f"{ids[:MAX_SHOWN_IDS]}... ({len(ids)} ids)"
-
-
-def _no_scores(top_k: int) -> SequenceScores:
-    return SequenceScores(
-        completion_lengths_B=torch.zeros(0, dtype=torch.int64),
-        sampled_logprobs_M=torch.zeros(0),
-        topk_ids_MK=torch.zeros(0, top_k, dtype=torch.int64) if top_k else None,
-        topk_logprobs_MK=torch.zeros(0, top_k) if top_k else None,
-    )

@@ -19,6 +19,8 @@ Test: `pytest tests/unit/test_wire.py`.
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -91,7 +93,7 @@ class SequenceScores:
     sampled_logprobs_M: torch.Tensor
     """float32 [M] the teacher's logprob of each completion token."""
     topk_ids_MK: torch.Tensor | None = None
-    """int32/int64 [M, K] the teacher's top-k ids at each completion position (int32 on the wire)."""
+    """int32/int64 [M, K] the teacher's top-k ids at each position (int32 on the wire)."""
     topk_logprobs_MK: torch.Tensor | None = None
     """float32 [M, K] their logprobs, descending, -inf padded."""
 
@@ -111,6 +113,16 @@ class SequenceScores:
                     f"top-k arrays have shapes {shape} and "
                     f"{tuple(self.topk_logprobs_MK.shape)}, expected ({num_tokens}, K)"
                 )
+
+    @staticmethod
+    def empty(top_k: int) -> SequenceScores:
+        """Scores of no sequences (a batch whose every row is masked)."""
+        return SequenceScores(
+            completion_lengths_B=torch.zeros(0, dtype=torch.int64),
+            sampled_logprobs_M=torch.zeros(0),
+            topk_ids_MK=torch.zeros(0, top_k, dtype=torch.int64) if top_k else None,
+            topk_logprobs_MK=torch.zeros(0, top_k) if top_k else None,
+        )
 
     @staticmethod
     def concat(parts: list[SequenceScores]) -> SequenceScores:
@@ -167,6 +179,29 @@ def request_from_batch(
         temperature=temperature,
     )
     return request, rows
+
+
+def score_batch(
+    score_sequences: Callable[[ScoreRequest], SequenceScores],
+    batch: RolloutBatch,
+    *,
+    top_k: int,
+    temperature: float,
+    teacher_id: str,
+) -> TeacherScores:
+    """`batch` scored by any teacher's ragged `score_sequences`, with `teacher/latency_s`."""
+    start = time.perf_counter()
+    request, rows = request_from_batch(batch, top_k=top_k, temperature=temperature)
+    scores = score_sequences(request) if rows else SequenceScores.empty(top_k)
+    return scores_from_sequences(
+        scores,
+        batch,
+        rows,
+        teacher_id=teacher_id,
+        temperature=temperature,
+        top_k=top_k,
+        metrics={"teacher/latency_s": time.perf_counter() - start},
+    )
 
 
 def scores_from_sequences(

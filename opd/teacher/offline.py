@@ -19,18 +19,22 @@ Test: `pytest tests/integration/test_rollout_precompute.py -k offline`.
 from __future__ import annotations
 
 import hashlib
-import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import torch
 
 from opd.config import ConfigError
 from opd.teacher.consistency import compare_fingerprints, tokenizer_fingerprint
-from opd.teacher.shard_rows import list_lengths, rollout_batch_from_table, teacher_scores_from_table
+from opd.teacher.shard_rows import (
+    list_lengths,
+    rollout_batch_from_table,
+    sequence_scores_from_table,
+    teacher_scores_from_table,
+)
 from opd.teacher.shards import load_shard_set
+from opd.teacher.wire import ScoreRequest, SequenceScores, score_batch
 from opd.types import RolloutBatch, TeacherScores
 
 PRECOMPUTE = "opd teacher precompute"
@@ -122,27 +126,21 @@ class OfflineTeacher:
     # --------------------------------------------------------------------------------------------
 
     def score(self, batch: RolloutBatch, top_k: int = 0) -> TeacherScores:
-        start = time.perf_counter()
         self._check_top_k(top_k)
-        mask_BT = batch.completion_mask_BT.bool().cpu()
-        num_rows, num_tokens = mask_BT.shape
-        positions_T = torch.arange(1, num_tokens + 1)
-        lengths_B = (mask_BT * positions_T).amax(dim=1).tolist() if num_tokens else [0] * num_rows
-        completion_ids_BT = batch.completion_ids_BT.cpu()
-        scored = [row for row in range(num_rows) if lengths_B[row] > 0]
-        stored_rows = [
-            self._find(
-                batch.teacher_context_ids[row], completion_ids_BT[row, : lengths_B[row]], row
-            )
-            for row in scored
-        ]
-        stored = teacher_scores_from_table(
-            self._table.take(pa.array(stored_rows, pa.int64())),
+        return score_batch(
+            self.score_sequences,
+            batch,
             top_k=top_k,
-            teacher_id=self.teacher_id,
             temperature=self.temperature,
+            teacher_id=self.teacher_id,
         )
-        return scatter_scores(stored, mask_BT, scored, top_k, time.perf_counter() - start)
+
+    def score_sequences(self, request: ScoreRequest) -> SequenceScores:
+        """The stored scores of each (teacher context, completion) of `request`."""
+        pairs = zip(request.contexts(), request.completions(), strict=True)
+        rows = [self._find(context, completion, i) for i, (context, completion) in enumerate(pairs)]
+        table = self._table.take(pa.array(rows, pa.int64()))
+        return sequence_scores_from_table(table, top_k=request.top_k)
 
     def _check_top_k(self, top_k: int) -> int:
         if top_k > self.stored_top_k:
@@ -153,14 +151,14 @@ class OfflineTeacher:
             )
         return top_k
 
-    def _find(self, context: list[int], completion_T: torch.Tensor, row: int) -> int:
+    def _find(self, context: list[int], completion: list[int], row: int) -> int:
         if self._row_by_key is None:
             self._row_by_key = self._build_index()
-        key = row_key(np.asarray(context, np.int32), completion_T.numpy().astype(np.int32))
+        key = row_key(np.asarray(context, np.int32), np.asarray(completion, np.int32))
         stored = self._row_by_key.get(key)
         if stored is None:
             raise ConfigError(
-                f"row {row} of the batch ({len(context)} context tokens, {len(completion_T)} "
+                f"row {row} of the batch ({len(context)} context tokens, {len(completion)} "
                 f"completion tokens) is not in the teacher shards at {self.shards_dir}. Offline "
                 "OPD trains on the rollouts stored there (OfflineTeacher.grouped_rows / "
                 f"batch_for_rows); to score other rollouts, run `{PRECOMPUTE}` on them."
@@ -191,33 +189,6 @@ def _ragged_numpy(column: pa.ChunkedArray) -> list[np.ndarray]:
     lengths = list_lengths(column)
     values = column.combine_chunks().flatten().to_numpy(zero_copy_only=False).astype(np.int32)
     return np.split(values, np.cumsum(lengths)[:-1])
-
-
-def scatter_scores(
-    stored: TeacherScores, mask_BT: torch.Tensor, rows: list[int], top_k: int, latency_s: float
-) -> TeacherScores:
-    """Stored scores (one per scored batch row, padded like the batch: 0 / -inf) placed in the
-    batch's `[B, T]` layout. A stored row is never longer than its batch row."""
-    num_rows, num_tokens = mask_BT.shape
-    rows_R = torch.tensor(rows, dtype=torch.int64)
-    width = stored.sampled_logprobs_BT.shape[1]
-    sampled_BT = torch.zeros(num_rows, num_tokens, dtype=torch.float32)
-    sampled_BT[rows_R, :width] = stored.sampled_logprobs_BT
-    topk = {}
-    if stored.topk_ids_BTK is not None and stored.topk_logprobs_BTK is not None:
-        topk_ids_BTK = torch.zeros(num_rows, num_tokens, top_k, dtype=torch.int64)
-        topk_logprobs_BTK = torch.full((num_rows, num_tokens, top_k), -torch.inf)
-        topk_ids_BTK[rows_R, :width] = stored.topk_ids_BTK
-        topk_logprobs_BTK[rows_R, :width] = stored.topk_logprobs_BTK
-        topk = {"topk_ids_BTK": topk_ids_BTK, "topk_logprobs_BTK": topk_logprobs_BTK}
-    return TeacherScores(
-        sampled_logprobs_BT=sampled_BT,
-        completion_mask_BT=mask_BT.long(),
-        teacher_id=stored.teacher_id,
-        temperature=stored.temperature,
-        metrics={"teacher/latency_s": latency_s},
-        **topk,
-    )
 
 
 def check_recorded_teacher(

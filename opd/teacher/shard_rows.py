@@ -14,6 +14,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
+from opd.teacher.wire import SequenceScores
 from opd.types import RolloutBatch, TeacherScores
 
 
@@ -72,28 +73,46 @@ def rollout_batch_from_table(table: pa.Table) -> RolloutBatch:
     )
 
 
-def teacher_scores_from_table(
-    table: pa.Table, *, top_k: int, teacher_id: str, temperature: float
-) -> TeacherScores:
-    """The stored teacher scores of a teacher-score table, `[B, T]` like its `RolloutBatch`.
+def sequence_scores_from_table(table: pa.Table, *, top_k: int) -> SequenceScores:
+    """The stored teacher scores of a teacher-score table, flat (one entry per token).
 
     `top_k` may be smaller than the stored K: the stored lists are sorted descending, so their
     first `top_k` entries are the top `top_k`.
     """
     lengths_B = list_lengths(table["completion_ids"])
-    sampled_BT = _padded(_flat_values(table["teacher_logprobs"]), lengths_B, 0.0, np.float32)
-    mask_BT = torch.arange(sampled_BT.shape[1])[None, :] < torch.from_numpy(lengths_B)[:, None]
+    num_tokens = int(lengths_B.sum())
     topk = {}
     if top_k:
-        for name, key, fill, dtype in (
-            ("teacher_topk_ids", "topk_ids_BTK", 0, np.int64),
-            ("teacher_topk_logprobs", "topk_logprobs_BTK", -np.inf, np.float32),
+        for name, key, dtype in (
+            ("teacher_topk_ids", "topk_ids_MK", np.int64),
+            ("teacher_topk_logprobs", "topk_logprobs_MK", np.float32),
         ):
             per_token = _flat_values(table[name].combine_chunks().flatten())
-            num_tokens = int(lengths_B.sum())
             stored_k = len(per_token) // num_tokens if num_tokens else top_k
-            values_MK = per_token.reshape(num_tokens, stored_k)[:, :top_k]
-            topk[key] = _padded(values_MK, lengths_B, fill, dtype)
+            values_MK = per_token.reshape(num_tokens, stored_k)[:, :top_k].astype(dtype)
+            topk[key] = torch.from_numpy(np.ascontiguousarray(values_MK))
+    sampled_M = _flat_values(table["teacher_logprobs"]).astype(np.float32)
+    return SequenceScores(
+        completion_lengths_B=torch.from_numpy(lengths_B),
+        sampled_logprobs_M=torch.from_numpy(sampled_M),
+        **topk,
+    )
+
+
+def teacher_scores_from_table(
+    table: pa.Table, *, top_k: int, teacher_id: str, temperature: float
+) -> TeacherScores:
+    """The stored teacher scores of a teacher-score table, `[B, T]` like its `RolloutBatch`."""
+    flat = sequence_scores_from_table(table, top_k=top_k)
+    lengths_B = flat.completion_lengths_B.numpy()
+    sampled_BT = _padded(flat.sampled_logprobs_M.numpy(), lengths_B, 0.0, np.float32)
+    mask_BT = torch.arange(sampled_BT.shape[1])[None, :] < flat.completion_lengths_B[:, None]
+    topk = {}
+    if top_k:
+        topk["topk_ids_BTK"] = _padded(flat.topk_ids_MK.numpy(), lengths_B, 0, np.int64)
+        topk["topk_logprobs_BTK"] = _padded(
+            flat.topk_logprobs_MK.numpy(), lengths_B, -np.inf, np.float32
+        )
     return TeacherScores(
         sampled_logprobs_BT=sampled_BT,
         completion_mask_BT=mask_BT.long(),

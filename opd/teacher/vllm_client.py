@@ -112,11 +112,7 @@ class VLLMTeacher:
         """Score `request` in chunks of `batch_size` sequences, spread over the URLs."""
         if request.top_k and self.vocab_size is None:
             self.vocab_size = self._probe_vocab_size() or 0
-        bounds = range(0, request.num_sequences, self.batch_size)
-        chunks = [
-            request.select(list(range(lo, min(lo + self.batch_size, request.num_sequences))))
-            for lo in bounds
-        ]
+        chunks = request.chunks(self.batch_size)
         futures = [
             self.pool.submit(self._score_chunk, chunk, i % len(self.urls))
             for i, chunk in enumerate(chunks)

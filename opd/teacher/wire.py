@@ -73,15 +73,29 @@ class ScoreRequest:
     def completions(self) -> list[list[int]]:
         return [c.tolist() for c in self.completion_ids_M.split(self.completion_lengths_B.tolist())]
 
-    def select(self, sequences: list[int]) -> ScoreRequest:
-        """The request restricted to some sequences (server batching, client load spreading)."""
-        contexts, completions = self.contexts(), self.completions()
-        return make_request(
-            [contexts[i] for i in sequences],
-            [completions[i] for i in sequences],
-            top_k=self.top_k,
-            temperature=self.temperature,
-        )
+    def chunks(self, num_sequences: int) -> list[ScoreRequest]:
+        """Consecutive requests of at most `num_sequences` sequences each (client chunking).
+
+        Slices of the flat arrays: no ids go through Python lists.
+        """
+        context_ends = [0, *self.context_lengths_B.cumsum(0).tolist()]
+        completion_ends = [0, *self.completion_lengths_B.cumsum(0).tolist()]
+        parts = []
+        for lo in range(0, self.num_sequences, num_sequences):
+            hi = min(lo + num_sequences, self.num_sequences)
+            parts.append(
+                ScoreRequest(
+                    context_ids_N=self.context_ids_N[context_ends[lo] : context_ends[hi]],
+                    context_lengths_B=self.context_lengths_B[lo:hi],
+                    completion_ids_M=self.completion_ids_M[
+                        completion_ends[lo] : completion_ends[hi]
+                    ],
+                    completion_lengths_B=self.completion_lengths_B[lo:hi],
+                    top_k=self.top_k,
+                    temperature=self.temperature,
+                )
+            )
+        return parts
 
 
 @dataclass(frozen=True)

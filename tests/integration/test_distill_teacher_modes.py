@@ -27,8 +27,9 @@ STEPS = 6
 class Server:
     """`opd teacher serve` in a subprocess on a fixed port (restartable on the same port)."""
 
-    def __init__(self, model: Path, port: int, log_path: Path):
+    def __init__(self, model: Path, port: int, log_path: Path, wait_healthy):
         self.model, self.port, self.log_path = model, port, log_path
+        self.wait_healthy = wait_healthy
         self.url = f"http://127.0.0.1:{port}"
         self.process: subprocess.Popen | None = None
 
@@ -37,17 +38,8 @@ class Server:
                    "--port", str(self.port), "--log_level", "warning"]  # fmt: skip
         log = self.log_path.open("a")
         self.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                pytest.fail(f"teacher server exited:\n{self.log_path.read_text()[-3000:]}")
-            try:
-                if httpx.get(self.url + "/health", timeout=1).status_code == 200:
-                    return self
-            except httpx.TransportError:
-                pass
-            time.sleep(0.1)
-        pytest.fail(f"teacher server did not come up:\n{self.log_path.read_text()[-3000:]}")
+        self.wait_healthy(self.url, self.process, self.log_path)
+        return self
 
     def served_requests(self) -> int:
         try:
@@ -62,8 +54,8 @@ class Server:
 
 
 @pytest.fixture
-def server(tiny_teacher, tmp_path, free_port):
-    server = Server(tiny_teacher, free_port(), tmp_path / "server.log")
+def server(tiny_teacher, tmp_path, free_port, wait_healthy):
+    server = Server(tiny_teacher, free_port(), tmp_path / "server.log", wait_healthy)
     yield server
     server.kill()
 

@@ -78,7 +78,7 @@ def server_url(tiny_teacher, backend, serve_in_thread):
 
 
 @pytest.fixture(scope="module")
-def cli_server_url(tiny_teacher, tmp_path_factory, free_port):
+def cli_server_url(tiny_teacher, tmp_path_factory, free_port, wait_healthy):
     """`python -m opd.cli teacher serve` in a subprocess (the real entry point, dashed flags)."""
     port = free_port()
     log_path = tmp_path_factory.mktemp("cli_server") / "server.log"
@@ -91,24 +91,11 @@ def cli_server_url(tiny_teacher, tmp_path_factory, free_port):
         process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     try:
-        _wait_healthy(url, process, log_path)
+        wait_healthy(url, process, log_path)
         yield url, log_path
     finally:
         process.terminate()
         process.wait(timeout=30)
-
-
-def _wait_healthy(url: str, process: subprocess.Popen, log_path) -> None:
-    deadline = time.monotonic() + 180
-    while time.monotonic() < deadline:
-        assert process.poll() is None, f"the server exited: {log_path.read_text()[-3000:]}"
-        try:
-            if httpx.get(f"{url}/health", timeout=1).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        time.sleep(0.2)
-    raise AssertionError(f"the server did not become healthy: {log_path.read_text()[-3000:]}")
 
 
 @pytest.fixture(scope="module")

@@ -19,8 +19,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
-from pathlib import Path
 
 import httpx
 import pytest
@@ -87,7 +85,7 @@ SERVED_TOP_KS = (0, TOP_K, 60)  # 60 > the tiny vocabulary (49): padded like Loc
 
 
 @pytest.fixture(scope="module")
-def served_vllm_url(tiny_teacher, tmp_path_factory, free_port):
+def served_vllm_url(tiny_teacher, tmp_path_factory, free_port, wait_healthy):
     """`opd teacher serve --backend vllm` on loopback (the engine runs in the server process)."""
     port = free_port()
     log_path = tmp_path_factory.mktemp("vllm_backend") / "server.log"
@@ -100,7 +98,7 @@ def served_vllm_url(tiny_teacher, tmp_path_factory, free_port):
         )
     url = f"http://127.0.0.1:{port}"
     try:
-        _wait_healthy(url, process, log_path)
+        wait_healthy(url, process, log_path)
         yield url
     finally:
         _stop(process)
@@ -143,7 +141,7 @@ def test_vllm_backend_refuses_temperature_other_than_one(served_vllm_url):
 
 
 @pytest.fixture(scope="module")
-def vllm_url(tiny_teacher, tmp_path_factory, free_port):
+def vllm_url(tiny_teacher, tmp_path_factory, free_port, wait_healthy):
     """A stock vLLM OpenAI server on loopback, killed with its engine process at the end."""
     port = free_port()
     folder = tmp_path_factory.mktemp("vllm_server")
@@ -165,23 +163,10 @@ def vllm_url(tiny_teacher, tmp_path_factory, free_port):
         )
     url = f"http://127.0.0.1:{port}"
     try:
-        _wait_healthy(url, process, log_path)
+        wait_healthy(url, process, log_path)
         yield url
     finally:
         _stop(process)
-
-
-def _wait_healthy(url: str, process: subprocess.Popen, log_path: Path) -> None:
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline:
-        assert process.poll() is None, f"vLLM exited: {log_path.read_text()[-4000:]}"
-        try:
-            if httpx.get(f"{url}/health", timeout=1).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        time.sleep(0.5)
-    raise AssertionError(f"vLLM did not become healthy: {log_path.read_text()[-4000:]}")
 
 
 def _stop(process: subprocess.Popen) -> None:

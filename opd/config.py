@@ -18,7 +18,7 @@ from typing import Any, Literal
 
 from trl import GRPOConfig
 
-TEACHER_MODES = ("local", "server", "vllm", "offline")
+TEACHER_MODES = ("local", "server", "vllm", "offline", "self")
 
 
 class ConfigError(ValueError):
@@ -27,6 +27,19 @@ class ConfigError(ValueError):
 
 
 BEHAVIOUR_LOGPROB_SOURCES = ("sampler", "trainer")
+METHOD_CHOICES = {
+    "opd_baseline": ("none", "full", "topk"),
+    "opd_ratio": ("plain", "ppo", "cispo"),
+    "opd_divergence": ("none", "reverse_kl", "forward_kl", "jsd"),
+    "opd_divergence_support": ("topk", "full"),
+    "tip_rule": ("none", "entropy_sample", "q3", "type_aware"),
+    "opd_weighting": ("none", "scope", "sod", "uni_opd"),
+}
+NUMERIC_METHOD_FIELDS = (
+    "opd_lambda", "opd_divergence_coef", "opd_divergence_beta", "opd_divergence_temperature",
+    "tip_keep_ratio", "tip_alpha", "tip_gamma", "tip_entropy_quantile",
+    "tip_divergence_quantile", "scope_tau", "sod_delta", "uni_opd_delta", "opd_trace_gamma",
+)  # fmt: skip
 
 
 @dataclass
@@ -38,14 +51,15 @@ class OPDConfig(GRPOConfig):
     optionally discounted over future tokens with `opd_discount`.
     """
 
-    teacher_mode: Literal["local", "server", "vllm", "offline"] = field(
+    teacher_mode: Literal["local", "server", "vllm", "offline", "self"] = field(
         default="local",
         metadata={
             "help": "Where the teacher runs. 'local': an in-process transformers model "
             "(teacher_model_name_or_path). 'server': `opd teacher serve` at teacher_urls. "
             "'vllm': a stock `vllm serve` OpenAI server at teacher_urls (prompt_logprobs). "
             "'offline': scores precomputed by `opd teacher precompute` in teacher_shards "
-            "(Lightning OPD: trains on the fixed rollouts stored there, no generation)."
+            "(Lightning OPD: trains on the fixed rollouts stored there, no generation). 'self': "
+            "a frozen copy of the initial student (OPSD self-distillation)."
         },
     )
     teacher_model_name_or_path: str | None = field(
@@ -126,6 +140,139 @@ class OPDConfig(GRPOConfig):
         },
     )
 
+    # ----- G-OPD / ExOPD (METHODS.md s.4) -----
+    opd_lambda: float = field(
+        default=1.0,
+        metadata={
+            "help": "lam in A_t = lam * (lp_t - lp_ref) - (lp_old - lp_ref). 1: vanilla OPD (the "
+            "reference cancels); (0, 1) interpolates; > 1 extrapolates (ExOPD, e.g. 1.25)."
+        },
+    )
+    opd_reference_model: str | None = field(
+        default=None,
+        metadata={
+            "help": "lp_ref for opd_lambda != 1. None: the student's initial weights (the "
+            "adapter-disabled forward under LoRA); a path/name: that model ('reward correction')."
+        },
+    )
+    # ----- vOPD control-variate baseline (METHODS.md s.2) -----
+    opd_baseline: Literal["none", "full", "topk"] = field(
+        default="none",
+        metadata={
+            "help": "vOPD baseline V_t = -KL_t subtracted from the OPD advantage. 'full': exact "
+            "full-vocabulary KL (needs an in-process teacher: teacher_mode local or self); "
+            "'topk': KL on the student's top-k, both renormalised (any teacher; a remote one "
+            "fills ids outside its top-k with its tail mass)."
+        },
+    )
+    opd_baseline_top_k: int = field(
+        default=100, metadata={"help": "k of the student support of the 'topk' baseline."}
+    )
+    # ----- policy-gradient surrogate -----
+    opd_ratio: Literal["plain", "ppo", "cispo"] = field(
+        default="plain",
+        metadata={
+            "help": "Importance ratio in -rho_t * A_t: 'plain' exp(lp_s - lp_old) (no clipping, "
+            "the OPD default), 'ppo' clipped with epsilon/epsilon_high, 'cispo' the detached "
+            "ratio clamped at epsilon_high times lp_s. The loss is normalised per loss_type."
+        },
+    )
+    # ----- supervised divergence term (family B: GKD, OPSD; METHODS.md intro and s.5) -----
+    opd_divergence: Literal["none", "reverse_kl", "forward_kl", "jsd"] = field(
+        default="none",
+        metadata={"help": "Add coef * mean_t D(p_s, sg(p_t)) to the loss. 'none': family A only."},
+    )
+    opd_divergence_coef: float = field(
+        default=1.0, metadata={"help": "Weight of the divergence term."}
+    )
+    opd_divergence_beta: float = field(
+        default=0.5, metadata={"help": "JSD beta (0: forward KL, 1: reverse KL)."}
+    )
+    opd_divergence_support: Literal["topk", "full"] = field(
+        default="topk",
+        metadata={
+            "help": "'topk': the teacher's top-k (teacher_top_k) plus a tail bucket; 'full': the "
+            "full vocabulary (needs an in-process teacher: teacher_mode local or self)."
+        },
+    )
+    opd_divergence_temperature: float = field(
+        default=1.0, metadata={"help": "Temperature of both distributions in the divergence."}
+    )
+    # ----- TIP token selection (METHODS.md s.3) -----
+    tip_rule: Literal["none", "entropy_sample", "q3", "type_aware"] = field(
+        default="none",
+        metadata={
+            "help": "Which completion tokens the loss sees. 'entropy_sample': floor(tip_keep_ratio "
+            "* N) sampled with prob ~ h^alpha * j^gamma; 'q3': low entropy and high divergence; "
+            "'type_aware': the top-entropy tip_keep_ratio share united with Q3. Dropped tokens "
+            "get no logits (positions are chosen before the lm_head)."
+        },
+    )
+    tip_keep_ratio: float = field(default=0.5, metadata={"help": "rho: share of tokens kept."})
+    tip_alpha: float = field(default=1.0, metadata={"help": "Exponent of normalised entropy."})
+    tip_gamma: float = field(
+        default=0.0, metadata={"help": "Exponent of normalised JSD (0: entropy only)."}
+    )
+    tip_entropy_quantile: float = field(
+        default=0.5, metadata={"help": "Q3: entropy must be below this batch quantile."}
+    )
+    tip_divergence_quantile: float = field(
+        default=0.8, metadata={"help": "Q3: divergence must be above this batch quantile."}
+    )
+    # ----- per-sample weightings (METHODS.md s.9) -----
+    opd_weighting: Literal["none", "scope", "sod", "uni_opd"] = field(
+        default="none",
+        metadata={
+            "help": "'scope': correct samples get perplexity-weighted MLE, incorrect ones "
+            "teacher-perplexity-weighted OPD; 'sod': per-step weights from the student/teacher "
+            "gap; 'uni_opd': lift correct samples' advantages by the shortfall below "
+            "uni_opd_delta. Correctness is the first reward function's reward >= 0.5."
+        },
+    )
+    scope_tau: float = field(default=1.0, metadata={"help": "SCOPE perplexity temperature."})
+    sod_delta: float = field(default=0.5, metadata={"help": "SOD weight cap is 1 + delta."})
+    sod_step_delimiter: str = field(
+        default="\n",
+        metadata={"help": "SOD: text whose tokens end a step (e.g. a tool-call tag)."},
+    )
+    uni_opd_delta: float = field(default=0.1, metadata={"help": "Uni-OPD margin delta."})
+    # ----- privileged teacher context (OPSD, METHODS.md s.5) -----
+    teacher_context_column: str | None = field(
+        default=None,
+        metadata={
+            "help": "Dataset column with privileged information (e.g. a reference solution). "
+            "The teacher then scores the completion after teacher_context_template."
+        },
+    )
+    teacher_context_template: str = field(
+        default=(
+            "{prompt}\n\nHere is a reference solution:\n{context}\n\nAfter understanding "
+            "the reference solution, solve the problem yourself.\n"
+        ),
+        metadata={"help": "Teacher prompt text; {prompt} and {context} are filled per example."},
+    )
+    # ----- off-policy traces (LUFFY s.7; StableOPD anchors s.9) -----
+    opd_trace_column: str | None = field(
+        default=None,
+        metadata={
+            "help": "Dataset column with an off-policy completion (text) that replaces the last "
+            "member of each group. Its tokens use the shaped ratio p / (p + opd_trace_gamma), "
+            "never clipped."
+        },
+    )
+    opd_trace_gamma: float = field(default=0.1, metadata={"help": "LUFFY shaping gamma."})
+    # ----- multi-teacher routing (MOPD, METHODS.md s.9) -----
+    teacher_route_column: str | None = field(
+        default=None, metadata={"help": "Dataset column naming each example's teacher."}
+    )
+    teacher_routes: list[str] = field(
+        default_factory=list,
+        metadata={
+            "help": "NAME=TEACHER pairs: TEACHER is a model path/name (teacher_mode local) or a "
+            "URL (server, vllm). Each example goes to the teacher its route column names."
+        },
+    )
+
     def __post_init__(self):
         self._check_opd_fields()
         if self.bf16 is None and not self.fp16 and not _cuda_available():
@@ -155,11 +302,11 @@ class OPDConfig(GRPOConfig):
         self._check_teacher_source()
         if self.opd_kl_coef < 0 or self.opd_outcome_weight < 0:
             raise ValueError("opd_kl_coef and opd_outcome_weight must be >= 0.")
-        if self.opd_kl_coef == 0 and self.opd_outcome_weight == 0:
+        if self.opd_kl_coef == 0 and self.opd_outcome_weight == 0 and self.opd_divergence == "none":
             raise ValueError(
-                "opd_kl_coef=0 and opd_outcome_weight=0 leave nothing to train: "
-                "set opd_kl_coef > 0 "
-                "(distillation) and/or opd_outcome_weight > 0 (outcome reward)."
+                "opd_kl_coef=0, opd_outcome_weight=0 and opd_divergence='none' leave nothing to "
+                "train: set opd_kl_coef > 0 (distillation), opd_outcome_weight > 0 (outcome "
+                "reward) and/or opd_divergence (a supervised divergence term)."
             )
         if not 0.0 <= self.opd_discount < 1.0:
             raise ValueError(f"opd_discount must be in [0, 1), got {self.opd_discount}.")
@@ -167,9 +314,50 @@ class OPDConfig(GRPOConfig):
             raise ValueError(f"teacher_temperature must be > 0, got {self.teacher_temperature}.")
         if self.teacher_top_k < 0 or self.teacher_batch_size < 1:
             raise ValueError("teacher_top_k must be >= 0 and teacher_batch_size >= 1.")
+        self._check_method_fields()
+
+    def _check_method_fields(self) -> None:
+        """The METHODS.md fields: choices, ranges, and fields that only make sense together."""
+        for name, choices in METHOD_CHOICES.items():
+            _check_choice(name, getattr(self, name), choices)
+        for name in NUMERIC_METHOD_FIELDS:
+            _check_number(name, getattr(self, name))
+        if self.opd_lambda <= 0:
+            raise ValueError(f"opd_lambda must be > 0, got {self.opd_lambda} (1: vanilla OPD).")
+        if not 0.0 < self.tip_keep_ratio <= 1.0:
+            raise ValueError(f"tip_keep_ratio must be in (0, 1], got {self.tip_keep_ratio}.")
+        for name in ("tip_entropy_quantile", "tip_divergence_quantile"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}.")
+        positive = ("opd_trace_gamma", "scope_tau", "opd_divergence_temperature")
+        for name in positive:
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}.")
+        if self.opd_baseline_top_k < 1:
+            raise ValueError(f"opd_baseline_top_k must be >= 1, got {self.opd_baseline_top_k}.")
+        if bool(self.teacher_routes) != bool(self.teacher_route_column):
+            raise ValueError(
+                "multi-teacher routing needs both teacher_route_column (which dataset column "
+                "names the teacher) and teacher_routes (NAME=TEACHER pairs)."
+            )
+        if self.opd_reference_model and self.opd_lambda == 1.0:
+            raise ValueError(
+                "opd_reference_model is only used when opd_lambda != 1 (at 1 it cancels)."
+            )
+        if not 0.0 <= self.opd_divergence_beta <= 1.0:
+            raise ValueError(
+                f"opd_divergence_beta must be in [0, 1], got {self.opd_divergence_beta}."
+            )
+        if (
+            "{prompt}" not in self.teacher_context_template
+            or "{context}" not in self.teacher_context_template
+        ):
+            raise ValueError("teacher_context_template must contain {prompt} and {context}.")
 
     def _check_teacher_source(self) -> None:
         """Each teacher mode names where its teacher is; say which field is missing."""
+        if self.teacher_routes:  # each route names its teacher (checked by build_teacher)
+            return
         if self.teacher_mode == "local" and not self.teacher_model_name_or_path:
             raise ValueError(
                 "teacher_mode='local' needs a teacher: set teacher_model_name_or_path "

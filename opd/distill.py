@@ -20,7 +20,7 @@ from opd.config import ConfigError, OPDConfig, write_resolved_config
 from opd.data import DEMO_DATASET, load_prompts_for
 
 DEMO_STUDENT, DEMO_TEACHER = "demo:student", "demo:teacher"
-REWARD_FUNC_NAMES = ("demo_accuracy",)
+REWARD_FUNC_NAMES = ("demo_accuracy", "math_accuracy", "format")
 
 
 @dataclass
@@ -122,7 +122,8 @@ def run_distill(script_args: DistillArguments, config: OPDConfig) -> dict[str, A
 
 def resolve_demo_models(script_args: DistillArguments, config: OPDConfig) -> None:
     """Replace the `demo:*` model names by the paths of the locally built demo models."""
-    names = {script_args.model_name_or_path, config.teacher_model_name_or_path}
+    route_teachers = {route.partition("=")[2].strip() for route in config.teacher_routes}
+    names = {script_args.model_name_or_path, config.teacher_model_name_or_path, *route_teachers}
     if not names & {DEMO_STUDENT, DEMO_TEACHER}:
         return
     from opd.demo.pretrain import prepare_demo_models
@@ -135,6 +136,12 @@ def resolve_demo_models(script_args: DistillArguments, config: OPDConfig) -> Non
     config.teacher_model_name_or_path = demo_paths.get(
         config.teacher_model_name_or_path, config.teacher_model_name_or_path
     )
+    config.teacher_routes = [_resolve_route(route, demo_paths) for route in config.teacher_routes]
+
+
+def _resolve_route(route: str, demo_paths: dict[str, str]) -> str:
+    name, _, teacher = route.partition("=")
+    return f"{name}={demo_paths.get(teacher.strip(), teacher)}"
 
 
 def build_reward_funcs(names: list[str]) -> list:
@@ -145,6 +152,14 @@ def build_reward_funcs(names: list[str]) -> list:
                 from opd.demo.task import accuracy_reward
 
                 funcs.append(accuracy_reward)
+            case "math_accuracy":
+                from opd.rewards import math_accuracy_reward
+
+                funcs.append(math_accuracy_reward)
+            case "format":
+                from opd.rewards import format_reward
+
+                funcs.append(format_reward)
     return funcs
 
 

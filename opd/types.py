@@ -46,6 +46,8 @@ class RolloutBatch:
     teacher_prompt_ids: list[list[int]] | None = None
     """The context the teacher sees before the same completion ids (privileged context, OPSD).
     None means the teacher sees `prompt_ids`."""
+    teacher_route_B: list[str] | None = None
+    """Which teacher scores each row (multi-teacher routing); None: the only teacher."""
 
     def __post_init__(self):
         _check(
@@ -75,6 +77,8 @@ class RolloutBatch:
                 len(self.teacher_prompt_ids) == num_rows,
                 f"{len(self.teacher_prompt_ids)} teacher prompts for {num_rows} completions",
             )
+        if self.teacher_route_B is not None:
+            _check(len(self.teacher_route_B) == num_rows, "teacher_route_B needs one entry per row")
 
     @property
     def teacher_context_ids(self) -> list[list[int]]:

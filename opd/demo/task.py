@@ -55,6 +55,8 @@ def _to_dataset(pairs: list[tuple[int, int]]) -> Dataset:
         {
             "prompt": [format_prompt(a, b) for a, b in pairs],
             "answer": [str(a + b) for a, b in pairs],
+            # Which teacher grades the example in the multi-teacher demo recipe (MOPD).
+            "route": ["even" if (a + b) % 2 == 0 else "odd" for a, b in pairs],
         }
     )
 

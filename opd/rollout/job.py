@@ -238,7 +238,7 @@ def build_llm(args: RolloutArguments):
 
     on_cpu = not torch.cuda.is_available()
     if on_cpu:
-        from opd.trainer import configure_cpu_vllm_env
+        from opd.rollout.cpu_vllm import configure_cpu_vllm_env
 
         configure_cpu_vllm_env()
     from vllm import LLM

@@ -7,6 +7,7 @@ before it is returned, so a mismatch fails before any model or engine is loaded 
 
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 from opd.config import ConfigError
@@ -15,7 +16,12 @@ from opd.teacher.protocol import TeacherScorer
 
 
 def build_teacher(args: Any, student_tokenizer=None) -> TeacherScorer:
-    """The teacher for `args.teacher_mode`; checked against `student_tokenizer` when given."""
+    """The teacher for `args.teacher_mode`; checked against `student_tokenizer` when given.
+
+    With `args.teacher_routes` (MOPD), a `RoutedTeacher` over one such teacher per route.
+    """
+    if getattr(args, "teacher_routes", None):
+        return _build_routed_teacher(args, student_tokenizer)
     match args.teacher_mode:
         case "local":
             return _build_local_teacher(args, student_tokenizer)
@@ -47,6 +53,62 @@ def build_teacher(args: Any, student_tokenizer=None) -> TeacherScorer:
     if student_tokenizer is not None:
         teacher.check_student_tokenizer(_text_tokenizer(student_tokenizer))
     return teacher
+
+
+# Modes a route can use: its TEACHER is a model name/path (local) or a URL (server, vllm).
+ROUTED_MODES = ("local", "server", "vllm")
+
+
+def _build_routed_teacher(args: Any, student_tokenizer) -> TeacherScorer:
+    """One teacher per route, each built (and tokenizer-checked) like a single teacher.
+
+    Each route's teacher comes from a shallow copy of `args` with its own model (local) or URL
+    (server, vllm). Remote routes drop `teacher_model_name_or_path`: routes serve different
+    models, so one expected name would reject all but one of them; each server reports its own.
+    """
+    from opd.teacher.routed import RoutedTeacher
+
+    if args.teacher_mode not in ROUTED_MODES:
+        raise ConfigError(
+            f"teacher_routes with teacher_mode={args.teacher_mode!r}: routing supports "
+            f"{', '.join(ROUTED_MODES)}; use one of those or leave teacher_routes empty."
+        )
+    teachers = {}
+    for name, target in parse_teacher_routes(args.teacher_routes, args.teacher_mode).items():
+        route_args = copy.copy(args)
+        route_args.teacher_routes = []
+        if args.teacher_mode == "local":
+            route_args.teacher_model_name_or_path = target
+        else:
+            route_args.teacher_urls = [target]
+            route_args.teacher_model_name_or_path = None
+        teachers[name] = build_teacher(route_args, student_tokenizer)
+    return RoutedTeacher(teachers)
+
+
+def parse_teacher_routes(entries: list[str], teacher_mode: str) -> dict[str, str]:
+    """`["NAME=TEACHER", ...]` as `{NAME: TEACHER}`, rejecting malformed and duplicate names.
+
+    Splits at the first `=` only, so a URL with a query string stays whole.
+    """
+    routes: dict[str, str] = {}
+    for entry in entries:
+        name, equals, target = entry.partition("=")
+        name, target = name.strip(), target.strip()
+        if not equals or not name or not target:
+            raise ConfigError(
+                f"teacher_routes entry {entry!r} is not NAME=TEACHER "
+                "(e.g. math=Qwen/Qwen3-8B, or code=http://host:8000)."
+            )
+        if name in routes:
+            raise ConfigError(f"teacher_routes names the route {name!r} twice: {entries}.")
+        if teacher_mode != "local" and not target.startswith(("http://", "https://")):
+            raise ConfigError(
+                f"teacher_routes entry {entry!r}: with teacher_mode={teacher_mode!r} TEACHER "
+                "is a URL starting with http:// or https://."
+            )
+        routes[name] = target
+    return routes
 
 
 def _http_kwargs(args: Any) -> dict[str, Any]:

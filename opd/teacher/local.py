@@ -42,6 +42,19 @@ class LocalTeacher:
         self.teacher_id = str(model.config.name_or_path or type(model).__name__)
 
     @classmethod
+    def frozen_copy_of(cls, model: PreTrainedModel, **kwargs) -> LocalTeacher:
+        """The student's own initial weights as a frozen teacher (OPSD self-distillation).
+
+        A PEFT student's base model is the initial policy, so it is copied without adapters.
+        """
+        import copy
+
+        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        teacher = cls(copy.deepcopy(base), **kwargs)
+        teacher.teacher_id = f"self:{teacher.teacher_id}"
+        return teacher
+
+    @classmethod
     def from_pretrained(cls, name_or_path: str, *, device: str | torch.device = "cpu", **kwargs):
         model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=torch.float32)
         kwargs.setdefault("tokenizer", AutoTokenizer.from_pretrained(name_or_path))
@@ -63,6 +76,36 @@ class LocalTeacher:
             temperature=self.temperature,
             teacher_id=self.teacher_id,
         )
+
+    @property
+    def output_weight(self) -> torch.Tensor:
+        """The lm_head weight `[V, H]` (full-vocabulary divergences from hidden states)."""
+        return self.model.get_output_embeddings().weight
+
+    @torch.no_grad()
+    def completion_hidden_states(self, batch: RolloutBatch) -> torch.Tensor:
+        """`[B, T, H]` final hidden state predicting each completion token after the teacher's
+        context (0 past a row's end). With `output_weight`, the exact full-vocabulary teacher
+        distribution without `[B, T, V]` logits: vOPD's full baseline, full JSD (OPSD)."""
+        contexts = batch.teacher_context_ids
+        completions = batch.completion_ids_BT.tolist()
+        num_tokens = batch.completion_ids_BT.shape[1]
+        rows = []
+        for lo in range(0, len(contexts), self.batch_size):
+            chunk = range(lo, min(lo + self.batch_size, len(contexts)))
+            input_ids, attention_mask = _pack(
+                [contexts[i] for i in chunk], [completions[i] for i in chunk], self.model.device
+            )
+            hidden = self.model(
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                output_hidden_states=True,
+                logits_to_keep=1,
+            ).hidden_states[-1]
+            for row, i in enumerate(chunk):
+                start = len(contexts[i]) - 1
+                rows.append(hidden[row, start : start + num_tokens])
+        return torch.stack(rows)
 
     @torch.no_grad()
     def score_sequences(self, request: ScoreRequest) -> SequenceScores:

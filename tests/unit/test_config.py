@@ -66,7 +66,7 @@ def test_cli_wrong_type_names_the_field(capsys):
 def test_cli_impossible_combination_names_the_field(tmp_path, capsys):
     args = ["distill", "--opd_kl_coef", "0", "--output_dir", str(tmp_path), "--dry_run", "true"]
     assert main(args) == 2
-    assert "opd_kl_coef=0 and opd_outcome_weight=0" in capsys.readouterr().err
+    assert "opd_kl_coef=0, opd_outcome_weight=0" in capsys.readouterr().err
 
 
 def test_cli_unknown_reward_function(tmp_path, capsys):

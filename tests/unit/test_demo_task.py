@@ -93,7 +93,7 @@ def test_splits_reject_more_problems_than_exist():
 
 def test_build_dataset_rows_are_correct_sums():
     dataset = task.build_dataset(50, seed=4)
-    assert dataset.column_names == ["prompt", "answer"]
+    assert dataset.column_names == ["prompt", "answer", "route"]
     assert len(set(dataset["prompt"])) == 50
     for prompt, answer in zip(dataset["prompt"], dataset["answer"], strict=True):
         a, b = prompt.removesuffix("=").split("+")

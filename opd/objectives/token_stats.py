@@ -1,0 +1,129 @@
+"""Per-token quantities over the vocabulary for the advantage phase (no gradient).
+
+One pass over the student's completion positions gives, per token: the sampled-token logprob,
+the entropy `H_t`, the reverse KL to the teacher (exact `KL_t` when the teacher runs in this
+process and its hidden states are given; top-k with a tail bucket otherwise), the vOPD baseline's
+KL (full, or on the student's top-k renormalised), the JSD that TIP ranks tokens by, and the
+student's mass on the teacher's top-k support. Logits exist one chunk of rows at a time, and the
+per-row maths is `opd.kernels` (Triton on GPU, chunked torch on CPU).
+
+Test: `pytest tests/unit/test_token_stats.py`.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from opd.kernels import full_divergence, sampled_logprob_entropy, topk_divergence
+
+
+@torch.no_grad()
+def completion_token_stats(
+    student_hidden_NH: torch.Tensor,
+    student_weight_VH: torch.Tensor,
+    ids_N: torch.Tensor,
+    *,
+    temperature: float = 1.0,
+    teacher_topk_ids_NK: torch.Tensor | None = None,
+    teacher_topk_logprobs_NK: torch.Tensor | None = None,
+    teacher_hidden_NH: torch.Tensor | None = None,
+    teacher_weight_VH: torch.Tensor | None = None,
+    teacher_temperature: float = 1.0,
+    baseline: str = "none",
+    baseline_top_k: int = 100,
+    jsd: bool = False,
+    chunk_rows: int = 512,
+) -> dict[str, torch.Tensor]:
+    """Float32 `[N]` stats of N completion positions.
+
+    Args:
+        student_hidden_NH, student_weight_VH: final hidden states and lm_head weight; the
+            student's logits at the sampling `temperature` are `hidden @ weight.T / temperature`.
+        ids_N: the sampled token ids.
+        teacher_topk_ids_NK, teacher_topk_logprobs_NK: the teacher's top-k (any teacher mode).
+        teacher_hidden_NH, teacher_weight_VH: an in-process teacher's hidden states and lm_head
+            (exact full-vocabulary quantities); logits divided by `teacher_temperature`.
+        baseline: "none", "full" or "topk" (vOPD's V_t = -KL_t on that support).
+        jsd: also return `jsd` (TIP's divergence axis).
+
+    Returns:
+        `logprob`, `entropy`; with a teacher `reverse_kl`; with top-k `topk_mass`; `baseline_kl`
+        unless baseline is "none"; `jsd` when asked.
+    """
+    has_full = teacher_hidden_NH is not None
+    has_topk = teacher_topk_ids_NK is not None and teacher_topk_ids_NK.shape[-1] > 0
+    if baseline == "full" and not has_full:
+        raise ValueError("the full vOPD baseline needs the teacher's hidden states")
+    if baseline == "topk" and not (has_full or has_topk):
+        raise ValueError("the top-k vOPD baseline needs the teacher's top-k or hidden states")
+    chunks: dict[str, list[torch.Tensor]] = {}
+    for lo in range(0, ids_N.shape[0], chunk_rows):
+        rows = slice(lo, lo + chunk_rows)
+        student_logits = (
+            student_hidden_NH[rows].float() @ student_weight_VH.float().T
+        ) / temperature
+        teacher_logits = None
+        if has_full:
+            teacher_logits = teacher_hidden_NH[rows].float() @ teacher_weight_VH.float().T
+            teacher_logits = teacher_logits / teacher_temperature
+        topk = (
+            (teacher_topk_ids_NK[rows].long(), teacher_topk_logprobs_NK[rows].float())
+            if has_topk
+            else None
+        )
+        stats = _chunk_stats(
+            student_logits, ids_N[rows].long(), teacher_logits, topk, baseline, baseline_top_k, jsd
+        )
+        for name, values in stats.items():
+            chunks.setdefault(name, []).append(values)
+    return {name: torch.cat(values) for name, values in chunks.items()}
+
+
+def _chunk_stats(student_logits, ids, teacher_logits, topk, baseline, baseline_top_k, jsd):
+    logprob, entropy = sampled_logprob_entropy(student_logits, ids)
+    stats = {"logprob": logprob, "entropy": entropy}
+    if teacher_logits is not None:
+        stats["reverse_kl"] = full_divergence(student_logits, teacher_logits, kind="reverse_kl")
+    elif topk is not None:
+        stats["reverse_kl"] = topk_divergence(student_logits, *topk, kind="reverse_kl", tail=True)
+    if topk is not None:
+        stats["topk_mass"] = _support_mass(student_logits, *topk)
+    if baseline == "full":
+        stats["baseline_kl"] = stats["reverse_kl"]
+    elif baseline == "topk":
+        stats["baseline_kl"] = _student_topk_kl(
+            student_logits, teacher_logits, topk, baseline_top_k
+        )
+    if jsd:
+        stats["jsd"] = (
+            full_divergence(student_logits, teacher_logits, kind="jsd", beta=0.5)
+            if teacher_logits is not None
+            else topk_divergence(student_logits, *topk, kind="jsd", beta=0.5, tail=False)
+        )
+    return stats
+
+
+def _student_topk_kl(student_logits, teacher_logits, topk, k):
+    """KL on the student's top-k, both distributions renormalised there (vOPD's top-k V_t).
+
+    With the teacher's logits at hand its values on the student's ids are exact; a remote teacher
+    only returned its own top-k, and ids outside it share its tail mass uniformly.
+    """
+    k = min(k, student_logits.shape[-1])
+    if teacher_logits is None:
+        return topk_divergence(
+            student_logits, *topk, kind="reverse_kl", support="student", tail=False,
+            student_top_k=k,
+        )  # fmt: skip
+    support_ids = student_logits.topk(k, dim=-1).indices
+    teacher_at_support = torch.log_softmax(teacher_logits, -1).gather(-1, support_ids)
+    return topk_divergence(
+        student_logits, support_ids, teacher_at_support, kind="reverse_kl", tail=False
+    )
+
+
+def _support_mass(student_logits, topk_ids, topk_logprobs):
+    """The student's probability mass on the teacher's (valid) top-k ids."""
+    logprobs = torch.log_softmax(student_logits, -1).gather(-1, topk_ids)
+    logprobs = logprobs.masked_fill(torch.isinf(topk_logprobs), float("-inf"))
+    return torch.logsumexp(logprobs, -1).exp()

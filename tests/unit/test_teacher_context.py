@@ -1,0 +1,123 @@
+"""Privileged teacher prompts (OPSD): templating, checks, and TRL-identical tokenization."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+from trl import GRPOTrainer
+
+from opd.demo.tiny import build_char_tokenizer
+from opd.teacher.context import teacher_prompt, teacher_prompt_ids
+
+TEMPLATE = "{prompt} hint: {context}"
+# A minimal chat template over the tiny tokenizer's alphabet (it ships none); the `think` kwarg
+# shows that chat_template_kwargs reach the template.
+CHAT_TEMPLATE = (
+    "{% for m in messages %}#{{ m.role }}: {{ m.content }}.{% endfor %}"
+    "{% if add_generation_prompt %}#assistant:{% if think %} think{% endif %}{% endif %}"
+)
+CHAT = [
+    {"role": "system", "content": "be brief"},
+    {"role": "user", "content": "1+1=?"},
+    {"role": "assistant", "content": "2"},
+    {"role": "user", "content": "2+2=?"},
+]
+
+
+def _tokenizer(chat: bool = False):
+    tokenizer = build_char_tokenizer()
+    if chat:
+        tokenizer.chat_template = CHAT_TEMPLATE
+    return tokenizer
+
+
+def _char_ids(tokenizer, text: str) -> list[int]:
+    """The char tokenizer's ids spelled out one character at a time (independent of encode)."""
+    return tokenizer.convert_tokens_to_ids(list(text))
+
+
+def test_string_prompt_is_filled():
+    assert teacher_prompt("2+2=?", "4", TEMPLATE) == "2+2=? hint: 4"
+
+
+def test_chat_prompt_changes_only_the_last_user_message():
+    before = [dict(message) for message in CHAT]
+    messages = teacher_prompt(CHAT, "4", TEMPLATE)
+    assert messages[:3] == CHAT[:3]
+    assert messages[3] == {"role": "user", "content": "2+2=? hint: 4"}
+    assert before == CHAT  # the student's prompt is not modified
+
+
+def test_chat_prompt_without_a_user_message_raises():
+    with pytest.raises(ValueError, match="no user message"):
+        teacher_prompt([{"role": "system", "content": "be brief"}], "4", TEMPLATE)
+
+
+@pytest.mark.parametrize(
+    ("template", "missing"),
+    [("{prompt} only", "context"), ("{context} only", "prompt"), ("no fields", "prompt")],
+)
+def test_template_needs_both_placeholders(template, missing):
+    with pytest.raises(
+        ValueError, match=rf"\{{prompt\}} and \{{context\}}.*missing: .*'{missing}'"
+    ):
+        teacher_prompt("x", "y", template)
+
+
+def test_template_with_another_placeholder_raises():
+    with pytest.raises(ValueError, match=r"unknown: \['answer'\]"):
+        teacher_prompt("x", "y", "{prompt} {context} {answer}")
+
+
+def test_string_prompt_ids_are_the_tokenizers_encoding():
+    tokenizer = _tokenizer()
+    ids = teacher_prompt_ids(["2+2=?", "3*3=?"], ["4", "9"], TEMPLATE, tokenizer)
+    assert ids == [
+        _char_ids(tokenizer, "2+2=? hint: 4"),
+        _char_ids(tokenizer, "3*3=? hint: 9"),
+    ]
+    assert ids[0] == tokenizer("2+2=? hint: 4")["input_ids"]
+
+
+@pytest.mark.parametrize("think", [False, True])
+def test_chat_prompt_ids_are_the_rendered_chat(think):
+    tokenizer = _tokenizer(chat=True)
+    ids = teacher_prompt_ids(
+        [CHAT], ["4"], TEMPLATE, tokenizer, chat_template_kwargs={"think": think}
+    )
+    text = "#system: be brief.#user: 1+1=?.#assistant: 2.#user: 2+2=? hint: 4.#assistant:"
+    text += " think" if think else ""
+    assert ids == [_char_ids(tokenizer, text)]
+    assert ids[0] == tokenizer.encode(text, add_special_tokens=False)
+
+
+@pytest.mark.parametrize("chat", [False, True])
+def test_ids_equal_trl_tokenizing_the_teacher_prompt(chat):
+    """Against TRL's own `GRPOTrainer._tokenize_prompts` on the expected teacher prompts.
+
+    A namespace stands in for the trainer (building a real one needs a model, a dataset and
+    reward functions); it carries exactly the attributes that method reads. If a TRL upgrade
+    changes how prompts are tokenized, this test fails.
+    """
+    tokenizer = _tokenizer(chat=chat)
+    prompts = [CHAT, CHAT] if chat else ["2+2=?", "3*3=?"]
+    kwargs = {"think": True} if chat else {}
+    trainer = SimpleNamespace(
+        _is_vlm=False,
+        environment_factories=None,
+        processing_class=tokenizer,
+        tools=None,
+        chat_template=None,
+        chat_template_kwargs=kwargs,
+    )
+    expected = [teacher_prompt(p, c, TEMPLATE) for p, c in zip(prompts, ["4", "9"], strict=True)]
+    trl_ids, _, _ = GRPOTrainer._tokenize_prompts(trainer, expected)
+    ids = teacher_prompt_ids(prompts, ["4", "9"], TEMPLATE, tokenizer, chat_template_kwargs=kwargs)
+    assert ids == [list(row) for row in trl_ids]
+    assert ids[0] != ids[1]
+
+
+def test_prompts_and_contexts_must_pair_up():
+    with pytest.raises(ValueError, match="2 prompts but 1 contexts"):
+        teacher_prompt_ids(["a", "b"], ["c"], TEMPLATE, _tokenizer())

@@ -27,7 +27,7 @@ def test_inject_traces_replaces_ids_text_and_logprobs():
         generated, ["ignored", "xyz"], [1], tokenizer=CharTokenizer(), max_completion_length=3,
         conversational=False,
     )  # fmt: skip
-    prompt_ids, completion_ids, _, completions, logprobs, *_ = updated
+    _, completion_ids, _, completions, logprobs, *_ = updated
     assert offpolicy == [False, True]
     # "xyz" truncated to max_len - 1 = 2 tokens plus EOS
     assert completion_ids == [[5, 6], [ord("x"), ord("y"), 0]]

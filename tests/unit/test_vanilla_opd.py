@@ -68,7 +68,8 @@ def cpu_trainer(tiny_student, tiny_teacher, tmp_path):
 
 def test_grpo_loss_on_opd_advantages_matches_hand_computed(cpu_trainer):
     """The [B, T] advantages go through opd's loss (fused lm_head, TRL's dapo normalisation)
-    like TRL's GRPO loss: at the first update the ratio is 1, so loss = -sum(A * m) / sum(m) and d loss / d lp_s[t] = -A_t m_t / sum(m)."""
+    like TRL's GRPO loss: at the first update the ratio is 1, so loss = -sum(A * m) / sum(m)
+    and d loss / d lp_s[t] = -A_t m_t / sum(m)."""
     trainer = cpu_trainer
     trainer.current_gradient_accumulation_steps = 1
     advantages_BT = vanilla_opd_advantage(STUDENT_OLD_BT, TEACHER_BT, MASK_BT)

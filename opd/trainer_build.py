@@ -110,5 +110,10 @@ def _check_loss_options(args: OPDConfig) -> None:
             "top_entropy_quantile is TRL's entropy mask; in opd use tip_rule: entropy_sample or "
             "type_aware (TIP), which also drops the masked tokens' logits."
         )
+    if args.use_liger_kernel:
+        raise ConfigError(
+            "use_liger_kernel replaces the loss that opd computes (its fused kernels already "
+            "avoid full logits); set use_liger_kernel: false."
+        )
     if getattr(args, "off_policy_mask_threshold", None) is not None:
         raise ConfigError("off_policy_mask_threshold is not supported by opd's loss.")

@@ -170,6 +170,7 @@ class RemoteTeacher:  # a stand-in for a server/vllm client: only its type matte
         ({"opd_weighting": "scope"}, "reward_funcs"),
         ({"loss_type": "sapo"}, "loss_type"),
         ({"top_entropy_quantile": 0.2}, "tip_rule"),
+        ({"use_liger_kernel": True}, "use_liger_kernel"),
     ],
 )
 def test_method_needs_are_checked_before_training(tmp_path, fields, message):

@@ -31,6 +31,20 @@ def test_valid_config_keeps_grpo_fields(tmp_path):
         ({"teacher_top_k": 2.5}, "teacher_top_k must be an integer"),
         ({"teacher_temperature": 0.0}, "teacher_temperature must be > 0"),
         ({"opd_behaviour_logprobs": "ref"}, "opd_behaviour_logprobs='ref' is not one of"),
+        ({"opd_baseline": "exact"}, "opd_baseline='exact' is not one of none, full, topk"),
+        ({"tip_rule": "q4"}, "tip_rule='q4' is not one of"),
+        ({"opd_divergence": "kl"}, "opd_divergence='kl' is not one of"),
+        ({"opd_weighting": "luffy"}, "opd_weighting='luffy' is not one of"),
+        ({"opd_lambda": 0.0}, "opd_lambda must be > 0"),
+        ({"opd_lambda": float("nan")}, "opd_lambda must be a finite number"),
+        ({"tip_keep_ratio": 0.0}, r"tip_keep_ratio must be in \(0, 1\]"),
+        ({"tip_divergence_quantile": 1.5}, r"tip_divergence_quantile must be in \[0, 1\]"),
+        ({"opd_trace_gamma": 0.0}, "opd_trace_gamma must be > 0"),
+        ({"opd_baseline_top_k": 0}, "opd_baseline_top_k must be >= 1"),
+        ({"teacher_route_column": "domain"}, "needs both teacher_route_column"),
+        ({"opd_reference_model": "m"}, "only used when opd_lambda != 1"),
+        ({"opd_divergence_beta": 2.0}, r"opd_divergence_beta must be in \[0, 1\]"),
+        ({"teacher_context_template": "{prompt}"}, "must contain {prompt} and {context}"),
     ],
 )
 def test_config_rejects_bad_values(tmp_path, overrides, message):
@@ -87,3 +101,17 @@ def test_cli_missing_dataset_file(tmp_path, capsys):
 def test_embedded_demo_recipe_parses(tmp_path):
     assert main(["distill", "--output_dir", str(tmp_path), "--dry_run", "true"]) == 0
     assert (tmp_path / "opd_config.yaml").exists()
+
+
+def test_pure_divergence_needs_no_policy_term(tmp_path):
+    # OPSD is family B only: opd_kl_coef = 0 and no outcome reward is valid with a divergence.
+    config = make_config(tmp_path, opd_kl_coef=0.0, opd_divergence="jsd")
+    assert config.opd_divergence == "jsd"
+
+
+def test_routes_replace_the_single_teacher_fields(tmp_path):
+    config = make_config(
+        tmp_path, teacher_model_name_or_path=None, teacher_route_column="domain",
+        teacher_routes=["math=a", "code=b"],
+    )  # fmt: skip
+    assert config.teacher_routes == ["math=a", "code=b"]

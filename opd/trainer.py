@@ -37,6 +37,7 @@ from opd.objectives.token_stats import completion_token_stats
 from opd.rollout.cpu_vllm import configure_cpu_vllm_env, resolve_vllm_dtype, vllm_engine_kwargs
 from opd.teacher.build import build_teacher
 from opd.teacher.http import TeacherUnavailableError
+from opd.teacher.local import LocalTeacher
 from opd.teacher.protocol import TeacherScorer
 from opd.trainer_build import (
     build_reference_model,
@@ -129,7 +130,11 @@ class OPDTrainer(MethodMixin, GRPOTrainer):
         self.opd_reference = None
         if args.opd_lambda != 1.0:
             self.opd_reference = build_reference_model(args, student, self.ref_model)
-        self.teacher_hidden = needs_teacher_hidden(args)
+        # An in-process teacher gives the exact distribution: use it for the top-k baseline too.
+        self.teacher_hidden = needs_teacher_hidden(args) or (
+            args.opd_baseline == "topk" and isinstance(teacher, LocalTeacher)
+        )
+        self.has_rewards = reward_funcs is not None
         self.sod_step_ids = self.build_sod_step_ids()
         if self.use_vllm and self.vllm_mode == "colocate" and self.accelerator.device.type == "cpu":
             from opd.rollout.cpu_weight_sync import sync_trl_colocate_weights_on_cpu

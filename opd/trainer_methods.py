@@ -175,7 +175,7 @@ class MethodMixin:
                           ("jsd", "jsd")):  # fmt: skip
             if key in stats:
                 values[f"opd/{name}"] = masked_mean(stats[key], mask_BT)
-        if getattr(self, "local_rewards_BF", None) is not None:
+        if self.has_rewards:
             values["opd/accuracy"] = float(self.correct_B().float().mean())
         for name, value in values.items():
             self.record(name, value)

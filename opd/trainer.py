@@ -209,6 +209,8 @@ class OPDTrainer(MethodMixin, GRPOTrainer):
                 self.model, input_ids[rows], attention_mask[rows], num_tokens
             )
             keep = mask_BT[rows].bool()
+            if not keep.any():  # only padding in this micro-batch
+                continue
             topk = _topk_at(scores, rows, keep, hidden_BTH.device)
             full = {}
             if teacher_hidden_BTH is not None:
@@ -320,6 +322,9 @@ class OPDTrainer(MethodMixin, GRPOTrainer):
         hidden_BTH = completion_hidden_states(
             model, input_ids, attention_mask, inputs["completion_ids"].shape[1]
         )
+        if rows_N.numel() == 0:  # e.g. Q3 kept nothing here: no signal, but a valid graph
+            self.record("opd/loss", 0.0)
+            return hidden_BTH.sum() * 0.0
         hidden_NH = hidden_BTH[rows_N, cols_N]
         weight_VH = output_weight(self.accelerator.unwrap_model(model))
         token_N = fused_linear_token_stats(
@@ -351,7 +356,9 @@ class OPDTrainer(MethodMixin, GRPOTrainer):
             loss_N = loss_N * ratio_N
         if self.beta != 0.0:
             reference_N = inputs["ref_per_token_logps"][rows_N, cols_N]
-            loss_N = loss_N + self.beta * reference_kl_N(logprobs_N, reference_N)
+            reference_kl = reference_kl_N(logprobs_N, reference_N)
+            self.record("opd/reference_kl", float(reference_kl.detach().mean()))
+            loss_N = loss_N + self.beta * reference_kl
         self.log_ratio_metrics(logprobs_N.detach() - old_N)
         return loss_N
 

@@ -7,10 +7,10 @@ Test: `pytest tests/integration/test_methods.py`.
 
 from __future__ import annotations
 
-import copy
+from trl.trainer.utils import add_fused_lm_head
 
 from opd.config import ConfigError, OPDConfig
-from opd.teacher.local import LocalTeacher
+from opd.teacher.local import LocalTeacher, detached_copy
 from opd.teacher.protocol import TeacherScorer
 
 SUPPORTED_LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "cispo")
@@ -44,7 +44,13 @@ def build_reference_model(args: OPDConfig, model, trl_reference=None):
         return trl_reference
     if hasattr(model, "disable_adapter"):
         return None
-    return copy.deepcopy(model).eval().requires_grad_(False)
+    reference = detached_copy(model).eval().requires_grad_(False)
+    # TRL's per-token logprob path calls `model(..., fused_lm_head=True)`: give the copy the
+    # same fused head TRL gave the student (and its own reference model).
+    add_fused_lm_head(
+        reference, temperature=args.temperature, cast_lm_head_to_fp32=args.cast_lm_head_to_fp32
+    )
+    return reference
 
 
 def needs_teacher_hidden(args: OPDConfig) -> bool:

@@ -136,7 +136,8 @@ class MethodMixin:
         generator = torch.Generator(device="cpu").manual_seed(args.seed + self.state.global_step)
         jsd_BT = stats.get("jsd", torch.zeros_like(mask_BT))  # entropy-only rules ignore it
         keep_BT = tip_keep_mask(
-            args.tip_rule, stats["entropy"].cpu(), jsd_BT.cpu(), mask_BT.cpu(),
+            args.tip_rule, stats.get("entropy", torch.zeros_like(mask_BT)).cpu(), jsd_BT.cpu(),
+            mask_BT.cpu(),
             vocab_size=self.teacher_vocab_size(), keep_ratio=args.tip_keep_ratio,
             alpha=args.tip_alpha, gamma=args.tip_gamma,
             entropy_quantile=args.tip_entropy_quantile,

@@ -16,7 +16,10 @@ from opd.config import ConfigError
 
 # Architectures whose logits are not `hidden @ lm_head.T`: recomputing them from hidden states
 # would silently give another distribution.
-_UNSUPPORTED_LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling")
+_UNSUPPORTED_LOGIT_TRANSFORMS = (
+    "final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier",
+    "lm_head_multiplier",
+)  # fmt: skip
 
 
 def check_plain_lm_head(model) -> None:

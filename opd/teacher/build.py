@@ -143,7 +143,9 @@ def _build_local_teacher(args: Any, student_tokenizer) -> TeacherScorer:
             _text_tokenizer(student_tokenizer), teacher_tokenizer, teacher_name=name
         )
     try:
-        model = AutoModelForCausalLM.from_pretrained(name, dtype=torch.float32)
+        # The trainer's precision: an 8B teacher is 16 GB in bf16, 32 GB in fp32.
+        dtype = torch.bfloat16 if getattr(args, "bf16", False) else torch.float32
+        model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype)
     except OSError as error:
         raise ConfigError(
             f"cannot load the teacher model from {name!r} ({error}); check "

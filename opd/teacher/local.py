@@ -47,10 +47,8 @@ class LocalTeacher:
 
         A PEFT student's base model is the initial policy, so it is copied without adapters.
         """
-        import copy
-
         base = model.get_base_model() if hasattr(model, "get_base_model") else model
-        teacher = cls(copy.deepcopy(base), **kwargs)
+        teacher = cls(detached_copy(base), **kwargs)
         teacher.teacher_id = f"self:{teacher.teacher_id}"
         return teacher
 
@@ -145,6 +143,21 @@ class LocalTeacher:
                 torch.cat([s[1] for s in per_sequence]), request.top_k, -torch.inf
             ),
         )
+
+
+def detached_copy(model: PreTrainedModel) -> PreTrainedModel:
+    """A deep copy of `model` that runs its own weights.
+
+    TRL's GRPOTrainer replaces the student's `forward` with a closure over the original bound
+    method (`trl.trainer.utils.add_fused_lm_head`); `copy.deepcopy` keeps that closure, so the copy
+    would silently keep calling the live student. Dropping the instance attribute restores the
+    class's `forward` on the copy's own parameters.
+    """
+    import copy
+
+    clone = copy.deepcopy(model)
+    vars(clone).pop("forward", None)
+    return clone
 
 
 def _cpu(topk) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,45 +1,331 @@
-"""Every shipped recipe parses, and runs 2 steps through the real CLI on the demo models.
+"""Every recipe parses and has a CPU twin; every twin runs 2 steps and shows its method.
 
-Recipes are written for GPUs and real models; the 2-step run swaps in the demo's locally built
-models and task (the overrides each recipe's header documents), so the plumbing is exercised on
-CPU with vLLM rollouts.
+`recipes/<name>.yaml` is written for GPUs and hub models; `recipes/<name>-tiny.yaml` holds the same
+method fields on the demo's locally built models and task. The tiny runs go through `opd.cli.main`
+in this process (transformers generation), except vanilla_opd-tiny, whose colocated vLLM engine
+runs in a subprocess, as does the `opd rollout` job (vLLM) that writes lightning_opd-tiny's
+shards. vopd_topk-tiny scores with the real `opd teacher serve` app on loopback.
+
+Each run must reach step 2 and log the signal specific to its method, checked by value where the
+maths gives one: vOPD's advantage is exactly `baseline_kl - k1`, ExOPD's step-1 advantage is
+exactly `-1.25 * k1` (the reference is still the student), LUFFY's group holds 1 trace in 8.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
 from opd.cli import main
 
-RECIPES = sorted((Path(__file__).parents[2] / "recipes").glob("*.yaml"))
-CPU_OVERRIDES = [
-    "--model_name_or_path", "demo:student", "--teacher_model_name_or_path", "demo:teacher",
-    "--dataset_name", "demo:arithmetic", "--dataset_chat_template", "false", "--bf16", "false",
-    "--max_completion_length", "4",
-]  # fmt: skip
+RECIPES_DIR = Path(__file__).parents[2] / "recipes"
+RECIPES = sorted(RECIPES_DIR.glob("*.yaml"))
+TINY_SUFFIX = "-tiny"
+REAL_NAMES = sorted(p.stem for p in RECIPES if not p.stem.endswith(TINY_SUFFIX))
+TINY_NAMES = sorted(
+    p.stem.removesuffix(TINY_SUFFIX) for p in RECIPES if p.stem.endswith(TINY_SUFFIX)
+)
+
+Steps = dict[int, dict[str, float]]  # logged step -> that step's metrics
 
 
-def test_recipes_exist():
-    assert RECIPES, "no recipes found"
+def _tiny(name: str) -> Path:
+    return RECIPES_DIR / f"{name}{TINY_SUFFIX}.yaml"
+
+
+def _steps(output_dir: Path) -> Steps:
+    """The per-step training logs of a finished run (the entries that carry opd's metrics)."""
+    history = json.loads((output_dir / "opd_results.json").read_text())["log_history"]
+    assert max(entry.get("step", 0) for entry in history) == 2, "the run did not reach step 2"
+    steps = {entry["step"]: entry for entry in history if "opd/reverse_kl_k1" in entry}
+    assert sorted(steps) == [1, 2], f"opd metrics logged at steps {sorted(steps)}, expected 1 and 2"
+    return steps
+
+
+# ------------------------------------------------------------------------------------------------
+# Every recipe parses; real and tiny come in pairs
+# ------------------------------------------------------------------------------------------------
+
+
+def test_every_recipe_has_a_tiny_twin():
+    assert REAL_NAMES, "no recipes found"
+    assert set(REAL_NAMES) == set(TINY_NAMES), (
+        f"real without -tiny: {sorted(set(REAL_NAMES) - set(TINY_NAMES))}; "
+        f"-tiny without real: {sorted(set(TINY_NAMES) - set(REAL_NAMES))}"
+    )
 
 
 @pytest.mark.parametrize("recipe", RECIPES, ids=lambda path: path.stem)
 def test_recipe_parses(recipe, tmp_path):
+    text = recipe.read_text()
+    assert text.startswith("#"), "a recipe opens with a comment: purpose, launch, needs"
+    if recipe.stem.endswith(TINY_SUFFIX):
+        name = recipe.stem.removesuffix(TINY_SUFFIX)
+        launch = (
+            f"CPU check of {name} on the demo models: opd distill --config recipes/{recipe.name}"
+        )
+    else:
+        launch = f"opd distill --config recipes/{recipe.name}"
+    assert launch in text, f"the header gives the launch command: {launch!r}"
     args = ["distill", "--config", str(recipe), "--bf16", "false", "--output_dir", str(tmp_path)]
     assert main([*args, "--dry_run", "true"]) == 0
-    assert recipe.read_text().startswith("#"), "a recipe opens with a comment: purpose, launch"
+    assert (tmp_path / "opd_config.yaml").is_file()
 
 
-@pytest.mark.parametrize("recipe", RECIPES, ids=lambda path: path.stem)
-def test_recipe_runs_two_steps_on_cpu(recipe, tmp_path):
-    command = [sys.executable, "-m", "opd.cli", "distill", "--config", str(recipe),
-               *CPU_OVERRIDES, "--max_steps", "2", "--output_dir", str(tmp_path)]  # fmt: skip
-    result = subprocess.run(command, capture_output=True, text=True, timeout=900)
+# ------------------------------------------------------------------------------------------------
+# What each tiny run must show (values from its log history)
+# ------------------------------------------------------------------------------------------------
+
+
+def _advantage_is_vanilla(steps: Steps, coef: float = 1.0) -> None:
+    for metrics in steps.values():
+        expected = -coef * metrics["opd/reverse_kl_k1"]
+        assert metrics["opd/advantage_mean"] == pytest.approx(expected, rel=1e-4, abs=1e-5)
+
+
+def _check_vanilla_opd(steps: Steps) -> None:
+    _advantage_is_vanilla(steps)  # A_t = lp_teacher - lp_old, c = 1
+    # The vLLM sampler's logprobs are the trainer's: the importance ratio stays at 1.
+    assert all(m["opd/ratio_mean"] == pytest.approx(1.0, abs=1e-2) for m in steps.values())
+
+
+def _check_vopd(steps: Steps) -> None:
+    for metrics in steps.values():
+        assert metrics["opd/baseline_kl"] > 0
+        # A_t = r_t - V_t with V_t = -KL_t: the mean moves from -k1 by exactly the mean KL.
+        expected = metrics["opd/baseline_kl"] - metrics["opd/reverse_kl_k1"]
+        assert metrics["opd/advantage_mean"] == pytest.approx(expected, rel=1e-3, abs=1e-4)
+
+
+def _check_vopd_topk(steps: Steps) -> None:
+    _check_vopd(steps)
+    for metrics in steps.values():
+        assert "teacher/server_s" in metrics, "the teacher answered over HTTP"
+        assert 0 < metrics["opd/topk_mass"] <= 1
+
+
+def _check_tip(steps: Steps) -> None:
+    # floor(0.5 * N) of N completion tokens, N = 19..24 here.
+    assert all(m["opd/kept_fraction"] == pytest.approx(0.5, abs=0.05) for m in steps.values())
+
+
+def _check_tip_q3(steps: Steps) -> None:
+    assert all(0 < m["opd/kept_fraction"] <= 0.6 for m in steps.values())
+    assert all(m["opd/jsd"] > 0 for m in steps.values())
+
+
+def _check_tip_type_aware(steps: Steps) -> None:
+    # The top-50% entropy share, united with Q3 (which may add nothing).
+    assert all(0.45 <= m["opd/kept_fraction"] < 1 for m in steps.values())
+    assert all(m["opd/jsd"] > 0 for m in steps.values())
+
+
+def _check_exopd(steps: Steps) -> None:
+    # At step 1 the reference (initial student) is the student: A_t = 1.25 (lp_t - lp_old).
+    first = steps[1]
+    assert first["opd/advantage_mean"] == pytest.approx(
+        -1.25 * first["opd/reverse_kl_k1"], rel=1e-4
+    )
+    # At step 2 the student has moved off the reference, so the identity no longer holds.
+    second = steps[2]
+    assert second["opd/advantage_mean"] != pytest.approx(-1.25 * second["opd/reverse_kl_k1"])
+    assert "rewards/accuracy_reward/mean" in first
+
+
+def _check_opsd(steps: Steps) -> None:
+    for metrics in steps.values():
+        assert metrics["opd/divergence"] > 0
+        # opd_kl_coef 0: no policy-gradient term; the loss is the divergence alone.
+        assert metrics["opd/advantage_mean"] == 0 and metrics["opd/advantage_std"] == 0
+        assert metrics["opd/loss"] == pytest.approx(metrics["opd/divergence"], rel=1e-4)
+    # At step 1 the teacher has the student's weights; only the privileged context differs.
+    assert abs(steps[1]["opd/reverse_kl_k1"]) > 0.1
+
+
+def _check_lightning_opd(steps: Steps) -> None:
+    for metrics in steps.values():
+        assert "teacher/latency_s" not in metrics, "no live teacher: scores come from the shards"
+        assert metrics["opd/clip_fraction"] >= 0  # the PPO-style surrogate
+        assert math.isfinite(metrics["opd/reverse_kl_k1"])
+
+
+def _check_luffy(steps: Steps) -> None:
+    for metrics in steps.values():
+        assert metrics["opd/offpolicy_fraction"] == pytest.approx(1 / 8)
+        # The trace (the reference answer) is always right: at least 1 in 8 rewards is 1.
+        assert metrics["rewards/accuracy_reward/mean"] >= 1 / 8
+    # teacher_mode self at step 1 is the student itself: k1 is 0.
+    assert steps[1]["opd/reverse_kl_k1"] == pytest.approx(0.0, abs=1e-5)
+
+
+def _check_dgrpo(steps: Steps) -> None:
+    for metrics in steps.values():
+        assert "rewards/accuracy_reward/mean" in metrics and metrics["opd/clip_fraction"] >= 0
+        # Centred outcome advantages plus 0.05 x the teacher term: far from vanilla's -k1.
+        assert abs(metrics["opd/advantage_mean"]) < 0.25 * metrics["opd/reverse_kl_k1"]
+
+
+def _check_scope(steps: Steps) -> None:
+    for metrics in steps.values():
+        assert 0 <= metrics["opd/accuracy"] <= 1
+        if metrics["opd/accuracy"] > 0:  # correct samples switch from OPD to weighted MLE
+            assert metrics["opd/advantage_mean"] != pytest.approx(-metrics["opd/reverse_kl_k1"])
+
+
+def _check_sod(steps: Steps) -> None:
+    weights = [m["opd/sod_weight_mean"] for m in steps.values()]
+    assert all(0 < w <= 1.5 for w in weights)
+    assert any(w != pytest.approx(1.0) for w in weights), "no completion had two steps"
+
+
+def _check_uni_opd(steps: Steps) -> None:
+    for metrics in steps.values():
+        assert 0 <= metrics["opd/accuracy"] <= 1
+        # The margin shift only ever raises advantages.
+        assert metrics["opd/advantage_mean"] >= -metrics["opd/reverse_kl_k1"] - 1e-5
+
+
+def _check_stable_opd(steps: Steps) -> None:
+    for metrics in steps.values():
+        assert metrics["opd/offpolicy_fraction"] == pytest.approx(1 / 4)  # 1 anchor per group
+        assert metrics["opd/repetition_rate"] >= 0
+
+
+def _check_multi_teacher(steps: Steps) -> None:
+    for metrics in steps.values():
+        rows = metrics["teacher/route_even_rows"] + metrics["teacher/route_odd_rows"]
+        assert rows == 8, "every row went to exactly one teacher"
+    assert sum(m["teacher/route_odd_rows"] for m in steps.values()) > 0
+    assert sum(m["teacher/route_even_rows"] for m in steps.values()) > 0
+
+
+CHECKS: dict[str, Callable[[Steps], None]] = {
+    "vanilla_opd": _check_vanilla_opd,
+    "vopd": _check_vopd,
+    "vopd_topk": _check_vopd_topk,
+    "tip": _check_tip,
+    "tip_q3": _check_tip_q3,
+    "tip_type_aware": _check_tip_type_aware,
+    "exopd": _check_exopd,
+    "opsd": _check_opsd,
+    "lightning_opd": _check_lightning_opd,
+    "luffy": _check_luffy,
+    "dgrpo": _check_dgrpo,
+    "scope": _check_scope,
+    "sod": _check_sod,
+    "uni_opd": _check_uni_opd,
+    "stable_opd": _check_stable_opd,
+    "multi_teacher": _check_multi_teacher,
+}
+
+
+def test_every_tiny_recipe_has_a_check():
+    assert set(CHECKS) == set(TINY_NAMES)
+
+
+# ------------------------------------------------------------------------------------------------
+# Fixtures: demo models, a served teacher, offline shards
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def demo_models() -> tuple[Path, Path]:
+    """`(teacher, student)` folders of the demo models (built once, cached outside the repo)."""
+    from opd.demo.pretrain import prepare_demo_models
+
+    return prepare_demo_models()
+
+
+@pytest.fixture(scope="module")
+def served_demo_teacher(demo_models, serve_in_thread):
+    """The real `opd teacher serve` app with the demo teacher, on loopback in this process."""
+    from opd.teacher.serve import ServeArguments, build_app, build_backend
+
+    arguments = ServeArguments(model=str(demo_models[0]), log_level="warning")
+    with serve_in_thread(build_app(arguments, build_backend(arguments))) as url:
+        yield url
+
+
+@pytest.fixture(scope="module")
+def lightning_shards(demo_models, tmp_path_factory) -> Path:
+    """Offline teacher scores built by the real jobs: `opd rollout` (vLLM, in a subprocess so
+    the engine does not live in pytest) then `opd teacher precompute` (in process)."""
+    teacher, student = demo_models
+    folder = tmp_path_factory.mktemp("lightning")
+    rollout = [
+        sys.executable, "-m", "opd.cli", "rollout", "--model_name_or_path", str(student),
+        "--dataset_name", "demo:arithmetic", "--num_generations", "2",
+        "--max_completion_length", "4", "--max_prompts", "8", "--vllm_max_model_length", "32",
+        "--output_dir", str(folder / "rollouts"),
+    ]  # fmt: skip
+    result = subprocess.run(rollout, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-4000:]
-    history = json.loads((tmp_path / "opd_results.json").read_text())["log_history"]
-    assert max(entry.get("step", 0) for entry in history) == 2
+    precompute = [
+        "teacher", "precompute", "--rollouts", str(folder / "rollouts"),
+        "--teacher_model_name_or_path", str(teacher), "--output_dir", str(folder / "scores"),
+    ]  # fmt: skip
+    assert main(precompute) == 0
+    return folder / "scores"
+
+
+@pytest.fixture(scope="module")
+def tiny_run(request, tmp_path_factory) -> Callable[[str], Steps]:
+    """`tiny_run(name)`: run `recipes/<name>-tiny.yaml` for its 2 steps in this process (once
+    per module) and return its per-step metrics."""
+    done: dict[str, Steps] = {}
+
+    def run(name: str) -> Steps:
+        if name not in done:
+            output_dir = tmp_path_factory.mktemp(name)
+            extra = []
+            if name == "vopd_topk":
+                extra = ["--teacher_urls", request.getfixturevalue("served_demo_teacher")]
+            if name == "lightning_opd":
+                extra = ["--teacher_shards", str(request.getfixturevalue("lightning_shards"))]
+            args = ["distill", "--config", str(_tiny(name)), "--output_dir", str(output_dir)]
+            assert main([*args, *extra]) == 0
+            done[name] = _steps(output_dir)
+        return done[name]
+
+    return run
+
+
+# ------------------------------------------------------------------------------------------------
+# Two steps of every tiny recipe
+# ------------------------------------------------------------------------------------------------
+
+
+SLOW = {"lightning_opd": pytest.mark.slow}  # its shards need an `opd rollout` (vLLM) first
+IN_PROCESS = [
+    pytest.param(name, marks=[SLOW[name]] if name in SLOW else [])
+    for name in TINY_NAMES
+    if name != "vanilla_opd"
+]
+
+
+@pytest.mark.parametrize("name", IN_PROCESS)
+def test_tiny_recipe_runs_two_steps(name, tiny_run):
+    CHECKS[name](tiny_run(name))
+
+
+@pytest.mark.slow
+def test_vanilla_opd_tiny_runs_two_steps_with_vllm(tmp_path):
+    """In a subprocess: the colocated vLLM engine should not live inside pytest."""
+    command = [sys.executable, "-m", "opd.cli", "distill", "--config", str(_tiny("vanilla_opd")),
+               "--output_dir", str(tmp_path)]  # fmt: skip
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-4000:]
+    _check_vanilla_opd(_steps(tmp_path))
+
+
+def test_self_teacher_stays_the_initial_student(tiny_run):
+    """LUFFY's teacher (teacher_mode self) is the frozen initial student: after one update of
+    the student, their logprobs of the step-2 samples differ."""
+    steps = tiny_run("luffy")
+    assert abs(steps[2]["opd/reverse_kl_k1"]) > 1e-3

@@ -248,6 +248,11 @@ def fused_linear_token_stats(
 
     Maths and conventions: `opd.losses.reference.fused_linear_token_stats` (the spec).
     """
+    if student_hidden.shape[0] == 0:  # e.g. a TIP selection that kept nothing
+        empty = _empty_rows(student_hidden, student_weight)
+        has_teacher = teacher_hidden is not None or teacher_topk_ids is not None
+        names = ("logprob", "entropy", "divergence") if has_teacher else ("logprob", "entropy")
+        return dict.fromkeys(names, empty)
     impl = _ops(student_hidden, student_weight)
     return impl.fused_linear_token_stats(
         student_hidden, student_weight, ids, teacher_hidden=teacher_hidden,
@@ -290,6 +295,9 @@ def fused_linear_divergence_loss(
 
     Maths and conventions: `opd.losses.reference.fused_linear_divergence_loss` (the spec).
     """
+    if student_hidden.shape[0] == 0:
+        empty = _empty_rows(student_hidden, student_weight)
+        return empty.sum(), empty.detach()
     impl = _ops(student_hidden, student_weight)
     return impl.fused_linear_divergence_loss(
         student_hidden, student_weight, teacher_hidden=teacher_hidden,
@@ -297,6 +305,11 @@ def fused_linear_divergence_loss(
         teacher_topk_logprobs=teacher_topk_logprobs, weight=weight, kind=kind, beta=beta,
         temperature=temperature, mask=mask, **options,
     )  # fmt: skip
+
+
+def _empty_rows(hidden: Tensor, weight: Tensor) -> Tensor:
+    """Float32 `[0]`, attached to both inputs' graphs so that a backward still runs (zero grads)."""
+    return ((hidden.sum() + weight.sum()) * 0.0).float().expand(0)
 
 
 __all__ = [

@@ -195,3 +195,22 @@ def test_override_rejects_unknown_names() -> None:
         override_impl("cuda"),  # type: ignore[arg-type]  # the wrong value is the point
     ):
         pass
+
+
+@pytest.mark.parametrize("impl", ["torch", "triton"])
+def test_fused_functions_accept_zero_rows(impl):
+    """A TIP selection may keep no token of a micro-batch: empty outputs, zero gradients."""
+    from opd.kernels import fused_linear_divergence_loss, fused_linear_token_stats, override_impl
+
+    hidden = torch.zeros(0, 4, requires_grad=True)
+    weight = torch.randn(7, 4, requires_grad=True)
+    topk = {"teacher_topk_ids": torch.zeros(0, 2, dtype=torch.long),
+            "teacher_topk_logprobs": torch.zeros(0, 2)}  # fmt: skip
+    with override_impl(impl):
+        stats = fused_linear_token_stats(hidden, weight, torch.zeros(0, dtype=torch.long), **topk)
+        loss, divergence = fused_linear_divergence_loss(hidden, weight, **topk)
+    assert {name: tuple(t.shape) for name, t in stats.items()} == {
+        "logprob": (0,), "entropy": (0,), "divergence": (0,)}  # fmt: skip
+    assert loss.item() == 0.0 and divergence.shape == (0,)
+    (loss + stats["logprob"].sum()).backward()
+    assert not weight.grad.any()

@@ -60,6 +60,30 @@ def generate_greedy(
     return out_BL[:, prompt_ids_BP.shape[1] :]
 
 
+@torch.no_grad()
+def sample_completions(
+    student: PreTrainedModel,
+    prompt_ids_BP: torch.Tensor,
+    prompt_mask_BP: torch.Tensor,
+    tokenizer,
+    max_new_tokens: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Student samples at temperature 1 over the full vocabulary: ids and mask, both `[B, T]`."""
+    out_BL = student.generate(
+        input_ids=prompt_ids_BP,
+        attention_mask=prompt_mask_BP,
+        max_new_tokens=max_new_tokens,
+        do_sample=True,
+        temperature=1.0,
+        top_k=0,
+        top_p=1.0,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    completion_ids_BT = out_BL[:, prompt_ids_BP.shape[1] :]
+    return completion_ids_BT, completion_mask(completion_ids_BT, tokenizer.eos_token_id)
+
+
 def completion_logprobs(
     model: PreTrainedModel,
     prompt_ids_BP: torch.Tensor,

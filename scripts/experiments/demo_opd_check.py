@@ -39,35 +39,15 @@ import random
 import time
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from opd.demo.evaluate import (
     completion_logprobs,
-    completion_mask,
     encode_prompts,
     evaluate_models,
+    sample_completions,
 )
 from opd.demo.pretrain import MAX_NEW_TOKENS, demo_splits, prepare_demo_models
-
-
-@torch.no_grad()
-def sample_completions(
-    student: PreTrainedModel, prompt_ids_BP: torch.Tensor, prompt_mask_BP: torch.Tensor, tokenizer
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Student samples at temperature 1 over the full vocabulary: ids and mask, both `[B, T]`."""
-    out_BL = student.generate(
-        input_ids=prompt_ids_BP,
-        attention_mask=prompt_mask_BP,
-        max_new_tokens=MAX_NEW_TOKENS,
-        do_sample=True,
-        temperature=1.0,
-        top_k=0,
-        top_p=1.0,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
-    completion_ids_BT = out_BL[:, prompt_ids_BP.shape[1] :]
-    return completion_ids_BT, completion_mask(completion_ids_BT, tokenizer.eos_token_id)
 
 
 def sampled_token_logprobs(model, prompt_ids_BP, prompt_mask_BP, completion_ids_BT, mask_BT):
@@ -101,7 +81,7 @@ def opd_step(student, teacher, tokenizer, optimizer, prompts: list[str], group_s
     prompt_mask_BP = prompt_mask_BP.repeat_interleave(group_size, dim=0)
     student.eval()
     completion_ids_BT, mask_BT = sample_completions(
-        student, prompt_ids_BP, prompt_mask_BP, tokenizer
+        student, prompt_ids_BP, prompt_mask_BP, tokenizer, max_new_tokens=MAX_NEW_TOKENS
     )
     student.train()
     args = (prompt_ids_BP, prompt_mask_BP, completion_ids_BT, mask_BT)

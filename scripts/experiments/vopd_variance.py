@@ -45,7 +45,7 @@ import time
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from opd.demo.evaluate import completion_mask, encode_prompts
+from opd.demo.evaluate import encode_prompts, sample_completions
 from opd.demo.pretrain import MAX_NEW_TOKENS, demo_splits, prepare_demo_models
 from opd.kernels import fused_linear_token_stats
 from opd.objectives.compose import compose_advantage, opd_term
@@ -89,23 +89,12 @@ class GradientMoments:
         return self.sum_norm / self.count
 
 
-@torch.no_grad()
 def sample_batch(student, tokenizer, prompt_ids_BP, prompt_mask_BP, seed: int):
     """One seeded batch of temperature-1 student samples: completion ids and mask, `[B, T]`."""
     torch.manual_seed(seed)  # generate() samples from the global RNG
-    out_BL = student.generate(
-        input_ids=prompt_ids_BP,
-        attention_mask=prompt_mask_BP,
-        max_new_tokens=MAX_NEW_TOKENS,
-        do_sample=True,
-        temperature=1.0,
-        top_k=0,
-        top_p=1.0,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
+    return sample_completions(
+        student, prompt_ids_BP, prompt_mask_BP, tokenizer, max_new_tokens=MAX_NEW_TOKENS
     )
-    completion_ids_BT = out_BL[:, prompt_ids_BP.shape[1] :]
-    return completion_ids_BT, completion_mask(completion_ids_BT, tokenizer.eos_token_id)
 
 
 def estimator_advantages(stats_N, teacher_BT, keep_BT, mask_BT) -> dict[str, torch.Tensor]:

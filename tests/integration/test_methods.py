@@ -84,6 +84,15 @@ def test_tip_loss_sees_only_kept_tokens_and_the_lm_head_only_their_rows(
         torch.testing.assert_close(grad, param.grad, atol=1e-6, rtol=1e-4)
 
 
+def test_an_empty_selection_gives_a_zero_loss_with_a_graph(tmp_path, tiny_student, tiny_teacher):
+    trainer = make_trainer(tmp_path, tiny_student, tiny_teacher)
+    keep = torch.zeros(2, 3, dtype=torch.bool)  # e.g. Q3 found no overconfident-and-wrong token
+    loss = trainer._compute_loss(trainer.model, _inputs(opd_keep_mask=keep))
+    assert loss.item() == 0.0
+    loss.backward()
+    assert all(p.grad is None or not p.grad.any() for p in trainer.model.parameters())
+
+
 def test_trace_rows_get_luffy_shaping_in_the_loss(tmp_path, tiny_student, tiny_teacher):
     trainer = make_trainer(tmp_path, tiny_student, tiny_teacher, opd_trace_gamma=0.1)
     offpolicy = torch.tensor([True, False])
@@ -144,10 +153,20 @@ def test_self_teacher_and_gopd_reference_are_frozen_initial_weights(
         pairs = list(zip(frozen.parameters(), trainer.model.parameters(), strict=True))
         assert all(a.data_ptr() != b.data_ptr() and torch.equal(a, b) for a, b in pairs)
         assert not any(p.requires_grad for p in frozen.parameters())
+    input_ids = torch.cat([PROMPT_IDS, COMPLETION_IDS], dim=1)
     with torch.no_grad():
-        next(trainer.model.parameters()).add_(1.0)  # an update moves the student only
-    assert not torch.equal(next(trainer.teacher.model.parameters()),
-                           next(trainer.model.parameters()))  # fmt: skip
+        before = trainer.model(input_ids=input_ids).logits
+        for param in trainer.model.parameters():  # an update moves the student only
+            param.add_(0.01)
+        after = trainer.model(input_ids=input_ids).logits
+        # The copies run their own weights: TRL patches the student's `forward` with a closure
+        # over the live model, which a plain deepcopy would keep calling.
+        torch.testing.assert_close(trainer.teacher.model(input_ids=input_ids).logits, before)
+        torch.testing.assert_close(trainer.opd_reference(input_ids=input_ids).logits, before)
+    assert not torch.allclose(before, after)
+    reference_lp = trainer._reference_logprobs(_inputs())
+    student_lp = trainer._logprobs_of(trainer.model, _inputs())
+    assert not torch.allclose(reference_lp, student_lp)
     assert trainer.teacher.teacher_id.startswith("self:")
 
 

@@ -25,24 +25,31 @@ from functools import partial
 from typing import Any
 
 import torch
-from transformers import AutoTokenizer
 from trl import GRPOTrainer
 
-from opd.config import ConfigError, OPDConfig
+from opd.config import OPDConfig
 from opd.kernels import fused_linear_divergence_loss, fused_linear_token_stats
 from opd.objectives.compose import compose_advantage, opd_term
-from opd.objectives.hidden import check_plain_lm_head, completion_hidden_states, output_weight
+from opd.objectives.hidden import (
+    check_plain_lm_head,
+    completion_hidden_states,
+    output_weight,
+    prompt_completion_ids,
+)
 from opd.objectives.surrogate import policy_loss_N, reduce_loss, reference_kl_N
-from opd.objectives.token_stats import completion_token_stats
+from opd.objectives.token_stats import completion_token_stats, teacher_topk_at
 from opd.rollout.cpu_vllm import configure_cpu_vllm_env, resolve_vllm_dtype, vllm_engine_kwargs
 from opd.teacher.build import build_teacher
 from opd.teacher.http import TeacherUnavailableError
 from opd.teacher.local import LocalTeacher
 from opd.teacher.protocol import TeacherScorer
 from opd.trainer_build import (
+    build_offline_rollouts,
     build_reference_model,
     build_self_teacher,
     check_method_capabilities,
+    check_trainer_args,
+    load_student_tokenizer,
     needs_teacher_hidden,
     tip_needs_jsd,
 )
@@ -76,36 +83,14 @@ class OPDTrainer(MethodMixin, GRPOTrainer):
         teacher: TeacherScorer | None = None,
         **kwargs,
     ):
-        if not isinstance(args, OPDConfig):
-            raise TypeError(
-                "OPDTrainer needs an OPDConfig (it adds the teacher_* and opd_* fields)."
-            )
-        if reward_funcs is None and args.opd_outcome_weight > 0:
-            raise ConfigError(
-                "opd_outcome_weight > 0 needs reward functions for the outcome rewards: pass "
-                "reward_funcs (CLI: --reward_funcs NAME ...) or set opd_outcome_weight to 0."
-            )
+        check_trainer_args(args, reward_funcs)
         if teacher is None and args.teacher_mode != "self":
             # fail on a bad teacher before the (slow) vLLM engine is built
-            student_tokenizer = processing_class
-            if student_tokenizer is None:
-                student_tokenizer = _load_tokenizer(model, "student")
-            teacher = build_teacher(args, student_tokenizer)
+            teacher = build_teacher(args, processing_class or load_student_tokenizer(model))
         check_method_capabilities(args, teacher, reward_funcs)
         offline = None
-        if args.teacher_mode == "offline":
-            # Lightning OPD trains on the fixed rollouts stored with the scores: no generation.
-            from opd.rollout.offline import OfflineRollouts
-
-            if train_dataset is not None:
-                raise ConfigError(
-                    "teacher_mode='offline' trains on the rollouts stored in teacher_shards: "
-                    "pass no train_dataset (write other prompts with `opd rollout` first)."
-                )
-            offline = OfflineRollouts(teacher, num_generations=args.num_generations)
-            train_dataset = offline.prompt_dataset()
-            args.use_vllm = False
-            kwargs["rollout_func"] = offline.rollout_func
+        if args.teacher_mode == "offline":  # Lightning OPD: stored rollouts, no generation
+            offline, train_dataset = build_offline_rollouts(args, teacher, train_dataset, kwargs)
         on_cpu_colocate = (
             args.use_vllm and args.vllm_mode == "colocate" and not torch.cuda.is_available()
         )
@@ -121,9 +106,20 @@ class OPDTrainer(MethodMixin, GRPOTrainer):
                 processing_class=processing_class,
                 **kwargs,
             )
+        self._store_method_parts(teacher, offline, has_rewards=reward_funcs is not None)
+        if self.use_vllm and self.vllm_mode == "colocate" and self.accelerator.device.type == "cpu":
+            from opd.rollout.cpu_weight_sync import sync_trl_colocate_weights_on_cpu
+
+            self.vllm_generation.sync_weights = partial(
+                sync_trl_colocate_weights_on_cpu, self.vllm_generation
+            )
+
+    def _store_method_parts(self, teacher, offline, *, has_rewards: bool) -> None:
+        """What the methods need once TRL has loaded the student (before any update)."""
+        args = self.args
         student = self.accelerator.unwrap_model(self.model)
         check_plain_lm_head(student)
-        if teacher is None:  # teacher_mode 'self': the initial weights, before any update
+        if teacher is None:  # teacher_mode 'self': the initial weights
             teacher = build_self_teacher(student, args)
         self.teacher = teacher
         self.offline = offline
@@ -134,14 +130,8 @@ class OPDTrainer(MethodMixin, GRPOTrainer):
         self.teacher_hidden = needs_teacher_hidden(args) or (
             args.opd_baseline == "topk" and isinstance(teacher, LocalTeacher)
         )
-        self.has_rewards = reward_funcs is not None
+        self.has_rewards = has_rewards
         self.sod_step_ids = self.build_sod_step_ids()
-        if self.use_vllm and self.vllm_mode == "colocate" and self.accelerator.device.type == "cpu":
-            from opd.rollout.cpu_weight_sync import sync_trl_colocate_weights_on_cpu
-
-            self.vllm_generation.sync_weights = partial(
-                sync_trl_colocate_weights_on_cpu, self.vllm_generation
-            )
 
     # ----- phase 1: generate, score, build advantages -----
 
@@ -198,7 +188,7 @@ class OPDTrainer(MethodMixin, GRPOTrainer):
         args = self.args
         if args.opd_baseline == "none" and args.tip_rule == "none" and scores.top_k == 0:
             return {}
-        input_ids, attention_mask = _sequence(output)
+        input_ids, attention_mask = prompt_completion_ids(output)
         num_tokens = output["completion_ids"].shape[1]
         stats_BT: dict[str, torch.Tensor] = {}
         weight_VH = output_weight(self.accelerator.unwrap_model(self.model))
@@ -211,7 +201,7 @@ class OPDTrainer(MethodMixin, GRPOTrainer):
             keep = mask_BT[rows].bool()
             if not keep.any():  # only padding in this micro-batch
                 continue
-            topk = _topk_at(scores, rows, keep, hidden_BTH.device)
+            topk = teacher_topk_at(scores, rows, keep, hidden_BTH.device)
             full = {}
             if teacher_hidden_BTH is not None:
                 full = {
@@ -300,7 +290,7 @@ class OPDTrainer(MethodMixin, GRPOTrainer):
             return self._logprobs_of(self.model, output)
 
     def _logprobs_of(self, model, output: dict[str, Any]) -> torch.Tensor:
-        input_ids, attention_mask = _sequence(output)
+        input_ids, attention_mask = prompt_completion_ids(output)
         logprobs_BT, _, _ = self._get_per_token_logps_and_entropies(
             model,
             input_ids,
@@ -318,7 +308,7 @@ class OPDTrainer(MethodMixin, GRPOTrainer):
             mask_BT = mask_BT * inputs["tool_mask"]
         keep_BT = inputs.get("opd_keep_mask", mask_BT).bool() & mask_BT.bool()
         rows_N, cols_N = keep_BT.nonzero(as_tuple=True)
-        input_ids, attention_mask = _sequence(inputs)
+        input_ids, attention_mask = prompt_completion_ids(inputs)
         hidden_BTH = completion_hidden_states(
             model, input_ids, attention_mask, inputs["completion_ids"].shape[1]
         )
@@ -400,34 +390,6 @@ class OPDTrainer(MethodMixin, GRPOTrainer):
         self.record("opd/divergence", float(divergence_N.mean()) if divergence_N.numel() else 0.0)
         scale = self.current_gradient_accumulation_steps if self.model.training else 1
         return args.opd_divergence_coef * loss / scale
-
-
-def _sequence(output: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
-    """`[prompt | completion]` ids and attention mask of a TRL batch."""
-    input_ids = torch.cat([output["prompt_ids"], output["completion_ids"]], dim=1)
-    attention_mask = torch.cat([output["prompt_mask"], output["completion_mask"]], dim=1)
-    return input_ids, attention_mask
-
-
-def _topk_at(scores: TeacherScores, rows: slice, keep: torch.Tensor, device):
-    """The teacher's top-k at the kept positions of `rows`, or (None, None)."""
-    if scores.top_k == 0:
-        return None, None
-    keep = keep.cpu()
-    ids = scores.topk_ids_BTK[rows][keep].to(device)
-    return ids, scores.topk_logprobs_BTK[rows][keep].to(device)
-
-
-def _load_tokenizer(model, role: str):
-    """The tokenizer of `model` (a name/path or a loaded model), as a ConfigError when missing."""
-    name = model if isinstance(model, str) else model.config.name_or_path
-    field_name = "teacher_model_name_or_path" if role == "teacher" else "model_name_or_path"
-    try:
-        return AutoTokenizer.from_pretrained(name)
-    except OSError as error:
-        raise ConfigError(
-            f"cannot load the {role} tokenizer from {name!r} ({error}); check {field_name}."
-        ) from error
 
 
 def _cpu_or_none(tensor: torch.Tensor | None) -> torch.Tensor | None:

@@ -16,6 +16,48 @@ from opd.teacher.protocol import TeacherScorer
 SUPPORTED_LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "cispo")
 
 
+def check_trainer_args(args, reward_funcs) -> None:
+    if not isinstance(args, OPDConfig):
+        raise TypeError("OPDTrainer needs an OPDConfig (it adds the teacher_* and opd_* fields).")
+    if reward_funcs is None and args.opd_outcome_weight > 0:
+        raise ConfigError(
+            "opd_outcome_weight > 0 needs reward functions for the outcome rewards: pass "
+            "reward_funcs (CLI: --reward_funcs NAME ...) or set opd_outcome_weight to 0."
+        )
+
+
+def load_student_tokenizer(model):
+    """The tokenizer of `model` (a name/path or a loaded model), as a ConfigError when missing."""
+    from transformers import AutoTokenizer
+
+    name = model if isinstance(model, str) else model.config.name_or_path
+    try:
+        return AutoTokenizer.from_pretrained(name)
+    except OSError as error:
+        raise ConfigError(
+            f"cannot load the student tokenizer from {name!r} ({error}); check model_name_or_path."
+        ) from error
+
+
+def build_offline_rollouts(args: OPDConfig, teacher, train_dataset, trainer_kwargs: dict):
+    """Lightning OPD: the stored rollouts become the prompts and TRL's `rollout_func`.
+
+    Returns `(OfflineRollouts, prompt dataset)`; sets `use_vllm` off and adds the `rollout_func`
+    to the keyword arguments for `GRPOTrainer`.
+    """
+    from opd.rollout.offline import OfflineRollouts
+
+    if train_dataset is not None:
+        raise ConfigError(
+            "teacher_mode='offline' trains on the rollouts stored in teacher_shards: "
+            "pass no train_dataset (write other prompts with `opd rollout` first)."
+        )
+    offline = OfflineRollouts(teacher, num_generations=args.num_generations)
+    args.use_vllm = False
+    trainer_kwargs["rollout_func"] = offline.rollout_func
+    return offline, offline.prompt_dataset()
+
+
 def build_self_teacher(model, args: OPDConfig) -> LocalTeacher:
     """OPSD's teacher: a frozen copy of the student's initial weights (before any update)."""
     return LocalTeacher.frozen_copy_of(

@@ -59,3 +59,10 @@ def completion_hidden_states(
     )
     start = input_ids.shape[1] - num_completion_tokens - 1
     return output.hidden_states[-1][:, start : start + num_completion_tokens]
+
+
+def prompt_completion_ids(output: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """`[prompt | completion]` ids and attention mask of a TRL batch."""
+    input_ids = torch.cat([output["prompt_ids"], output["completion_ids"]], dim=1)
+    attention_mask = torch.cat([output["prompt_mask"], output["completion_mask"]], dim=1)
+    return input_ids, attention_mask

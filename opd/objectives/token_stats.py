@@ -15,6 +15,7 @@ from __future__ import annotations
 import torch
 
 from opd.kernels import full_divergence, sampled_logprob_entropy, topk_divergence
+from opd.types import TeacherScores
 
 
 @torch.no_grad()
@@ -127,3 +128,12 @@ def _support_mass(student_logits, topk_ids, topk_logprobs):
     logprobs = torch.log_softmax(student_logits, -1).gather(-1, topk_ids)
     logprobs = logprobs.masked_fill(torch.isinf(topk_logprobs), float("-inf"))
     return torch.logsumexp(logprobs, -1).exp()
+
+
+def teacher_topk_at(scores: TeacherScores, rows: slice, keep: torch.Tensor, device):
+    """The teacher's top-k at the kept positions of `rows`, or (None, None)."""
+    if scores.top_k == 0:
+        return None, None
+    keep = keep.cpu()
+    ids = scores.topk_ids_BTK[rows][keep].to(device)
+    return ids, scores.topk_logprobs_BTK[rows][keep].to(device)

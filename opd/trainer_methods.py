@@ -138,14 +138,14 @@ class MethodMixin:
         keep_BT = tip_keep_mask(
             args.tip_rule, stats.get("entropy", torch.zeros_like(mask_BT)).cpu(), jsd_BT.cpu(),
             mask_BT.cpu(),
-            vocab_size=self.teacher_vocab_size(), keep_ratio=args.tip_keep_ratio,
+            vocab_size=self.student_vocab_size(), keep_ratio=args.tip_keep_ratio,
             alpha=args.tip_alpha, gamma=args.tip_gamma,
             entropy_quantile=args.tip_entropy_quantile,
             divergence_quantile=args.tip_divergence_quantile, generator=generator,
         )  # fmt: skip
         return keep_BT.to(mask_BT.device)
 
-    def teacher_vocab_size(self) -> int:
+    def student_vocab_size(self) -> int:
         return int(
             self.accelerator.unwrap_model(self.model).get_output_embeddings().weight.shape[0]
         )

@@ -26,17 +26,12 @@ import time
 from collections.abc import Callable
 
 import torch
+from peak_memory import peak_mib_above, reset_peak
 
 import opd.kernels as kernels
 from opd.kernels import torch_ops
 
 Case = Callable[[], torch.Tensor]  # runs forward + backward, returns the scalar loss
-
-
-def rss_kib(field: str) -> int:
-    with open("/proc/self/status") as status:
-        line = next(line for line in status if line.startswith(field))
-    return int(line.split()[1])
 
 
 def measure(run: Case, device: str, repeats: int) -> tuple[float, float, float]:
@@ -45,21 +40,11 @@ def measure(run: Case, device: str, repeats: int) -> tuple[float, float, float]:
     times, peaks, loss = [], [], float("nan")
     for _ in range(repeats):
         gc.collect()
-        if device == "cuda":
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-            base = torch.cuda.memory_allocated()
-        else:
-            with open("/proc/self/clear_refs", "w") as clear:
-                clear.write("5")  # resets VmHWM to the current RSS
-            base = rss_kib("VmRSS") * 1024
+        base = reset_peak(device)
         start = time.perf_counter()
         loss = float(run())
-        if device == "cuda":
-            torch.cuda.synchronize()
+        peaks.append(peak_mib_above(base, device))
         times.append(time.perf_counter() - start)
-        peak = torch.cuda.max_memory_allocated() if device == "cuda" else rss_kib("VmHWM") * 1024
-        peaks.append((peak - base) / 2**20)
     return statistics.median(times), max(peaks), loss
 
 

@@ -64,6 +64,9 @@ from pathlib import Path
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # scripts/: the shared peak meter
+from peak_memory import peak_mib_above, reset_peak
+
 RULES = ("none", "entropy_sample", "q3")
 LOSS_CASES = {  # name -> (path, kept share)
     "opd kept 100%": ("opd", 1.0),
@@ -75,7 +78,6 @@ LOSS_CASES = {  # name -> (path, kept share)
     "naive (full logits)": ("naive", 1.0),
     "no lm_head (floor)": ("floor", 1.0),
 }
-
 
 # ----- part 1: training runs through the CLI -----
 
@@ -204,12 +206,6 @@ def run_loss_step(model, path: str, inputs) -> float:
     return float(loss)
 
 
-def rss_kib(field: str) -> int:
-    with open("/proc/self/status") as status:
-        line = next(line for line in status if line.startswith(field))
-    return int(line.split()[1])
-
-
 def loss_case_child(name: str, args) -> dict:
     """Measure one case in this (fresh) process: peak MB above the model and inputs, seconds."""
     from opd.demo.tiny import build_tiny_model
@@ -227,24 +223,13 @@ def loss_case_child(name: str, args) -> dict:
     inputs = build_case_inputs(args, device, args.batch, args.tokens, keep_share)
     del warm_up
     gc.collect()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-    else:
-        with open("/proc/self/clear_refs", "w") as clear:
-            clear.write("5")  # resets VmHWM to the current RSS
-        base = rss_kib("VmRSS") * 1024
+    base = reset_peak(device.type)
     start = time.perf_counter()
     loss = run_loss_step(model, path, inputs)
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-        peak = torch.cuda.max_memory_allocated()
-    else:
-        peak = rss_kib("VmHWM") * 1024
+    peak_mb = peak_mib_above(base, device.type)
     seconds = time.perf_counter() - start
     kept = int(inputs[3].sum())
-    return {"case": name, "peak_mb": (peak - base) / 2**20, "seconds": seconds,
+    return {"case": name, "peak_mb": peak_mb, "seconds": seconds,
             "kept": kept, "loss": loss}  # fmt: skip
 
 

@@ -272,9 +272,45 @@ class OPDConfig(GRPOConfig):
             "URL (server, vllm). Each example goes to the teacher its route column names."
         },
     )
+    # ----- collapse guards (opd/guards.py): 0 or None turns one off -----
+    guard_length_factor: float | None = field(
+        default=3.0,
+        metadata={
+            "help": "Alarm when completions/mean_length exceeds this factor x its start value "
+            "(length inflation; learning a longer-reasoning teacher may well double it)."
+        },
+    )
+    guard_repetition_rate: float | None = field(
+        default=0.3,
+        metadata={"help": "Alarm when opd/repetition_rate (repeated 4-grams) exceeds this."},
+    )
+    guard_truncation_rate: float | None = field(
+        default=0.5,
+        metadata={"help": "Alarm when the share cut at max_completion_length exceeds this."},
+    )
+    guard_topk_mass_drop: float | None = field(
+        default=0.5,
+        metadata={
+            "help": "Alarm when opd/topk_mass (student mass on the teacher's top-k; needs "
+            "teacher_top_k > 0) falls below this factor x its start value."
+        },
+    )
+    guard_start_logs: int = field(
+        default=3,
+        metadata={"help": "Logged values averaged into a relative guard's start value."},
+    )
+    guard_patience: int = field(
+        default=1,
+        metadata={"help": "Consecutive logs past a threshold before its alarm fires."},
+    )
+    guard_action: Literal["warn", "stop"] = field(
+        default="warn",
+        metadata={"help": "'warn': log each alarm; 'stop': also end training (model saved)."},
+    )
 
     def __post_init__(self):
         self._check_opd_fields()
+        self._check_guard_fields()
         if self.bf16 is None and not self.fp16 and not _cuda_available():
             # TRL defaults to bf16 mixed precision, which transformers refuses on a CPU-only
             # machine; fp32 is the right default there (and what vLLM's CPU sampler matches).
@@ -353,6 +389,29 @@ class OPDConfig(GRPOConfig):
             or "{context}" not in self.teacher_context_template
         ):
             raise ValueError("teacher_context_template must contain {prompt} and {context}.")
+
+    def _check_guard_fields(self) -> None:
+        """Collapse guards: a threshold is off (0 or None) or in a range where it can fire."""
+        _check_choice("guard_action", self.guard_action, ("warn", "stop"))
+        ranges = {
+            "guard_length_factor": (1.0, math.inf, "> 1"),
+            "guard_repetition_rate": (0.0, 1.0, "in (0, 1)"),
+            "guard_truncation_rate": (0.0, 1.0, "in (0, 1)"),
+            "guard_topk_mass_drop": (0.0, 1.0, "in (0, 1)"),
+        }
+        for name, (low, high, allowed) in ranges.items():
+            value = getattr(self, name)
+            if value is None:
+                continue
+            _check_number(name, value)
+            if value != 0 and not low < value < high:
+                raise ValueError(
+                    f"{name} must be {allowed}, or 0 to turn its guard off; got {value}."
+                )
+        for name in ("guard_start_logs", "guard_patience"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be an integer >= 1, got {value!r}.")
 
     def _check_teacher_source(self) -> None:
         """Each teacher mode names where its teacher is; say which field is missing."""

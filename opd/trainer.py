@@ -28,6 +28,7 @@ import torch
 from trl import GRPOTrainer
 
 from opd.config import OPDConfig
+from opd.guards import attach_collapse_guard
 from opd.kernels import fused_linear_divergence_loss, fused_linear_token_stats
 from opd.objectives.compose import compose_advantage, opd_term
 from opd.objectives.hidden import (
@@ -107,6 +108,7 @@ class OPDTrainer(MethodMixin, GRPOTrainer):
                 **kwargs,
             )
         self._store_method_parts(teacher, offline, has_rewards=reward_funcs is not None)
+        self.collapse_guard = attach_collapse_guard(self)  # opd/guards.py
         if self.use_vllm and self.vllm_mode == "colocate" and self.accelerator.device.type == "cpu":
             from opd.rollout.cpu_weight_sync import sync_trl_colocate_weights_on_cpu
 

@@ -19,6 +19,7 @@ from opd.objectives.repetition import repetition_rate
 from opd.objectives.tip import kept_fraction, tip_keep_mask
 from opd.objectives.vanilla import masked_mean
 from opd.objectives.weightings import scope_advantage, sod_step_weights, uni_opd_shift
+from opd.report.token_sample import append_tip_token_sample
 from opd.rollout.traces import inject_traces, trace_rows
 
 
@@ -143,6 +144,14 @@ class MethodMixin:
             entropy_quantile=args.tip_entropy_quantile,
             divergence_quantile=args.tip_divergence_quantile, generator=generator,
         )  # fmt: skip
+        if self.model.training and self.accelerator.is_main_process:  # `opd report`'s TIP scatter
+            append_tip_token_sample(
+                args.output_dir, step=self.state.global_step + 1, rule=args.tip_rule,
+                entropy_BT=stats.get("entropy", torch.zeros_like(mask_BT)),
+                divergence_BT=stats.get("jsd"), mask_BT=mask_BT, keep_BT=keep_BT,
+                vocab_size=self.student_vocab_size(), entropy_quantile=args.tip_entropy_quantile,
+                divergence_quantile=args.tip_divergence_quantile, seed=args.seed,
+            )  # fmt: skip
         return keep_BT.to(mask_BT.device)
 
     def student_vocab_size(self) -> int:

@@ -4,6 +4,8 @@
     opd rollout --model_name_or_path M --dataset_name D --output_dir OUT
     opd teacher serve --model M [--backend transformers|vllm] [--port 8000]
     opd teacher precompute --rollouts DIR --teacher_mode ... --output_dir OUT
+    opd eval --model_name_or_path M --dataset_name D --output_dir OUT  (--teacher_...: side by side)
+    opd report RUN_DIR [--output_dir DIR]                     (default DIR: RUN_DIR/report)
 
 Arguments are parsed the TRL way (`TrlParser`): YAML values become defaults, flags override them,
 unknown keys and wrong types fail with a message that names the field.
@@ -22,6 +24,9 @@ COMMANDS = {
     "teacher serve": "Serve a teacher's per-token scores over HTTP (transformers or vLLM backend).",
     "teacher precompute": "Score a rollout set with a teacher and write parquet shards (offline "
     "OPD).",
+    "eval": "Sample and grade a dataset with vLLM: mean@n, pass@k, length, truncation (student "
+    "and teacher side by side).",
+    "report": "Plot a run's logged metrics as PNGs plus one HTML page (RUN_DIR/report).",
 }
 
 
@@ -37,6 +42,14 @@ def main(argv: list[str] | None = None) -> int:
         from opd.rollout.job import rollout_main
 
         return rollout_main(rest)
+    if command == "eval":
+        from opd.evaluation.job import eval_main
+
+        return eval_main(rest)
+    if command == "report":
+        from opd.report.write import report_main
+
+        return report_main(rest)
     if command == "teacher":
         if not rest or rest[0] not in ("serve", "precompute"):
             print("opd teacher: choose `opd teacher serve` or `opd teacher precompute` "

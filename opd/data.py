@@ -1,4 +1,4 @@
-"""Prompt datasets for `opd distill`: the embedded demo task, local files or hub datasets.
+"""Prompt datasets for `opd distill` and `opd eval`: tasks the repo generates, files or hub data.
 
 Contract: a `datasets.Dataset` with a `prompt` column (text, or a list of chat messages that TRL
 renders with the chat template); any other columns (e.g. `answer`) reach the reward functions.
@@ -13,6 +13,8 @@ from datasets import Dataset, load_dataset
 from opd.config import ConfigError
 
 DEMO_DATASET = "demo:arithmetic"
+WORD_PROBLEMS = "demo:word_problems"  # the real-model recipe's task (opd/demo/word_problems.py)
+DEMO_DATASETS = (DEMO_DATASET, WORD_PROBLEMS)
 LOCAL_FORMATS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
 
 
@@ -29,10 +31,9 @@ def load_prompt_dataset(
     `as_chat` turns each text prompt into a one-message conversation, which TRL renders with the
     student's chat template (what instruct and reasoning models expect).
     """
-    if name == DEMO_DATASET:
-        from opd.demo.pretrain import demo_splits
-
-        return demo_splits()[0]
+    if name in DEMO_DATASETS:
+        dataset = load_demo_dataset(name, split)
+        return _as_chat(dataset) if as_chat else dataset
     path = Path(name)
     if path.suffix in LOCAL_FORMATS:
         if not path.is_file():
@@ -51,9 +52,24 @@ def load_prompt_dataset(
         dataset = dataset.rename_column(prompt_column, "prompt")
     if len(dataset) == 0:
         raise ConfigError(f"dataset {name!r} (split {split!r}) is empty.")
-    if as_chat:
-        dataset = dataset.map(lambda row: {"prompt": [{"role": "user", "content": row["prompt"]}]})
-    return dataset
+    return _as_chat(dataset) if as_chat else dataset
+
+
+def load_demo_dataset(name: str, split: str) -> Dataset:
+    """A dataset the repo generates: its `train` split, or its held-out `test` split."""
+    if split not in ("train", "test"):
+        raise ConfigError(f"dataset {name!r} has the splits 'train' and 'test', not {split!r}.")
+    if name == DEMO_DATASET:
+        from opd.demo.pretrain import demo_splits
+
+        return demo_splits()[split == "test"]
+    from opd.demo.word_problems import load_word_problems
+
+    return load_word_problems(split)
+
+
+def _as_chat(dataset: Dataset) -> Dataset:
+    return dataset.map(lambda row: {"prompt": [{"role": "user", "content": row["prompt"]}]})
 
 
 def load_prompts_for(args) -> Dataset:

@@ -117,31 +117,49 @@ def run_distill(script_args: DistillArguments, config: OPDConfig) -> dict[str, A
         results.update(before=before, after=after)
         print(format_before_after(before, after))
     (Path(config.output_dir) / "opd_results.json").write_text(json.dumps(results, indent=2))
+    if trainer.accelerator.is_main_process:  # the plots of the run (`opd report`); never raises
+        from opd.report.write import write_report_after_run
+
+        write_report_after_run(config.output_dir)
     return results
 
 
 def resolve_demo_models(script_args: DistillArguments, config: OPDConfig) -> None:
-    """Replace the `demo:*` model names by the paths of the locally built demo models."""
-    route_teachers = {route.partition("=")[2].strip() for route in config.teacher_routes}
+    """Replace model names opd builds itself by their local folders: `demo:*` (trained here) and
+    `pypi:*` (real models assembled from PyPI packages, `opd/demo/pypi_models.py`)."""
+    route_teachers = [route.partition("=")[2].strip() for route in config.teacher_routes]
     names = {script_args.model_name_or_path, config.teacher_model_name_or_path, *route_teachers}
-    if not names & {DEMO_STUDENT, DEMO_TEACHER}:
+    local_paths = resolve_model_names(names)
+    if not local_paths:
         return
-    from opd.demo.pretrain import prepare_demo_models
-
-    teacher_path, student_path = prepare_demo_models()
-    demo_paths = {DEMO_STUDENT: str(student_path), DEMO_TEACHER: str(teacher_path)}
-    script_args.model_name_or_path = demo_paths.get(
+    script_args.model_name_or_path = local_paths.get(
         script_args.model_name_or_path, script_args.model_name_or_path
     )
-    config.teacher_model_name_or_path = demo_paths.get(
+    config.teacher_model_name_or_path = local_paths.get(
         config.teacher_model_name_or_path, config.teacher_model_name_or_path
     )
-    config.teacher_routes = [_resolve_route(route, demo_paths) for route in config.teacher_routes]
+    config.teacher_routes = [_resolve_route(route, local_paths) for route in config.teacher_routes]
 
 
-def _resolve_route(route: str, demo_paths: dict[str, str]) -> str:
+def resolve_model_names(names) -> dict[str, str]:
+    """`{name: local folder}` for each `demo:*` or `pypi:*` name in `names`, building as needed."""
+    from opd.demo.pypi_models import is_pypi_model, prepare_pypi_model
+
+    local_paths: dict[str, str] = {}
+    if set(names) & {DEMO_STUDENT, DEMO_TEACHER}:
+        from opd.demo.pretrain import prepare_demo_models
+
+        teacher_path, student_path = prepare_demo_models()
+        local_paths = {DEMO_STUDENT: str(student_path), DEMO_TEACHER: str(teacher_path)}
+    for name in names:
+        if is_pypi_model(name):
+            local_paths[name] = str(prepare_pypi_model(name))
+    return local_paths
+
+
+def _resolve_route(route: str, local_paths: dict[str, str]) -> str:
     name, _, teacher = route.partition("=")
-    return f"{name}={demo_paths.get(teacher.strip(), teacher)}"
+    return f"{name}={local_paths.get(teacher.strip(), teacher)}"
 
 
 def build_reward_funcs(names: list[str]) -> list:

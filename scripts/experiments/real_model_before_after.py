@@ -43,7 +43,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--num_samples", type=int, default=1, help="1: greedy decoding")
     parser.add_argument("--max_new_tokens", type=int, default=256)
-    parser.add_argument("--learning_rate", help="override the recipe's learning rate")
+    parser.add_argument("--learning_rate", help="override the recipe's learning rate (1e-6)")
     args = parser.parse_args()
     run_dir = Path(args.run_dir)
     timings = {}

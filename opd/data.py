@@ -62,7 +62,8 @@ def load_demo_dataset(name: str, split: str) -> Dataset:
     if name == DEMO_DATASET:
         from opd.demo.pretrain import demo_splits
 
-        return demo_splits()[split == "test"]
+        train, held_out = demo_splits()
+        return held_out if split == "test" else train
     from opd.demo.word_problems import load_word_problems
 
     return load_word_problems(split)

@@ -79,22 +79,15 @@ class VLLMGenerator:
     def __call__(
         self, prompt_ids: list[list[int]], example_indices: list[int]
     ) -> list[list[GeneratedSample]]:
-        from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
 
-        from opd.rollout.job import sample_seed
+        from opd.rollout.job import seeded_sampling_params
 
         args = self.args
-        params = [
-            SamplingParams(
-                n=args.num_samples,
-                temperature=args.temperature,
-                top_p=args.top_p,
-                max_tokens=args.max_new_tokens,
-                seed=sample_seed(args.seed, index, args.num_samples),
-            )
-            for index in example_indices
-        ]
+        params = seeded_sampling_params(
+            example_indices, n=args.num_samples, seed=args.seed, temperature=args.temperature,
+            top_p=args.top_p, max_tokens=args.max_new_tokens,
+        )  # fmt: skip
         inputs = [TokensPrompt(prompt_token_ids=ids) for ids in prompt_ids]
         assert self.llm is not None, "the generator was closed"
         return samples_from_outputs(self.llm.generate(inputs, params, use_tqdm=False))

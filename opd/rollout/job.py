@@ -233,6 +233,17 @@ def sample_seed(seed: int, prompt_index: int, num_generations: int) -> int:
     return seed * 2**32 + prompt_index * num_generations
 
 
+def seeded_sampling_params(prompt_indices: list[int], *, n: int, seed: int, **sampling) -> list:
+    """One vLLM `SamplingParams` per prompt, seeded by `sample_seed`, so a prompt's samples do
+    not depend on the batch or run that draws them (`opd rollout` and `opd eval`)."""
+    from vllm import SamplingParams
+
+    return [
+        SamplingParams(n=n, seed=sample_seed(seed, index, n), **sampling)
+        for index in prompt_indices
+    ]
+
+
 def build_llm(args: RolloutArguments):
     return build_vllm_engine(
         args.model_name_or_path,
@@ -279,24 +290,16 @@ def build_vllm_engine(
 
 def sample_shards(args, todo, dataset, prompt_ids, teacher_prompt_ids, writer) -> None:
     from tqdm import tqdm
-    from vllm import SamplingParams
     from vllm.inputs import TokensPrompt
 
     llm = build_llm(args)
     per_shard = args.prompts_per_shard
     for index in tqdm(todo, desc="rollout shards", unit="shard"):
         prompt_indices = list(range(index * per_shard, min((index + 1) * per_shard, len(dataset))))
-        params = [
-            SamplingParams(
-                n=args.num_generations,
-                temperature=args.temperature,
-                top_p=args.top_p,
-                max_tokens=args.max_completion_length,
-                logprobs=0,
-                seed=sample_seed(args.seed, p, args.num_generations),
-            )
-            for p in prompt_indices
-        ]
+        params = seeded_sampling_params(
+            prompt_indices, n=args.num_generations, seed=args.seed, temperature=args.temperature,
+            top_p=args.top_p, max_tokens=args.max_completion_length, logprobs=0,
+        )  # fmt: skip
         inputs = [TokensPrompt(prompt_token_ids=prompt_ids[p]) for p in prompt_indices]
         outputs = llm.generate(inputs, params, use_tqdm=False)
         rows = rows_from_outputs(outputs, prompt_indices)

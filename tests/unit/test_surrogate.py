@@ -104,3 +104,44 @@ def test_stable_opd_reference_kl_is_k3():
     ref = torch.log(torch.tensor([0.25, 0.5]))
     expected = torch.tensor([0.5 + math.log(2.0) - 1.0, 0.0])
     torch.testing.assert_close(reference_kl_N(lp, ref), expected)
+
+
+def test_ppo_delta_caps_the_ratio_of_negative_advantages():
+    """TRL's two-sided clipping on 2 sequences x 3 tokens (eps 0.2, delta 2.5), flattened.
+
+    loss = -min(min(rho, delta) * A, clip(rho, 0.8, 1.2) * A):
+    rho 0.5, A -1: min(-0.5, -0.8) -> 0.8 (clipped, no gradient)
+    rho 1.0, A -1: -1 both -> 1.0 (gradient -A*rho = 1)
+    rho 1.5, A -1: min(-1.5, -1.2) -> 1.5 (gradient 1.5)
+    rho 2.0, A +1: min(2.0, 1.2) -> -1.2 (clipped)
+    rho 3.0, A -1: min(-2.5, -1.2) -> 2.5 (capped at delta: no gradient; 3.0 without delta)
+    rho 4.0, A -.5: min(-1.25, -0.6) -> 1.25 (capped; 2.0 without delta)
+    """
+    rho = torch.tensor([[0.5, 1.0, 1.5], [2.0, 3.0, 4.0]])
+    advantages = torch.tensor([[-1.0, -1.0, -1.0], [1.0, -1.0, -0.5]]).flatten()
+    logprobs = torch.log(rho).flatten().requires_grad_(True)
+    loss = policy_loss_N(logprobs, torch.zeros(6), advantages, ratio="ppo", delta=2.5)
+    torch.testing.assert_close(loss.detach(), torch.tensor([0.8, 1.0, 1.5, -1.2, 2.5, 1.25]))
+    loss.sum().backward()
+    torch.testing.assert_close(logprobs.grad, torch.tensor([0.0, 1.0, 1.5, 0.0, 0.0, 0.0]))
+    without = policy_loss_N(logprobs.detach(), torch.zeros(6), advantages, ratio="ppo")
+    torch.testing.assert_close(without, torch.tensor([0.8, 1.0, 1.5, -1.2, 3.0, 2.0]))
+
+
+def test_bias_corrected_reference_kl_is_k3_times_the_ratio():
+    """TRL's use_bias_correction_kl on 2 x 3 tokens with lp_old = lp_ref, r = exp(lp - lp_old):
+    k3 = 1/r + ln r - 1, corrected r * k3 = 1 + r ln r - r, gradient d/dlp = r ln r."""
+    r = torch.tensor([[0.5, 1.0, 2.0], [4.0, 0.25, 1.0]]).flatten()
+    old = torch.log(torch.tensor([0.1, 0.2, 0.3, 0.1, 0.2, 0.3]))
+    logprobs = (old + torch.log(r)).requires_grad_(True)
+    plain = reference_kl_N(logprobs.detach(), old)
+    ln2 = math.log(2.0)
+    torch.testing.assert_close(
+        plain, torch.tensor([1 - ln2, 0.0, ln2 - 0.5, 2 * ln2 - 0.75, 3 - 2 * ln2, 0.0])
+    )
+    corrected = reference_kl_N(logprobs, old, old)
+    expected = [1 - 0.5 * ln2 - 0.5, 0.0, 2 * ln2 - 1, 8 * ln2 - 3, 0.75 - 0.5 * ln2, 0.0]
+    torch.testing.assert_close(corrected.detach(), torch.tensor(expected))
+    corrected.sum().backward()
+    grad = [-0.5 * ln2, 0.0, 2 * ln2, 8 * ln2, -0.5 * ln2, 0.0]
+    torch.testing.assert_close(logprobs.grad, torch.tensor(grad))

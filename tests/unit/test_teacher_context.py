@@ -9,6 +9,7 @@ from trl import GRPOTrainer
 
 from opd.demo.tiny import build_char_tokenizer
 from opd.teacher.context import teacher_prompt, teacher_prompt_ids
+from opd.trainer.methods import MethodMixin
 
 TEMPLATE = "{prompt} hint: {context}"
 # A minimal chat template over the tiny tokenizer's alphabet (it ships none); the `think` kwarg
@@ -121,3 +122,60 @@ def test_ids_equal_trl_tokenizing_the_teacher_prompt(chat):
 def test_prompts_and_contexts_must_pair_up():
     with pytest.raises(ValueError, match="2 prompts but 1 contexts"):
         teacher_prompt_ids(["a", "b"], ["c"], TEMPLATE, _tokenizer())
+
+
+# The trainer's own template (GRPOConfig has no field for it; TRL sets it for tool training): it
+# renders the tools and the `think` kwarg, so each of the three render inputs changes the ids.
+TRAINER_TEMPLATE = (
+    "{% if tools %}#tools: {{ tools | length }}.{% endif %}"
+    "{% for m in messages %}#{{ m.role }}: {{ m.content }}.{% endfor %}"
+    "{% if add_generation_prompt %}#assistant:{% if think %} think{% endif %}{% endif %}"
+)
+TOOL = {"type": "function", "function": {"name": "add", "description": "a", "parameters": {}}}
+
+
+def _trainer(tokenizer, **render):
+    """A namespace standing in for the trainer: what `privileged_prompt_ids` and TRL's
+    `GRPOTrainer._tokenize_prompts` read (a real trainer needs a model, data and rewards)."""
+    return SimpleNamespace(
+        args=SimpleNamespace(teacher_context_column="solution", teacher_context_template=TEMPLATE),
+        processing_class=tokenizer,
+        _is_vlm=False,
+        environment_factories=None,
+        **{"tools": None, "chat_template": None, "chat_template_kwargs": {}, **render},
+    )
+
+
+@pytest.mark.parametrize(
+    "render",
+    [
+        {"chat_template_kwargs": {"think": True}},
+        {"chat_template_kwargs": {"think": False}},
+        {"tools": [TOOL], "chat_template": TRAINER_TEMPLATE, "chat_template_kwargs": {"think": 1}},
+    ],
+)
+def test_trainer_renders_teacher_prompt_like_trls_student_prompt(render):
+    """The OPSD teacher prompt gets the trainer's chat_template_kwargs, tools and chat_template:
+    it equals TRL's rendering of the teacher messages, and shares the student prompt's rendered
+    head (system turn, tools) and generation prompt (the `think` flag)."""
+    tokenizer = _tokenizer(chat=True)
+    trainer = _trainer(tokenizer, **render)
+    inputs = [{"prompt": CHAT, "solution": "4"}]
+    ids = MethodMixin.privileged_prompt_ids(trainer, inputs)
+    teacher_messages = teacher_prompt(CHAT, "4", TEMPLATE)
+    assert ids == [list(GRPOTrainer._tokenize_prompts(trainer, [teacher_messages])[0][0])]
+    student = list(GRPOTrainer._tokenize_prompts(trainer, [CHAT])[0][0])
+    head = "#tools: 1." if render.get("tools") else ""
+    head += "#system: be brief.#user: 1+1=?.#assistant: 2.#user: 2+2=?"
+    tail = ".#assistant:" + (" think" if render["chat_template_kwargs"]["think"] else "")
+    for row in (student, ids[0]):
+        assert row[: len(head)] == _char_ids(tokenizer, head)
+        assert row[-len(tail) :] == _char_ids(tokenizer, tail)
+    assert ids[0][len(head) : -len(tail)] == _char_ids(tokenizer, " hint: 4")
+
+
+def test_teacher_context_with_environment_factories_is_refused():
+    trainer = _trainer(_tokenizer(chat=True))
+    trainer.environment_factories = {None: object}
+    with pytest.raises(ValueError, match="environment_factory is not supported"):
+        MethodMixin.privileged_prompt_ids(trainer, [{"prompt": CHAT, "solution": "4"}])

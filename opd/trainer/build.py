@@ -2,18 +2,71 @@
 the checks that a method's needs match the teacher and loss settings (STYLE: `__init__` stores,
 named `build_*` functions build).
 
-Test: `pytest tests/integration/test_methods.py`.
+Test: `pytest tests/unit/test_loss_fields.py tests/integration/test_methods.py`.
 """
 
 from __future__ import annotations
 
-from trl.trainer.utils import add_fused_lm_head
+import dataclasses
+
+from trl import GRPOConfig
 
 from opd.config import ConfigError, OPDConfig
 from opd.teacher.local import LocalTeacher, detached_copy
 from opd.teacher.protocol import TeacherScorer
+from opd.trainer.trl_seams import add_fused_lm_head, router_aux_loss_enabled
 
 SUPPORTED_LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "cispo")
+
+# Every `GRPOConfig` field that TRL's `GRPOTrainer._compute_loss` reads (directly or through the
+# trainer attribute `__init__` copies it to) is classified here, because opd computes the loss
+# itself (`opd/trainer/loss.py`). `tests/unit/test_loss_fields.py` derives that set from TRL's
+# source, so a new TRL loss option fails a test until it is classified.
+# Supported: opd implements it equivalently (value: where).
+SUPPORTED_LOSS_FIELDS: dict[str, str] = {
+    "loss_type": "normalisation in objectives/surrogate.py reduce_loss (others refused below)",
+    "epsilon": "PPO clip with opd_ratio: ppo (objectives/surrogate.py policy_loss_N)",
+    "epsilon_high": "PPO clip with opd_ratio: ppo; the CISPO cap with opd_ratio: cispo",
+    "delta": "two-sided clip with opd_ratio: ppo (policy_loss_N); refused with other ratios",
+    "beta": "k3 KL to the reference (surrogate.py reference_kl_N, trainer/loss.py)",
+    "use_bias_correction_kl": "that KL times the ratio (reference_kl_N's old_logprobs_N)",
+    "max_completion_length": "dr_grpo's normaliser (reduce_loss)",
+    "steps_per_generation": "dapo/cispo's per-micro-batch token normaliser (trainer/loss.py)",
+    "use_vllm": "the importance ratio below applies only with vLLM, as in TRL",
+    "temperature": "logits / temperature in the fused lm_head (trainer/loss.py), as TRL's",
+    "vllm_importance_sampling_correction": "loss times TRL's importance_sampling_ratio "
+    "(trainer/loss.py; TRL computes the ratio with its vllm_importance_sampling_* fields)",
+}
+_ENTROPY_BONUS_FIELDS = (
+    "entropy_coef", "use_adaptive_entropy", "entropy_coef_min", "entropy_coef_max",
+    "entropy_coef_delta", "entropy_target",
+)  # fmt: skip
+_SAPO_VESPO_FIELDS = (
+    "sapo_temperature_neg", "sapo_temperature_pos", "vespo_k_pos", "vespo_lambda_pos",
+    "vespo_k_neg", "vespo_lambda_neg",
+)  # fmt: skip
+# Refused: `check_loss_options` raises this ConfigError when the field is not at its default.
+REFUSED_LOSS_FIELDS: dict[str, str] = {
+    "importance_sampling_level": "importance_sampling_level must be 'token' with opd's loss "
+    "(the ratio is per token; opd_ratio picks its form).",
+    "top_entropy_quantile": "top_entropy_quantile is TRL's entropy mask; in opd use tip_rule: "
+    "entropy_sample or type_aware (TIP), which also drops the masked tokens' logits.",
+    "off_policy_mask_threshold": "off_policy_mask_threshold (TRL's off-policy sequence mask) is "
+    "not implemented by opd's loss; unset it (opd_behaviour_logprobs sets lp_old instead).",
+    "router_aux_loss_coef": "the MoE router auxiliary loss is not implemented by opd's loss; "
+    "set router_aux_loss_coef: 0 to train the MoE student without it.",
+    **{
+        name: f"{name} sets TRL's entropy bonus, which opd's loss does not implement; leave "
+        "entropy_coef at 0 and use_adaptive_entropy false (opd_kl_coef shapes the advantage)."
+        for name in _ENTROPY_BONUS_FIELDS
+    },
+    **{
+        name: f"{name} only applies to loss_type '{name.split('_')[0]}', which opd's loss does "
+        "not implement; leave it at its default."
+        for name in _SAPO_VESPO_FIELDS
+    },
+}
+LOSS_FIELDS = SUPPORTED_LOSS_FIELDS.keys() | REFUSED_LOSS_FIELDS.keys()
 
 
 def check_trainer_args(args, reward_funcs) -> None:
@@ -59,10 +112,12 @@ def build_offline_rollouts(args: OPDConfig, teacher, train_dataset, trainer_kwar
 
 
 def build_self_teacher(model, args: OPDConfig) -> LocalTeacher:
-    """OPSD's teacher: a frozen copy of the student's initial weights (before any update)."""
-    return LocalTeacher.frozen_copy_of(
-        model, temperature=args.teacher_temperature, batch_size=args.teacher_batch_size
-    )
+    """OPSD's teacher: the student's initial weights (before any update). A frozen copy, or for
+    a PEFT student its base model with the adapters disabled (the same weights, no copy)."""
+    kwargs = {"temperature": args.teacher_temperature, "batch_size": args.teacher_batch_size}
+    if hasattr(model, "disable_adapter"):
+        return LocalTeacher.adapter_disabled_view_of(model, **kwargs)
+    return LocalTeacher.frozen_copy_of(model, **kwargs)
 
 
 def build_reference_model(args: OPDConfig, model, trl_reference=None):
@@ -140,28 +195,40 @@ def check_method_capabilities(args: OPDConfig, teacher: TeacherScorer | None, re
             f"opd_weighting={args.opd_weighting!r} routes by correctness: pass reward_funcs "
             "(CLI: --reward_funcs math_accuracy); the first one decides correctness."
         )
-    _check_loss_options(args)
+    check_loss_options(args)
 
 
-def _check_loss_options(args: OPDConfig) -> None:
+def check_loss_options(args: OPDConfig) -> None:
     """opd computes the loss itself (chosen positions, fused lm_head); refuse TRL loss options
-    it does not implement instead of silently ignoring them."""
+    it does not implement instead of silently ignoring them (see REFUSED_LOSS_FIELDS)."""
     if args.loss_type not in SUPPORTED_LOSS_TYPES:
         raise ConfigError(
             f"loss_type={args.loss_type!r} is not supported by opd's loss; use one of "
             f"{', '.join(SUPPORTED_LOSS_TYPES)} (the ratio form is opd_ratio)."
         )
-    if args.importance_sampling_level != "token":
-        raise ConfigError("importance_sampling_level must be 'token' with opd's loss.")
-    if args.top_entropy_quantile < 1.0:
+    defaults = {f.name: f.default for f in dataclasses.fields(GRPOConfig)}
+    for name, message in REFUSED_LOSS_FIELDS.items():
+        value = getattr(args, name)
+        allowed = (defaults[name], 0.0) if name == "router_aux_loss_coef" else (defaults[name],)
+        if value not in allowed:
+            raise ConfigError(f"{name}={value!r}: {message}")
+    if args.delta is not None and args.opd_ratio != "ppo":
         raise ConfigError(
-            "top_entropy_quantile is TRL's entropy mask; in opd use tip_rule: entropy_sample or "
-            "type_aware (TIP), which also drops the masked tokens' logits."
+            f"delta={args.delta} is TRL's two-sided clip of the PPO ratio; set opd_ratio: ppo, "
+            f"or unset delta (opd_ratio {args.opd_ratio!r} has no clip it applies to)."
         )
     if args.use_liger_kernel:
         raise ConfigError(
             "use_liger_kernel replaces the loss that opd computes (its fused kernels already "
             "avoid full logits); set use_liger_kernel: false."
         )
-    if getattr(args, "off_policy_mask_threshold", None) is not None:
-        raise ConfigError("off_policy_mask_threshold is not supported by opd's loss.")
+
+
+def check_trainer_loss_state(trainer) -> None:
+    """After `GRPOTrainer.__init__`: refuse what TRL enabled from the model, not the config (an
+    MoE student's own router_aux_loss_coef turns TRL's auxiliary loss on by default)."""
+    if router_aux_loss_enabled(trainer):
+        raise ConfigError(
+            f"{type(trainer.model).__name__} is a Mixture-of-Experts model and TRL would add its "
+            f"router auxiliary loss: {REFUSED_LOSS_FIELDS['router_aux_loss_coef']}"
+        )

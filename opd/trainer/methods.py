@@ -1,0 +1,171 @@
+"""The method-specific parts of `OPDTrainer`, as a mixin over `GRPOTrainer`.
+
+Each method of METHODS.md that needs more than the composer reads its inputs here: off-policy
+traces in the group (LUFFY, StableOPD), correctness from the first reward function (SCOPE,
+Uni-OPD), SOD's step boundaries, TIP's kept tokens, OPSD's privileged teacher prompts and
+multi-teacher routes from dataset columns. Values of the current generation step are read from
+and written to its `StepState` (`opd/trainer/step.py`).
+
+Test: `pytest tests/integration/test_methods.py`.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+
+import torch
+
+from opd.objectives.tip import tip_keep_mask
+from opd.objectives.vanilla import masked_mean
+from opd.objectives.weightings import scope_advantage, sod_step_weights, uni_opd_shift
+from opd.report.token_sample import append_tip_token_sample
+from opd.rollout.traces import inject_traces, trace_rows
+from opd.trainer.distributed import on_global_batch
+from opd.trainer.trl_seams import prompt_render_kwargs
+
+
+class MethodMixin:
+    """Hooks used by `OPDTrainer`; `self` is the trainer (a `GRPOTrainer`)."""
+
+    # ----- generation: traces and rewards -----
+
+    def _generate(self, prompts: list):
+        generated = super()._generate(prompts)
+        column = self.args.opd_trace_column
+        num_rows = len(generated[1])
+        step = self.step_state
+        step.offpolicy_B = [False] * num_rows
+        if column is None or not self.model.training:
+            return generated
+        inputs = step.inputs
+        if column not in inputs[0]:
+            raise ValueError(f"opd_trace_column={column!r} is not a column of the dataset.")
+        rows = trace_rows(
+            num_rows,
+            group_size=self.num_generations,
+            first_global_index=self.accelerator.process_index * num_rows,
+        )
+        generated, step.offpolicy_B = inject_traces(
+            generated,
+            [example.get(column) for example in inputs],
+            rows,
+            tokenizer=self.processing_class,
+            max_completion_length=self.max_completion_length,
+            conversational=isinstance(prompts[0], list),
+        )
+        return generated
+
+    def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
+        rewards_per_func = super()._calculate_rewards(
+            inputs, prompts, completions, completion_ids_list
+        )
+        start = self.accelerator.process_index * len(prompts)
+        self.step_state.rewards_BF = rewards_per_func[start : start + len(prompts)]
+        return rewards_per_func
+
+    # ----- teacher inputs from dataset columns -----
+
+    def privileged_prompt_ids(self, inputs) -> list[list[int]] | None:
+        """OPSD: the teacher's prompt = the problem plus the privileged column (e.g. solution)."""
+        column = self.args.teacher_context_column
+        if column is None:
+            return None
+        from opd.teacher.context import teacher_prompt_ids
+
+        if column not in inputs[0]:
+            raise ValueError(f"teacher_context_column={column!r} is not a column of the dataset.")
+        return teacher_prompt_ids(
+            [example["prompt"] for example in inputs],
+            [str(example[column]) for example in inputs],
+            self.args.teacher_context_template,
+            self.processing_class,
+            **prompt_render_kwargs(self),  # as TRL renders the student's prompt
+        )
+
+    def teacher_routes(self, inputs) -> list[str] | None:
+        column = self.args.teacher_route_column
+        if column is None:
+            return None
+        if column not in inputs[0]:
+            raise ValueError(f"teacher_route_column={column!r} is not a column of the dataset.")
+        return [str(example[column]) for example in inputs]
+
+    # ----- weightings and token selection -----
+
+    def build_sod_step_ids(self) -> set[int]:
+        if self.args.opd_weighting != "sod":
+            return set()
+        ids = self.processing_class.encode(self.args.sod_step_delimiter, add_special_tokens=False)
+        if not ids:
+            raise ValueError("sod_step_delimiter encodes to no tokens; give a non-empty text.")
+        return {ids[-1]}
+
+    def weighted_opd_term(self, step, term_BT, output, teacher_BT):
+        args, student_old_BT, mask_BT = self.args, step.student_old_BT, step.mask_BT
+        match args.opd_weighting:
+            case "scope":  # groups may span processes: decided on the global batch
+                scope = partial(
+                    scope_advantage, group_size=self.num_generations, tau=args.scope_tau
+                )
+                return on_global_batch(
+                    self.accelerator, scope, student_old_BT, teacher_BT, mask_BT,
+                    step.correct_B().to(mask_BT.device),
+                )  # fmt: skip
+            case "sod":
+                ids_BT = output["completion_ids"]
+                step_end_BT = torch.isin(
+                    ids_BT, torch.tensor(sorted(self.sod_step_ids), device=ids_BT.device)
+                )
+                weights_BT = sod_step_weights(
+                    student_old_BT, teacher_BT, mask_BT, step_end_BT, delta=args.sod_delta
+                )
+                self.record("opd/sod_weight_mean", masked_mean(weights_BT, mask_BT))
+                return term_BT * weights_BT
+            case "uni_opd":
+                shift = partial(
+                    uni_opd_shift, group_size=self.num_generations, delta=args.uni_opd_delta
+                )
+                return on_global_batch(
+                    self.accelerator, shift, term_BT, mask_BT, step.correct_B().to(mask_BT.device)
+                )
+        return term_BT
+
+    def keep_mask(self, step) -> torch.Tensor:
+        """TIP's kept tokens, chosen over the global generation batch (quantiles and the kept
+        share are the whole batch's, as with one process), then this process's rows."""
+        args, stats, mask_BT = self.args, step.stats_BT, step.mask_BT
+        if args.tip_rule == "none":
+            return mask_BT.bool()
+
+        def select(entropy_BT, jsd_BT, mask_BT):
+            generator = torch.Generator().manual_seed(args.seed + self.state.global_step)
+            return tip_keep_mask(
+                args.tip_rule, entropy_BT.cpu(), jsd_BT.cpu(), mask_BT.cpu(),
+                vocab_size=self.student_vocab_size(), keep_ratio=args.tip_keep_ratio,
+                alpha=args.tip_alpha, gamma=args.tip_gamma,
+                entropy_quantile=args.tip_entropy_quantile,
+                divergence_quantile=args.tip_divergence_quantile, generator=generator,
+            ).to(mask_BT.device)  # fmt: skip
+
+        zeros_BT = torch.zeros_like(mask_BT)  # entropy-only rules ignore the divergence
+        keep_BT = on_global_batch(
+            self.accelerator,
+            select,
+            stats.get("entropy", zeros_BT),
+            stats.get("jsd", zeros_BT),
+            mask_BT,
+        )
+        if self.model.training and self.accelerator.is_main_process:  # `opd report`'s TIP scatter
+            append_tip_token_sample(
+                args.output_dir, step=self.state.global_step + 1, rule=args.tip_rule,
+                entropy_BT=stats.get("entropy", torch.zeros_like(mask_BT)),
+                divergence_BT=stats.get("jsd"), mask_BT=mask_BT, keep_BT=keep_BT,
+                vocab_size=self.student_vocab_size(), entropy_quantile=args.tip_entropy_quantile,
+                divergence_quantile=args.tip_divergence_quantile, seed=args.seed,
+            )  # fmt: skip
+        return keep_BT.to(mask_BT.device)
+
+    def student_vocab_size(self) -> int:
+        return int(
+            self.accelerator.unwrap_model(self.model).get_output_embeddings().weight.shape[0]
+        )

@@ -1,0 +1,49 @@
+"""`StepState`: what one generation step of `OPDTrainer` learns, passed between its phases.
+
+TRL calls opd's hooks (`_generate`, `_calculate_rewards`) from inside its own
+`_generate_and_score_completions`, without a way to pass extra values. Instead of leaving loose
+attributes on the trainer, the step's values live in one `StepState`, created when a generation
+step starts and handed explicitly to every function of phase 1 (scoring, advantages, selection,
+metrics). Nothing in it outlives the step; the loss phase reads only the batch dict.
+
+Test: `pytest tests/integration/test_methods.py`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from opd.types import RolloutBatch, TeacherScores
+
+
+@dataclass
+class StepState:
+    """One generation step, on this process.
+
+    All `_B`/`_BT` tensors hold this process's rows (its slice of the global generation batch).
+    """
+
+    inputs: list[dict[str, Any]]
+    """The dataset rows of this process's slice, as TRL passed them (one per completion)."""
+    offpolicy_B: list[bool] = field(default_factory=list)
+    """True where the row is an off-policy trace (LUFFY/StableOPD), not a student sample."""
+    rewards_BF: torch.Tensor | None = None
+    """This process's rows of TRL's `[B, num_reward_funcs]` rewards (NaN where not applicable)."""
+    batch: RolloutBatch | None = None
+    """The generated batch in opd's contract, once TRL has generated it."""
+    scores: TeacherScores | None = None
+    """The teacher's scores of `batch`."""
+    mask_BT: torch.Tensor | None = None
+    """Float completion mask (TRL's mask times its tool mask)."""
+    student_old_BT: torch.Tensor | None = None
+    """lp_old: the behaviour policy's logprob of each sampled token."""
+    stats_BT: dict[str, torch.Tensor] = field(default_factory=dict)
+    """No-grad per-token student statistics: entropy, reverse_kl, baseline_kl, jsd, topk_mass."""
+
+    def correct_B(self) -> torch.Tensor:
+        """Correct = the first reward function's reward >= 0.5 (a verifier's 0/1)."""
+        assert self.rewards_BF is not None, "rewards are computed before correctness is read"
+        return torch.nan_to_num(self.rewards_BF[:, 0], nan=0.0) >= 0.5

@@ -1,0 +1,162 @@
+"""Every private touch of TRL (and of the vLLM engine TRL builds) that opd relies on, in one place.
+
+`OPDTrainer` subclasses TRL's `GRPOTrainer`. Public API (`GRPOConfig`, `GRPOTrainer(...)`,
+`train()`) is used directly; everything else that could change in a TRL release without notice
+goes through this module: the hooks opd overrides, the private methods it calls, the keys of the
+batch dict TRL passes between its phases, trainer attributes set by `GRPOTrainer.__init__`, and
+the `LLM` symbol of TRL's generation module that opd patches to pass engine arguments.
+
+`tests/unit/test_trl_surface.py` pins all of it against the installed TRL: an upgrade that
+renames, removes or re-signs any of these names fails that test before it breaks training.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from functools import partial
+from typing import Any
+
+import torch
+from trl import GRPOTrainer
+from trl.trainer.utils import add_fused_lm_head
+
+__all__ = ["GRPOTrainer", "add_fused_lm_head"]
+
+# `GRPOTrainer` hooks that `OPDTrainer` overrides, with the parameters it relies on.
+OVERRIDDEN_HOOKS: dict[str, tuple[str, ...]] = {
+    "_generate_and_score_completions": ("self", "inputs"),
+    "_generate": ("self", "prompts"),
+    "_calculate_rewards": ("self", "inputs", "prompts", "completions", "completion_ids_list"),
+    "_compute_loss": ("self", "model", "inputs"),
+}
+# Private methods opd calls, with the leading parameters it passes.
+CALLED_PRIVATE: dict[str, tuple[str, ...]] = {
+    "_get_per_token_logps_and_entropies": (
+        "self", "model", "input_ids", "attention_mask", "logits_to_keep", "batch_size",
+    ),
+    "_save_checkpoint": ("self", "model", "trial"),
+}  # fmt: skip
+# Keys of the batch dict from `_generate_and_score_completions` that opd reads. The first group
+# is always present; the second only for some settings (TRL writes them by name in that method).
+BATCH_KEYS = (
+    "prompt_ids", "prompt_mask", "completion_ids", "completion_mask", "advantages",
+    "num_items_in_batch",
+)  # fmt: skip
+OPTIONAL_BATCH_KEYS = (
+    "old_per_token_logps", "ref_per_token_logps", "sampling_per_token_logps",
+    "importance_sampling_ratio", "tool_mask",
+)  # fmt: skip
+# Keys opd adds to that dict; TRL must not use them itself (it splits every tensor by rows).
+OPD_BATCH_KEYS = (
+    "opd_keep_mask", "opd_offpolicy", "opd_teacher_hidden", "opd_teacher_topk_ids",
+    "opd_teacher_topk_logprobs",
+)  # fmt: skip
+# Attributes `GRPOTrainer.__init__` sets that opd reads.
+TRAINER_ATTRIBUTES = (
+    "num_generations", "temperature", "loss_type", "epsilon_low", "epsilon_high", "beta",
+    "use_vllm", "vllm_mode", "vllm_importance_sampling_correction", "max_completion_length",
+    "ref_model", "_metrics", "vllm_generation", "aux_loss_enabled",
+    # how TRL renders a conversational prompt (`_tokenize_prompts`); the OPSD teacher prompt too
+    "chat_template_kwargs", "tools", "chat_template", "environment_factories",
+)  # fmt: skip
+# Attributes of transformers' `Trainer` (set outside `__init__` or not documented) opd reads.
+HF_TRAINER_ATTRIBUTES = ("current_gradient_accumulation_steps", "callback_handler")
+# `GRPOTrainer._generate` returns a tuple; opd's trace injection unpacks its leading items.
+GENERATE_RESULT = ("prompt_ids", "completion_ids", "tool_mask", "completions", "logprobs")
+# `GRPOConfig` / `TrainingArguments` fields opd's trainer reads (besides the loss fields that
+# `opd/trainer/build.py` classifies in LOSS_FIELDS).
+CONFIG_FIELDS = (
+    "bf16", "fp16", "cast_lm_head_to_fp32", "chat_template_kwargs", "num_generations",
+    "output_dir", "per_device_train_batch_size", "seed", "steps_per_generation", "temperature",
+    "use_liger_kernel", "use_vllm", "vllm_mode",
+)  # fmt: skip
+# Parameters of `trl.trainer.utils.add_fused_lm_head` that opd passes (G-OPD reference copy).
+FUSED_LM_HEAD_PARAMS = ("model", "temperature", "cast_lm_head_to_fp32")
+# TRL's colocated generation: the module whose `LLM` symbol opd patches, and the members of its
+# `VLLMGeneration` that opd's CPU weight sync uses.
+VLLM_GENERATION_MODULE = "trl.generation.vllm_generation"
+VLLM_GENERATION_MEMBERS = ("sync_weights", "_iter_named_params", "llm")
+
+
+def per_token_logprobs(trainer, model, output: dict[str, Any], input_ids, attention_mask):
+    """`[B, T]` logprobs of the completion tokens under `model`, computed the way TRL does."""
+    logprobs_BT, _, _ = trainer._get_per_token_logps_and_entropies(
+        model,
+        input_ids,
+        attention_mask,
+        output["completion_ids"].size(1),
+        batch_size=trainer.args.per_device_train_batch_size,
+    )
+    return logprobs_BT
+
+
+def save_checkpoint(trainer) -> str:
+    """Write `checkpoint-<global_step>` as TRL's Trainer does at a save step; returns its path."""
+    trainer._save_checkpoint(trainer.model, trial=None)
+    return f"{trainer.args.output_dir}/checkpoint-{trainer.state.global_step}"
+
+
+def append_metric(trainer, mode: str, name: str, value: float) -> None:
+    """Add one value to TRL's per-step metric buffer (logged and averaged at each log step)."""
+    trainer._metrics[mode][name].append(value)
+
+
+def prompt_render_kwargs(trainer) -> dict[str, Any]:
+    """The `chat_template_kwargs`, `tools` and `chat_template` TRL renders chat prompts with.
+
+    With `environment_factory` TRL renders each prompt with its environment's own tools, which
+    opd does not mirror: refused.
+    """
+    if trainer.environment_factories is not None:
+        raise ValueError(
+            "teacher_context_column with environment_factory is not supported: TRL renders each "
+            "prompt with its environment's tools; pass tools= to the trainer instead."
+        )
+    return {
+        "chat_template_kwargs": trainer.chat_template_kwargs,
+        "tools": trainer.tools,
+        "chat_template": trainer.chat_template,
+    }
+
+
+def router_aux_loss_enabled(trainer) -> bool:
+    """Whether TRL would add the MoE router auxiliary loss (an MoE model, coefficient != 0)."""
+    return bool(trainer.aux_loss_enabled)
+
+
+def replace_colocate_sync(trainer, sync: Callable[[Any], None]) -> None:
+    """Make TRL's colocate weight sync call `sync(generation)` instead of its own push."""
+    trainer.vllm_generation.sync_weights = partial(sync, trainer.vllm_generation)
+
+
+def iter_sync_params(generation) -> Iterator[tuple[str, torch.Tensor]]:
+    """TRL's `(vLLM name, full tensor)` stream for a sync: merges PEFT adapters, gathers
+    FSDP/ZeRO-3 shards, renames for vLLM."""
+    return generation._iter_named_params()
+
+
+def colocated_llm(generation):
+    """The in-process `vllm.LLM` TRL built for colocate mode."""
+    return generation.llm
+
+
+@contextmanager
+def vllm_engine_kwargs(**engine_kwargs):
+    """Add keyword arguments to the `vllm.LLM(...)` that TRL's colocate mode builds.
+
+    TRL exposes no dtype option for the colocated engine; this is the narrowest seam: the `LLM`
+    name inside TRL's generation module, patched only while `GRPOTrainer.__init__` runs.
+    """
+    engine_kwargs = {key: value for key, value in engine_kwargs.items() if value is not None}
+    module = sys.modules.get(VLLM_GENERATION_MODULE)
+    if not engine_kwargs or module is None or not hasattr(module, "LLM"):
+        yield
+        return
+    original = module.LLM
+    module.LLM = partial(original, **engine_kwargs)
+    try:
+        yield
+    finally:
+        module.LLM = original

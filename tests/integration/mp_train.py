@@ -1,0 +1,147 @@
+"""Train `OPDTrainer` for 2 steps on fixed rollouts, once per method; save the final weights.
+
+Launched by `tests/integration/test_multiprocess.py`, alone or under `torchrun`:
+
+    torchrun --nproc_per_node 2 tests/integration/mp_train.py --student S --teacher T \
+        --out DIR --per_device_batch 2 [--accumulation 1] [--fsdp] [--methods vanilla,tip]
+
+The rollouts are fixed (TRL's `rollout_func`): each completion is a function of its prompt and
+its position in the group only, so 1 process x batch 2B, 2 processes x batch B, and 1 process x B
+with 2 accumulation steps all see the same global generation batch. The optimizer is plain SGD:
+Adam's update and a clipped gradient are invariant to the loss's scale, so a wrong
+normalisation could hide behind either.
+Each method's weights go to `DIR/<method>.pt` (rank 0, whole tensors, also under FSDP2).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import zlib
+
+os.environ.setdefault("OPD_KERNELS", "torch")
+os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
+
+import torch
+from datasets import Dataset
+
+from opd import OPDConfig, OPDTrainer
+
+GROUP = 4  # num_generations; with 2 processes x 2 rows, every group spans both processes
+MAX_COMPLETION = 6
+METHODS: dict[str, dict] = {
+    "vanilla": {},  # loss_type dapo (TRL's default)
+    "vanilla_grpo": {"loss_type": "grpo"},
+    "vanilla_bnpo": {"loss_type": "bnpo"},
+    "vanilla_dr_grpo": {"loss_type": "dr_grpo"},
+    "vopd": {"opd_baseline": "full"},
+    "tip_q3": {"tip_rule": "q3", "teacher_top_k": 4},
+    "tip_sample": {"tip_rule": "entropy_sample", "tip_keep_ratio": 0.5},
+    "scope": {"opd_weighting": "scope"},
+    "luffy": {"opd_trace_column": "trace", "loss_type": "grpo"},
+    "divergence": {
+        "opd_divergence": "reverse_kl", "opd_divergence_coef": 1.0, "teacher_top_k": 4,
+        "opd_divergence_support": "topk",
+    },
+}  # fmt: skip
+NEEDS_REWARDS = ("scope",)
+
+
+def fixed_completion(prompt: str, copy: int, vocab_size: int) -> list[int]:
+    """A completion that depends only on the prompt text and its index in the group."""
+    generator = torch.Generator().manual_seed(zlib.crc32(prompt.encode()) * 8 + copy)
+    length = int(torch.randint(2, MAX_COMPLETION + 1, (1,), generator=generator))
+    ids = torch.randint(3, vocab_size, (length,), generator=generator).tolist()
+    if copy % 2 == 0:  # even copies start with a digit: the reward below calls them correct
+        ids[0] = 3 + copy
+    return [*ids[:-1], 2] if copy != 1 else ids  # copy 1 is truncated (no EOS)
+
+
+def make_rollout_func(tokenizer):
+    def rollout_func(prompts: list, trainer) -> dict[str, list]:
+        first = trainer.accelerator.process_index * len(prompts)  # contiguous split of the batch
+        completion_ids = [
+            fixed_completion(prompt, (first + i) % GROUP, len(tokenizer))
+            for i, prompt in enumerate(prompts)
+        ]
+        return {
+            "prompt_ids": [tokenizer.encode(prompt) for prompt in prompts],
+            "completion_ids": completion_ids,
+            "logprobs": [[0.0] * len(ids) for ids in completion_ids],
+        }
+
+    return rollout_func
+
+
+def starts_with_digit(completions, **kwargs) -> list[float]:
+    return [float(bool(text) and text[0].isdigit()) for text in completions]
+
+
+def train_one(name: str, cli: argparse.Namespace) -> None:
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(cli.student)
+    fsdp = {}
+    if cli.fsdp:
+        fsdp = {
+            "fsdp": "full_shard",
+            "fsdp_config": {
+                "fsdp_version": 2, "reshard_after_forward": True,
+                "transformer_layer_cls_to_wrap": ["Qwen2DecoderLayer"],
+            },
+        }  # fmt: skip
+    args = OPDConfig(
+        output_dir=os.path.join(cli.out, name), report_to="none", seed=0,
+        teacher_model_name_or_path=cli.teacher, use_vllm=False,
+        per_device_train_batch_size=cli.per_device_batch,
+        gradient_accumulation_steps=cli.accumulation, num_generations=GROUP,
+        max_completion_length=MAX_COMPLETION, max_steps=2, learning_rate=0.5,
+        optim="sgd", max_grad_norm=0.0, lr_scheduler_type="constant", logging_steps=1,
+        save_strategy="no",
+        opd_behaviour_logprobs="trainer", opd_ratio="plain", bf16=False,
+        **fsdp, **METHODS[name],
+    )  # fmt: skip
+    dataset = Dataset.from_dict(
+        {
+            "prompt": [f"{a}+{b}=" for a in range(3) for b in range(3)],
+            "trace": [f"{a + b}" for a in range(3) for b in range(3)],
+        }
+    )
+    trainer = OPDTrainer(
+        model=cli.student, args=args, train_dataset=dataset, processing_class=tokenizer,
+        reward_funcs=[starts_with_digit] if name in NEEDS_REWARDS else None,
+        rollout_func=make_rollout_func(tokenizer),
+    )  # fmt: skip
+    trainer.train()
+    if cli.fsdp:  # the run must really have been sharded, not silently plain DDP
+        from torch.distributed.tensor import DTensor
+
+        weight = trainer.accelerator.unwrap_model(trainer.model).get_output_embeddings().weight
+        assert isinstance(weight, DTensor), f"lm_head weight is {type(weight)}, not sharded"
+        assert str(trainer.accelerator.distributed_type) == "DistributedType.FSDP"
+        print(f"FSDP2 ok: lm_head shard {tuple(weight.to_local().shape)} of {tuple(weight.shape)}")
+    state = trainer.accelerator.get_state_dict(trainer.model)
+    losses = [row["loss"] for row in trainer.state.log_history if "loss" in row]
+    if trainer.accelerator.is_main_process:
+        full = {key: value.detach().float().cpu() for key, value in state.items()}
+        torch.save({"state": full, "losses": losses}, os.path.join(cli.out, f"{name}.pt"))
+    trainer.accelerator.wait_for_everyone()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--student", required=True)
+    parser.add_argument("--teacher", required=True)
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--per_device_batch", type=int, required=True)
+    parser.add_argument("--accumulation", type=int, default=1)
+    parser.add_argument("--fsdp", action="store_true")
+    parser.add_argument("--methods", default=",".join(METHODS))
+    cli = parser.parse_args()
+    torch.manual_seed(0)
+    for name in cli.methods.split(","):
+        train_one(name, cli)
+
+
+if __name__ == "__main__":
+    main()

@@ -95,10 +95,11 @@ def distill_main(argv: list[str]) -> int:
     from trl import TrlParser
 
     from opd.config import ConfigError, OPDConfig
-    from opd.distill import DistillArguments, run_distill
+    from opd.distill import DistillArguments, StudentModelConfig, run_distill
 
+    dataclass_types = (DistillArguments, OPDConfig, StudentModelConfig)
     parser = TrlParser(
-        (DistillArguments, OPDConfig),
+        dataclass_types,
         prog="opd distill",
         description=COMMANDS["distill"] + " Options: --config RECIPE.yaml (values become the "
         "defaults; without it the embedded demo recipe is used) then any --field value below.",
@@ -106,15 +107,15 @@ def distill_main(argv: list[str]) -> int:
     if "--config" not in argv:  # the embedded demo is the default recipe (also for --help)
         argv = ["--config", default_demo_config(), *argv]
     try:
-        check_yaml_keys(argv[argv.index("--config") + 1], (DistillArguments, OPDConfig))
-        script_args, config = parser.parse_args_and_config(argv)
+        check_yaml_keys(argv[argv.index("--config") + 1], dataclass_types)
+        script_args, config, model_args = parser.parse_args_and_config(argv)
     except (ValueError, FileNotFoundError) as error:  # unknown keys, bad values, bad combinations
         print(f"opd distill: error: {error}", file=sys.stderr)
         return 2
     from opd.teacher.http import TeacherRequestError, TeacherUnavailableError
 
     try:
-        run_distill(script_args, config)
+        run_distill(script_args, config, model_args)
     except ConfigError as error:  # bad data or models found at start-up; other errors keep traces
         print(f"opd distill: error: {error}", file=sys.stderr)
         return 2

@@ -1,4 +1,6 @@
-"""`opd distill`: build the run from `DistillArguments` + `OPDConfig`, train, report.
+"""`opd distill`: build the run from `DistillArguments` + `OPDConfig` + `StudentModelConfig`
+(TRL's `ModelConfig`: `--use_peft --lora_r ...`, `--dtype`, as `trl grpo` takes them), train,
+report.
 
 With no `--config`, the embedded demo recipe (`opd/demo/default.yaml`) is used: the student
 `demo:student`, the teacher `demo:teacher` and the prompts `demo:arithmetic` are built locally
@@ -16,6 +18,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from trl import ModelConfig
+
 from opd.config import ConfigError, OPDConfig, write_resolved_config
 from opd.data import DEMO_DATASET, load_prompts_for
 
@@ -24,13 +28,31 @@ REWARD_FUNC_NAMES = ("demo_accuracy", "math_accuracy", "format")
 
 
 @dataclass
-class DistillArguments:
-    """What `opd distill` needs besides the trainer config: the student and the data."""
+class StudentModelConfig(ModelConfig):
+    """TRL's `ModelConfig` for the student, with the demo student as the default model.
 
-    model_name_or_path: str = field(
+    Its flags are those of `trl grpo`: `--use_peft --lora_r --lora_alpha --lora_dropout
+    --lora_target_modules --lora_modules_to_save`, `--dtype`, `--attn_implementation`,
+    `--model_revision` (`--trust_remote_code` is `OPDConfig`'s, as in TRL).
+    """
+
+    model_name_or_path: str = field(  # pyright: ignore[reportIncompatibleVariableOverride]
         default=DEMO_STUDENT,
         metadata={"help": "Student model (path or hub name). 'demo:student' builds the demo's."},
     )
+    # TRL's default is 0.05. OPD compares the trainer's and the sampler's logprobs token by
+    # token; LoRA dropout makes the trainer's forward noisy (measured on the tiny recipe: a max
+    # logprob gap of 0.07 to vLLM instead of < 1e-4).
+    lora_dropout: float = field(
+        default=0.0,
+        metadata={"help": "LoRA dropout (0: the trainer's logprobs match the sampler's)."},
+    )
+
+
+@dataclass
+class DistillArguments:
+    """What `opd distill` needs besides the trainer and model configs: the data and the demo."""
+
     dataset_name: str = field(
         default=DEMO_DATASET,
         metadata={
@@ -68,16 +90,26 @@ class DistillArguments:
     )
 
 
-def run_distill(script_args: DistillArguments, config: OPDConfig) -> dict[str, Any]:
+def run_distill(
+    script_args: DistillArguments,
+    config: OPDConfig,
+    model_args: StudentModelConfig | None = None,
+) -> dict[str, Any]:
     """Train the student against the teacher; returns the before/after numbers when asked."""
+    model_args = model_args or StudentModelConfig()
     _check_reward_names(script_args.reward_funcs)
+    peft_config = build_peft_config(model_args)
     if not script_args.dry_run:  # a dry run only validates: no demo pre-training
-        resolve_demo_models(script_args, config)
-    config_path = write_resolved_config(config.output_dir, script_args, config)
-    print(f"opd: resolved config written to {config_path}")
+        resolve_demo_models(model_args, config)
+    # Under torchrun / accelerate launch every process runs this; only the main one writes.
+    main_process = config.process_index == 0
+    if main_process:
+        config_path = write_resolved_config(config.output_dir, script_args, model_args, config)
+        print(f"opd: resolved config written to {config_path}")
     if script_args.dry_run:
         return {}
     from transformers import AutoTokenizer
+    from trl import get_quantization_config
 
     from opd.teacher.build import build_teacher
     from opd.trainer import OPDTrainer
@@ -89,44 +121,91 @@ def run_distill(script_args: DistillArguments, config: OPDConfig) -> dict[str, A
     else:
         print(f"opd: teacher_mode=offline trains on the rollouts in {config.teacher_shards}; "
               "dataset_name is not used.")  # fmt: skip
-    # The demo evaluation runs the teacher model in-process (accuracy and reverse KL).
-    evaluate = script_args.eval_before_after and script_args.dataset_name == DEMO_DATASET
-    if evaluate and config.teacher_mode != "local":
-        print("opd: eval_before_after needs the teacher in-process (teacher_mode=local); skipped.")
-        evaluate = False
+    evaluate = _wants_demo_eval(script_args, config)
     teacher = tokenizer = None
+    student = model_args.model_name_or_path
     if evaluate:  # one teacher serves the trainer and both evaluations
-        tokenizer = AutoTokenizer.from_pretrained(script_args.model_name_or_path)
+        tokenizer = AutoTokenizer.from_pretrained(student)
         teacher = build_teacher(config, tokenizer)
-        before = _evaluate_demo(script_args.model_name_or_path, teacher.model, tokenizer, "before")
+        before = _evaluate_demo(student, teacher.model, tokenizer, "before")
+    # After the resolved config is written, so that it keeps the flags as given.
+    config.model_init_kwargs = student_init_kwargs(model_args, config)
     trainer = OPDTrainer(
-        model=script_args.model_name_or_path,
+        model=student,
         reward_funcs=build_reward_funcs(script_args.reward_funcs) or None,
         args=config,
         train_dataset=train_dataset,
         teacher=teacher,
+        peft_config=peft_config,
+        quantization_config=get_quantization_config(model_args),
     )
     trainer.train(resume_from_checkpoint=config.resume_from_checkpoint)
     trainer.save_model(config.output_dir)
     results: dict[str, Any] = {
         "train_wall_s": round(time.perf_counter() - start, 1),
+        "num_processes": trainer.accelerator.num_processes,
         "log_history": trainer.state.log_history,
     }
     if evaluate:
         after = _evaluate_demo(trainer.model, teacher.model, tokenizer, "after")
         results.update(before=before, after=after)
-        print(format_before_after(before, after))
-    (Path(config.output_dir) / "opd_results.json").write_text(json.dumps(results, indent=2))
-    if trainer.accelerator.is_main_process:  # the plots of the run (`opd report`); never raises
+        if main_process:
+            print(format_before_after(before, after))
+    if main_process:  # results and the plots of the run (`opd report`; never raises)
+        (Path(config.output_dir) / "opd_results.json").write_text(json.dumps(results, indent=2))
         from opd.report.write import write_report_after_run
 
         write_report_after_run(config.output_dir)
     return results
 
 
-def resolve_demo_models(script_args: DistillArguments, config: OPDConfig) -> None:
+def _wants_demo_eval(script_args: DistillArguments, config: OPDConfig) -> bool:
+    """The demo evaluation runs the teacher model in-process (accuracy and reverse KL)."""
+    evaluate = script_args.eval_before_after and script_args.dataset_name == DEMO_DATASET
+    if evaluate and config.teacher_mode != "local":
+        print("opd: eval_before_after needs the teacher in-process (teacher_mode=local); skipped.")
+        return False
+    return evaluate
+
+
+def student_init_kwargs(model_args: ModelConfig, config: OPDConfig) -> dict[str, Any]:
+    """The student's `from_pretrained` keyword arguments, merged as `trl grpo` merges them: the
+    `ModelConfig` flags, overridden by `model_init_kwargs` where both set one."""
+    init_kwargs = {
+        "revision": model_args.model_revision,
+        "trust_remote_code": config.trust_remote_code,
+        "attn_implementation": model_args.attn_implementation,
+        "dtype": model_args.dtype,
+    }
+    return {**init_kwargs, **(config.model_init_kwargs or {})}  # pyright: ignore[reportGeneralTypeIssues]
+
+
+def build_peft_config(model_args: ModelConfig):
+    """TRL's `get_peft_config` (None without `--use_peft`), refusing an adapter on the lm_head
+    before any model loads: opd's loss reads `lm_head.weight` itself."""
+    from peft import LoraConfig
+    from trl import get_peft_config
+
+    peft_config = get_peft_config(model_args)
+    if peft_config is None:
+        return None
+    assert isinstance(peft_config, LoraConfig)  # what get_peft_config builds
+    targets = peft_config.target_modules
+    named = [targets] if isinstance(targets, str) else list(targets or [])
+    if "lm_head" in [*named, *(peft_config.modules_to_save or [])]:
+        raise ConfigError(
+            "an adapter on lm_head is not supported (opd's loss computes logits as "
+            "hidden @ lm_head.weight): remove lm_head from lora_target_modules and "
+            "lora_modules_to_save."
+        )
+    return peft_config
+
+
+def resolve_demo_models(script_args, config: OPDConfig) -> None:
     """Replace model names opd builds itself by their local folders: `demo:*` (trained here) and
-    `pypi:*` (real models assembled from PyPI packages, `opd/demo/pypi_models.py`)."""
+    `pypi:*` (real models assembled from PyPI packages, `opd/demo/pypi_models.py`).
+
+    `script_args` is any object with `model_name_or_path` (a `ModelConfig`, a script's args)."""
     route_teachers = [route.partition("=")[2].strip() for route in config.teacher_routes]
     names = {script_args.model_name_or_path, config.teacher_model_name_or_path, *route_teachers}
     local_paths = resolve_model_names(names)

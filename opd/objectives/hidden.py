@@ -23,7 +23,8 @@ _UNSUPPORTED_LOGIT_TRANSFORMS = (
 
 
 def check_plain_lm_head(model) -> None:
-    """Refuse models whose logits are transformed after the lm_head (softcap, scaling)."""
+    """Refuse models whose logits are transformed after the lm_head (softcap, scaling) or whose
+    lm_head carries a PEFT adapter."""
     config = getattr(model, "config", None)
     for name in _UNSUPPORTED_LOGIT_TRANSFORMS:
         value = getattr(config, name, None)
@@ -32,6 +33,28 @@ def check_plain_lm_head(model) -> None:
                 f"{type(model).__name__} transforms its logits ({name}={value}); opd's fused "
                 "loss recomputes logits as hidden @ lm_head.T and does not support that yet."
             )
+    _check_no_head_adapter(model)
+
+
+def _check_no_head_adapter(model) -> None:
+    """Refuse a PEFT adapter on the lm_head, or on an embedding tied to it: opd's loss reads
+    `lm_head.weight` (the base weight, not the adapted head), and vLLM, which ties the head to
+    the embedding, would sample from another head than the trainer's."""
+    if not hasattr(model, "peft_config"):
+        return
+    from peft.tuners.tuners_utils import BaseTunerLayer
+    from peft.utils import ModulesToSaveWrapper
+
+    wrapped = (BaseTunerLayer, ModulesToSaveWrapper)
+    tied = model.config.get_text_config().tie_word_embeddings
+    if isinstance(model.get_output_embeddings(), wrapped) or (
+        tied and isinstance(model.get_input_embeddings(), wrapped)
+    ):
+        raise ConfigError(
+            "a PEFT adapter on the lm_head (or on the input embedding tied to it) is not "
+            "supported: opd's loss computes logits as hidden @ lm_head.weight; remove lm_head "
+            "(and embed_tokens) from lora_target_modules and lora_modules_to_save."
+        )
 
 
 def output_weight(model) -> torch.Tensor:

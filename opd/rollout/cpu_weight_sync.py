@@ -71,6 +71,15 @@ def sync_trl_colocate_weights_on_cpu(generation) -> None:
     Reuses TRL's parameter iteration (PEFT merge, FSDP/ZeRO gathering, vLLM names) and only
     changes how the tensors are written into the engine.
     """
-    runner = generation.llm.llm_engine.model_executor.driver_worker.model_runner
-    load_weights_into_cpu_vllm(runner.model, generation._iter_named_params())
-    generation.llm.reset_prefix_cache()
+    from opd.trainer.trl_seams import colocated_llm, iter_sync_params
+
+    llm = colocated_llm(generation)
+    runner = llm.llm_engine.model_executor.driver_worker.model_runner
+    named_tensors = iter_sync_params(generation)
+    load_weights_into_cpu_vllm(runner.model, named_tensors)
+    # With PEFT, TRL's iterator merges the adapters into the base weights in place and unmerges
+    # them after its last item: run it to the end even if the loader stopped early, or the
+    # trainer would go on with the adapters counted twice.
+    for _ in named_tensors:
+        pass
+    llm.reset_prefix_cache()

@@ -3,6 +3,8 @@
 Used by `opd distill` (an `OPDConfig`) and `opd teacher precompute` (its own arguments, which
 carry the same `teacher_*` field names). Every teacher is checked against the student's tokenizer
 before it is returned, so a mismatch fails before any model or engine is loaded for training.
+An in-process (`local`) teacher loads in `teacher_dtype` where `teacher_device_map` says (default:
+the student's precision, on this process's device) and logs its parameter memory once.
 """
 
 from __future__ import annotations
@@ -124,7 +126,6 @@ def _http_kwargs(args: Any) -> dict[str, Any]:
 
 def _build_local_teacher(args: Any, student_tokenizer) -> TeacherScorer:
     """Compare tokenizers before loading the teacher's weights (the slow, large part)."""
-    import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from opd.teacher.consistency import check_same_tokenizer
@@ -142,22 +143,60 @@ def _build_local_teacher(args: Any, student_tokenizer) -> TeacherScorer:
         check_same_tokenizer(
             _text_tokenizer(student_tokenizer), teacher_tokenizer, teacher_name=name
         )
+    dtype = resolve_teacher_dtype(args)
+    device_map = getattr(args, "teacher_device_map", None)
+    init_kwargs = dict(getattr(args, "teacher_model_init_kwargs", None) or {})
     try:
-        # The trainer's precision: an 8B teacher is 16 GB in bf16, 32 GB in fp32.
-        dtype = torch.bfloat16 if getattr(args, "bf16", False) else torch.float32
-        model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype)
+        model = AutoModelForCausalLM.from_pretrained(
+            name, dtype=dtype, device_map=device_map, **init_kwargs
+        )
     except OSError as error:
         raise ConfigError(
             f"cannot load the teacher model from {name!r} ({error}); check "
             "teacher_model_name_or_path."
         ) from error
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device_map is None:  # beside the student: this process's device
+        model = model.to(_student_device(args))
+    print(f"opd: teacher {name} loaded in {describe_placement(model)}")
     return LocalTeacher(
-        model.to(device),
+        model,
         temperature=args.teacher_temperature,
         batch_size=args.teacher_batch_size,
         tokenizer=teacher_tokenizer,
     )
+
+
+def resolve_teacher_dtype(args: Any):
+    """`teacher_dtype` as a torch dtype; 'auto' is the trainer's precision (an 8B teacher is
+    16 GB in bf16, 32 GB in fp32)."""
+    import torch
+
+    name = getattr(args, "teacher_dtype", "auto")
+    if name == "auto":
+        if getattr(args, "bf16", False):
+            return torch.bfloat16
+        return torch.float16 if getattr(args, "fp16", False) else torch.float32
+    return getattr(torch, name)
+
+
+def describe_placement(model) -> str:
+    """'bfloat16 on cpu: 123.4 MiB': the dtype(s), device(s) and parameter memory of `model`."""
+    params = list(model.parameters())
+    dtypes = sorted({str(p.dtype).removeprefix("torch.") for p in params})
+    devices = sorted({str(p.device) for p in params})
+    mib = sum(p.numel() * p.element_size() for p in params) / 2**20
+    return f"{', '.join(dtypes)} on {', '.join(devices)}: {mib:.1f} MiB"
+
+
+def _student_device(args: Any):
+    """The device this process trains on (`TrainingArguments.device`: `cuda:<local rank>` under
+    several processes); a config without one (`opd teacher precompute`): cuda if present."""
+    import torch
+
+    device = getattr(args, "device", None)
+    if device is not None:
+        return device
+    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def _text_tokenizer(tokenizer):

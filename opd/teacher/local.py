@@ -53,6 +53,15 @@ class LocalTeacher:
         return teacher
 
     @classmethod
+    def adapter_disabled_view_of(cls, peft_model, **kwargs) -> LocalTeacher:
+        """A PEFT student's base model (its adapters off) as the teacher, sharing the student's
+        weights: OPSD's initial policy under LoRA without a second copy of the model."""
+        # Duck-typed: AdapterDisabledModel has what LocalTeacher uses of a model.
+        teacher = cls(AdapterDisabledModel(peft_model), **kwargs)  # pyright: ignore[reportArgumentType]
+        teacher.teacher_id = f"self:{teacher.teacher_id}"
+        return teacher
+
+    @classmethod
     def from_pretrained(cls, name_or_path: str, *, device: str | torch.device = "cpu", **kwargs):
         model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=torch.float32)
         kwargs.setdefault("tokenizer", AutoTokenizer.from_pretrained(name_or_path))
@@ -143,6 +152,41 @@ class LocalTeacher:
                 torch.cat([s[1] for s in per_sequence]), request.top_k, -torch.inf
             ),
         )
+
+
+class AdapterDisabledModel:
+    """A PEFT model called with its adapters disabled and in eval mode: its base model.
+
+    Deliberately not an `nn.Module` holding the student: `LocalTeacher` freezes and `eval()`s
+    its model, which must not freeze the student being trained. Each call switches the student
+    to eval mode (no dropout) and restores its mode afterwards.
+    """
+
+    def __init__(self, peft_model):
+        self.peft_model = peft_model
+        self.config = peft_model.config
+
+    @property
+    def device(self) -> torch.device:
+        return self.peft_model.get_output_embeddings().weight.device
+
+    def eval(self) -> AdapterDisabledModel:
+        return self
+
+    def requires_grad_(self, requires_grad: bool = True) -> AdapterDisabledModel:
+        return self
+
+    def get_output_embeddings(self):
+        return self.peft_model.get_base_model().get_output_embeddings()
+
+    def __call__(self, **inputs):
+        was_training = self.peft_model.training
+        self.peft_model.eval()
+        try:
+            with self.peft_model.disable_adapter():
+                return self.peft_model(**inputs)
+        finally:
+            self.peft_model.train(was_training)
 
 
 def detached_copy(model: PreTrainedModel) -> PreTrainedModel:

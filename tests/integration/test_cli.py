@@ -75,3 +75,51 @@ def test_help_lists_commands_and_fields(capsys):
     assert result.returncode == 0
     for name in ("--teacher_model_name_or_path", "--opd_kl_coef", "--learning_rate", "--config"):
         assert name in result.stdout
+
+
+def test_distill_lora_student_with_vllm_saves_the_adapter(
+    tiny_student, tiny_teacher, prompt_file, tmp_path
+):
+    """`--use_peft` through the real CLI on the vanilla_opd-tiny recipe (vLLM colocate rollouts).
+
+    Step 2 samples with the weights synced after step 1; vLLM's logprobs equal the trainer's
+    (TRL merges the adapters for the sync), although step 1 moved the model (checkpoint-1).
+    """
+    output_dir = tmp_path / "run"
+    command = [
+        sys.executable, "-m", "opd.cli", "distill", "--config", "recipes/vanilla_opd-tiny.yaml",
+        "--model_name_or_path", str(tiny_student), "--teacher_model_name_or_path",
+        str(tiny_teacher), "--dataset_name", str(prompt_file), "--output_dir", str(output_dir),
+        "--use_peft", "true", "--lora_r", "8", "--lora_target_modules", "all-linear",
+        "--learning_rate", "5e-2", "--max_steps", "2", "--save_strategy", "steps",
+        "--save_steps", "1",
+    ]  # fmt: skip
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-4000:]
+
+    for folder in (output_dir, output_dir / "checkpoint-1"):
+        assert (folder / "adapter_model.safetensors").exists()
+        assert not (folder / "model.safetensors").exists()  # the adapter only
+    adapter = json.loads((output_dir / "adapter_config.json").read_text())
+    assert adapter["r"] == 8 and adapter["target_modules"]
+    results = json.loads((output_dir / "opd_results.json").read_text())
+    steps = {
+        entry["step"]: entry for entry in results["log_history"] if "opd/reverse_kl_k1" in entry
+    }
+    assert steps[2]["sampling/sampling_logp_difference/max"] < 1e-4
+    assert _adapter_shift(tiny_student, output_dir / "checkpoint-1") > 1e-2
+
+
+def _adapter_shift(base_path, adapter_path) -> float:
+    """Largest change of a next-token logprob on a fixed sequence that the adapter causes."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    input_ids = torch.tensor([[4, 5, 13, 6, 7, 16, 8, 10, 2]])
+    base = AutoModelForCausalLM.from_pretrained(base_path, dtype=torch.float32)
+    with torch.no_grad():
+        before = torch.log_softmax(base(input_ids=input_ids).logits, dim=-1)
+        adapted = PeftModel.from_pretrained(base, adapter_path)
+        after = torch.log_softmax(adapted(input_ids=input_ids).logits, dim=-1)
+    return float((after - before).abs().max())

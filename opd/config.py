@@ -343,6 +343,14 @@ class OPDConfig(GRPOConfig):
             # TRL defaults to bf16 mixed precision, which transformers refuses on a CPU-only
             # machine; fp32 is the right default there (and what vLLM's CPU sampler matches).
             self.bf16 = False
+        if self.deepspeed and not _cuda_available():
+            # accelerate would start DeepSpeed as one independent process per rank on a CPU,
+            # training N unsharded copies without a word.
+            raise ConfigError(
+                "deepspeed: DeepSpeed through the Trainer needs CUDA (on a CPU accelerate runs "
+                "each process alone). On a CPU shard with FSDP2 instead: --fsdp full_shard "
+                "--fsdp_config '{\"version\": 2}'."
+            )
         if _launched_distributed() and not _cuda_available():
             # Under torchrun/accelerate on a CPU, accelerate only sets up data parallelism when
             # told the run is on CPU; otherwise every process silently trains its own copy.

@@ -170,6 +170,12 @@ def tip_needs_jsd(args: OPDConfig) -> bool:
 def check_method_capabilities(args: OPDConfig, teacher: TeacherScorer | None, reward_funcs) -> None:
     """Fail before training when a method asks for something its teacher or loss cannot give."""
     in_process = teacher is None or isinstance(teacher, LocalTeacher)  # None: 'self', built later
+    if in_process and _zero3_enabled() and _partitioned_teacher(args, teacher):
+        raise ConfigError(
+            f"teacher_mode={args.teacher_mode!r} runs the teacher in this process, but DeepSpeed "
+            "ZeRO-3 partitions the weights it would run on; serve the teacher instead "
+            "(`opd teacher serve`, teacher_mode: server) or shard the student with FSDP2."
+        )
     if needs_teacher_hidden(args) and not in_process:
         raise ConfigError(
             "the full-vocabulary teacher distribution (opd_baseline: full, "
@@ -232,3 +238,17 @@ def check_trainer_loss_state(trainer) -> None:
             f"{type(trainer.model).__name__} is a Mixture-of-Experts model and TRL would add its "
             f"router auxiliary loss: {REFUSED_LOSS_FIELDS['router_aux_loss_coef']}"
         )
+
+
+def _partitioned_teacher(args: OPDConfig, teacher) -> bool:
+    """The self-teacher copies the (partitioned) student; a local teacher loaded while ZeRO-3
+    was configured is partitioned too (`ds_id` on its parameters). One loaded before is whole."""
+    if teacher is None or args.teacher_mode == "self":
+        return True
+    return any(hasattr(p, "ds_id") for p in teacher.model.parameters())
+
+
+def _zero3_enabled() -> bool:
+    from transformers.integrations import is_deepspeed_zero3_enabled
+
+    return is_deepspeed_zero3_enabled()

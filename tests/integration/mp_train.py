@@ -82,6 +82,20 @@ def train_one(name: str, cli: argparse.Namespace) -> None:
 
     tokenizer = AutoTokenizer.from_pretrained(cli.student)
     fsdp = {}
+    teacher = None
+    if cli.deepspeed:  # ZeRO-3 (CUDA only: tests/gpu/test_zero3_trainer_cuda.py)
+        from opd.teacher.local import LocalTeacher
+
+        # Loaded before the DeepSpeed config exists, so its weights stay whole.
+        device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
+        teacher = LocalTeacher.from_pretrained(cli.teacher, device=device)
+        fsdp = {
+            "deepspeed": {
+                "zero_optimization": {"stage": 3}, "zero_allow_untested_optimizer": True,
+                "train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto",
+                "gradient_clipping": "auto",
+            },
+        }  # fmt: skip
     if cli.fsdp:
         fsdp = {
             "fsdp": "full_shard",
@@ -98,7 +112,7 @@ def train_one(name: str, cli: argparse.Namespace) -> None:
         max_completion_length=MAX_COMPLETION, max_steps=2, learning_rate=0.5,
         optim="sgd", max_grad_norm=0.0, lr_scheduler_type="constant", logging_steps=1,
         save_strategy="no",
-        opd_behaviour_logprobs="trainer", opd_ratio="plain", bf16=False,
+        opd_behaviour_logprobs="trainer", opd_ratio="plain", bf16=cli.bf16,
         **fsdp, **METHODS[name],
     )  # fmt: skip
     dataset = Dataset.from_dict(
@@ -110,7 +124,7 @@ def train_one(name: str, cli: argparse.Namespace) -> None:
     trainer = OPDTrainer(
         model=cli.student, args=args, train_dataset=dataset, processing_class=tokenizer,
         reward_funcs=[starts_with_digit] if name in NEEDS_REWARDS else None,
-        rollout_func=make_rollout_func(tokenizer),
+        rollout_func=make_rollout_func(tokenizer), teacher=teacher,
     )  # fmt: skip
     trainer.train()
     if cli.fsdp:  # the run must really have been sharded, not silently plain DDP
@@ -136,6 +150,8 @@ def main() -> None:
     parser.add_argument("--per_device_batch", type=int, required=True)
     parser.add_argument("--accumulation", type=int, default=1)
     parser.add_argument("--fsdp", action="store_true")
+    parser.add_argument("--deepspeed", action="store_true")
+    parser.add_argument("--bf16", action="store_true")
     parser.add_argument("--methods", default=",".join(METHODS))
     cli = parser.parse_args()
     torch.manual_seed(0)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import subprocess
 import sys
 from collections.abc import Callable
@@ -338,3 +339,39 @@ def test_self_teacher_stays_the_initial_student(tiny_run):
     the student, their logprobs of the step-2 samples differ."""
     steps = tiny_run("luffy")
     assert abs(steps[2]["opd/reverse_kl_k1"]) > 1e-3
+
+
+@pytest.mark.slow
+def test_lightning_opd_under_torchrun_trains_like_one_process(lightning_shards, tmp_path):
+    """`torchrun --nproc_per_node 2 -m opd.cli distill` on CPU, with no extra flag, trains data-
+    parallel: 2 processes x 2 rows of stored rollouts end with the weights and logged losses of 1
+    process x 4 rows (SGD without clipping, so a wrong loss scale would show), and the main
+    process alone writes one config, one results file and one report."""
+    from safetensors.torch import load_file
+
+    common = [
+        "distill", "--config", str(_tiny("lightning_opd")), "--teacher_shards",
+        str(lightning_shards), "--opd_ratio", "plain", "--learning_rate", "1e-2",
+        "--optim", "sgd", "--max_grad_norm", "0",
+    ]  # fmt: skip
+    runs = {
+        "one": [sys.executable, "-m", "opd.cli", *common, "--per_device_train_batch_size", "4"],
+        "two": [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                "--nproc_per_node=2", "-m", "opd.cli", *common,
+                "--per_device_train_batch_size", "2"],
+    }  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    for name, command in runs.items():
+        command = [*command, "--output_dir", str(tmp_path / name)]
+        result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
+        assert result.returncode == 0, result.stderr[-4000:]
+        assert result.stdout.count("resolved config written") == 1, result.stdout[-2000:]
+    results = {name: json.loads((tmp_path / name / "opd_results.json").read_text())
+               for name in runs}  # fmt: skip
+    assert results["two"]["num_processes"] == 2
+    losses = {name: [row["loss"] for row in r["log_history"] if "loss" in row]
+              for name, r in results.items()}  # fmt: skip
+    assert losses["two"] == pytest.approx(losses["one"], abs=1e-6)
+    one, two = (load_file(tmp_path / name / "model.safetensors") for name in runs)
+    assert max((one[key] - two[key]).abs().max().item() for key in one) <= 1e-5
+    assert (tmp_path / "two" / "report" / "index.html").exists()

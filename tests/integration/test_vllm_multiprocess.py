@@ -68,7 +68,6 @@ def _rank_main(student: str, teacher: str, output_dir: str) -> None:
         output_dir=output_dir,
         teacher_model_name_or_path=teacher,
         report_to="none",
-        ddp_backend="gloo",
         use_vllm=True,
         vllm_mode="colocate",
         vllm_max_model_length=64,

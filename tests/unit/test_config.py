@@ -115,3 +115,22 @@ def test_routes_replace_the_single_teacher_fields(tmp_path):
         teacher_routes=["math=a", "code=b"],
     )  # fmt: skip
     assert config.teacher_routes == ["math=a", "code=b"]
+
+
+def test_deepspeed_without_cuda_is_refused_not_run_as_separate_copies():
+    """On a CPU accelerate starts DeepSpeed as one independent process per rank: refuse."""
+    with pytest.raises(ValueError, match=r"DeepSpeed through the Trainer needs CUDA.*FSDP2"):
+        OPDConfig(
+            output_dir="/tmp/opd-test", report_to="none", teacher_model_name_or_path="t",
+            deepspeed={"zero_optimization": {"stage": 3}},
+        )  # fmt: skip
+
+
+def test_in_process_teacher_under_zero3_is_refused(monkeypatch):
+    """ZeRO-3 partitions the weights a local or self teacher would run on."""
+    import opd.trainer.build as build
+
+    monkeypatch.setattr(build, "_zero3_enabled", lambda: True)
+    args = OPDConfig(output_dir="/tmp/opd-test", report_to="none", teacher_mode="self")
+    with pytest.raises(ValueError, match="ZeRO-3 partitions the weights"):
+        build.check_method_capabilities(args, None, None)

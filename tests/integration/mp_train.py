@@ -57,11 +57,11 @@ def fixed_completion(prompt: str, copy: int, vocab_size: int) -> list[int]:
     return [*ids[:-1], 2] if copy != 1 else ids  # copy 1 is truncated (no EOS)
 
 
-def make_rollout_func(tokenizer):
+def make_rollout_func(tokenizer, vocab_size: int):
     def rollout_func(prompts: list, trainer) -> dict[str, list]:
         first = trainer.accelerator.process_index * len(prompts)  # contiguous split of the batch
         completion_ids = [
-            fixed_completion(prompt, (first + i) % GROUP, len(tokenizer))
+            fixed_completion(prompt, (first + i) % GROUP, vocab_size)
             for i, prompt in enumerate(prompts)
         ]
         return {
@@ -78,9 +78,11 @@ def starts_with_digit(completions, **kwargs) -> list[float]:
 
 
 def train_one(name: str, cli: argparse.Namespace) -> None:
-    from transformers import AutoTokenizer
+    from transformers import AutoConfig, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(cli.student)
+    # The model's vocabulary, not len(tokenizer): the reloaded char tokenizer counts one more.
+    student_vocab_size = AutoConfig.from_pretrained(cli.student).vocab_size
     fsdp = {}
     teacher = None
     if cli.deepspeed:  # ZeRO-3 (CUDA only: tests/gpu/test_zero3_trainer_cuda.py)
@@ -124,7 +126,8 @@ def train_one(name: str, cli: argparse.Namespace) -> None:
     trainer = OPDTrainer(
         model=cli.student, args=args, train_dataset=dataset, processing_class=tokenizer,
         reward_funcs=[starts_with_digit] if name in NEEDS_REWARDS else None,
-        rollout_func=make_rollout_func(tokenizer), teacher=teacher,
+        rollout_func=make_rollout_func(tokenizer, student_vocab_size),
+        teacher=teacher,
     )  # fmt: skip
     trainer.train()
     if cli.fsdp:  # the run must really have been sharded, not silently plain DDP

@@ -30,6 +30,8 @@ OVERRIDDEN_HOOKS: dict[str, tuple[str, ...]] = {
     "_generate": ("self", "prompts"),
     "_calculate_rewards": ("self", "inputs", "prompts", "completions", "completion_ids_list"),
     "_compute_loss": ("self", "model", "inputs"),
+    # transformers' Trainer hook: opd turns accelerate's FSDP2 path on for CPU runs after it.
+    "create_accelerator_and_postprocess": ("self",),
 }
 # Private methods opd calls, with the leading parameters it passes.
 CALLED_PRIVATE: dict[str, tuple[str, ...]] = {

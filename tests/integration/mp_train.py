@@ -38,13 +38,15 @@ METHODS: dict[str, dict] = {
     "tip_q3": {"tip_rule": "q3", "teacher_top_k": 4},
     "tip_sample": {"tip_rule": "entropy_sample", "tip_keep_ratio": 0.5},
     "scope": {"opd_weighting": "scope"},
+    "uni_opd": {"opd_weighting": "uni_opd", "uni_opd_delta": 0.5},
+    "sod": {"opd_weighting": "sod", "sod_step_delimiter": "5"},
     "luffy": {"opd_trace_column": "trace", "loss_type": "grpo"},
     "divergence": {
         "opd_divergence": "reverse_kl", "opd_divergence_coef": 1.0, "teacher_top_k": 4,
         "opd_divergence_support": "topk",
     },
 }  # fmt: skip
-NEEDS_REWARDS = ("scope",)
+NEEDS_REWARDS = ("scope", "uni_opd")
 
 
 def fixed_completion(prompt: str, copy: int, vocab_size: int) -> list[int]:

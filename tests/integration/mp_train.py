@@ -152,16 +152,31 @@ def main() -> None:
     parser.add_argument("--student", required=True)
     parser.add_argument("--teacher", required=True)
     parser.add_argument("--out", required=True)
-    parser.add_argument("--per_device_batch", type=int, required=True)
+    parser.add_argument("--per_device_batch", type=int, default=None)
     parser.add_argument("--accumulation", type=int, default=1)
+    parser.add_argument(
+        "--layouts", default=None,
+        help="Several 1-process layouts in one launch, 'ROWSxSTEPS,...' (e.g. 4x1,2x2): each "
+        "one's weights go to OUT/ROWSxSTEPS/ (saves a launch's imports).",
+    )  # fmt: skip
     parser.add_argument("--fsdp", action="store_true")
     parser.add_argument("--deepspeed", action="store_true")
     parser.add_argument("--bf16", action="store_true")
     parser.add_argument("--methods", default=",".join(METHODS))
     cli = parser.parse_args()
-    torch.manual_seed(0)
-    for name in cli.methods.split(","):
-        train_one(name, cli)
+    layouts = [(cli.out, cli.per_device_batch, cli.accumulation)]
+    if cli.layouts:
+        layouts = [
+            (os.path.join(cli.out, layout), *map(int, layout.split("x")))
+            for layout in cli.layouts.split(",")
+        ]
+    for out, rows, steps in layouts:
+        os.makedirs(out, exist_ok=True)
+        layout_cli = argparse.Namespace(**{**vars(cli), "out": out, "per_device_batch": rows,
+                                           "accumulation": steps})  # fmt: skip
+        torch.manual_seed(0)
+        for name in cli.methods.split(","):
+            train_one(name, layout_cli)
 
 
 if __name__ == "__main__":

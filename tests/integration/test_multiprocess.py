@@ -36,7 +36,7 @@ METHODS = (
 LAYOUTS = {  # name: (processes, rows per process, accumulation steps, extra flags)
     "ddp": (2, 2, 1, []),
     "fsdp2": (2, 2, 1, ["--fsdp"]),
-    "accumulation": (1, 2, 2, []),
+    "accumulation": (1, 2, 2, []),  # trained with the reference, in `single_process`
 }
 PER_MICRO_BATCH = {"accumulation": {"vanilla_bnpo"}}  # by definition, see the docstring
 
@@ -51,7 +51,8 @@ def _train(out: Path, student, teacher, processes: int, rows: int, accumulation:
         ]  # fmt: skip
     command = [
         *launcher, "--student", str(student), "--teacher", str(teacher), "--out", str(out),
-        "--per_device_batch", str(rows), "--accumulation", str(accumulation), *extra,
+        *(["--per_device_batch", str(rows), "--accumulation", str(accumulation)] if rows else []),
+        *extra,
     ]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
@@ -60,19 +61,24 @@ def _train(out: Path, student, teacher, processes: int, rows: int, accumulation:
 
 
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory, tiny_student, tiny_teacher) -> Path:
+def single_process(tmp_path_factory, tiny_student, tiny_teacher) -> Path:
+    """The 1-process layouts in one launch: OUT/4x1 (the reference) and OUT/2x2."""
     out = tmp_path_factory.mktemp("one_process")
-    _train(out, tiny_student, tiny_teacher, 1, 4, 1, [])
+    _train(out, tiny_student, tiny_teacher, 1, 0, 1, ["--layouts", "4x1,2x2"])
     return out
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("layout", list(LAYOUTS))
 def test_layout_trains_the_same_weights_as_one_process(
-    layout, reference, tmp_path, tiny_student, tiny_teacher
+    layout, single_process, tmp_path, tiny_student, tiny_teacher
 ):
     processes, rows, accumulation, extra = LAYOUTS[layout]
-    log = _train(tmp_path, tiny_student, tiny_teacher, processes, rows, accumulation, extra)
+    reference, log = single_process / "4x1", ""
+    if layout == "accumulation":
+        tmp_path = single_process / "2x2"
+    else:
+        log = _train(tmp_path, tiny_student, tiny_teacher, processes, rows, accumulation, extra)
     if layout == "fsdp2":  # the run was really sharded (accelerate would fall back to DDP)
         assert log.count("FSDP2 ok: lm_head shard") == 2 * len(METHODS), log[-3000:]
     failures = []

@@ -22,6 +22,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+import yaml
 
 from opd.cli import main
 
@@ -326,12 +327,22 @@ def test_tiny_recipe_runs_two_steps(name, tiny_run):
 
 @pytest.mark.slow
 def test_vanilla_opd_tiny_runs_two_steps_with_vllm(tmp_path):
-    """In a subprocess: the colocated vLLM engine should not live inside pytest."""
+    """In a subprocess: the colocated vLLM engine should not live inside pytest. Also the CLI's
+    end-to-end check of vLLM generation: resolved config, synced sampler, saved model."""
     command = [sys.executable, "-m", "opd.cli", "distill", "--config", str(_tiny("vanilla_opd")),
                "--output_dir", str(tmp_path)]  # fmt: skip
     result = subprocess.run(command, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-4000:]
-    _check_vanilla_opd(_steps(tmp_path))
+    steps = _steps(tmp_path)
+    _check_vanilla_opd(steps)
+    resolved = yaml.safe_load((tmp_path / "opd_config.yaml").read_text())
+    assert resolved["use_vllm"] is True and resolved["vllm_mode"] == "colocate"
+    assert list(steps) == [1, 2]
+    for metrics in steps.values():
+        assert math.isfinite(metrics["opd/reverse_kl_k1"]) and metrics["teacher/latency_s"] > 0
+        # vLLM sampled in fp32 with synced weights: its logprobs equal the trainer's.
+        assert metrics["sampling/sampling_logp_difference/max"] < 1e-4
+    assert (tmp_path / "model.safetensors").exists()
 
 
 def test_self_teacher_stays_the_initial_student(tiny_run):

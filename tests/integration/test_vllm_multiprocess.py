@@ -59,27 +59,9 @@ def _rank_report(trainer, before: list[float]) -> dict:
 
 def _rank_main(student: str, teacher: str, output_dir: str) -> None:
     """One torchrun rank: build the trainer (and its engine), train 1 step, write the report."""
-    from datasets import Dataset
-    from test_vllm_weight_sync import _vllm_logprobs
+    from test_vllm_weight_sync import _vllm_logprobs, build_colocate_trainer
 
-    from opd import OPDConfig, OPDTrainer
-
-    args = OPDConfig(
-        output_dir=output_dir,
-        teacher_model_name_or_path=teacher,
-        report_to="none",
-        use_vllm=True,
-        vllm_mode="colocate",
-        vllm_max_model_length=64,
-        max_steps=1,
-        per_device_train_batch_size=8,
-        num_generations=4,
-        max_completion_length=6,
-        learning_rate=1e-2,  # large, so one step visibly moves the logprobs
-        save_strategy="no",
-    )
-    dataset = Dataset.from_dict({"prompt": [f"{a}+{a}=" for a in range(8)]})
-    trainer = OPDTrainer(model=student, args=args, train_dataset=dataset)
+    trainer = build_colocate_trainer(student, teacher, output_dir)
     before = _vllm_logprobs(trainer.vllm_generation.llm)
     trainer.train()
     report = _rank_report(trainer, before)

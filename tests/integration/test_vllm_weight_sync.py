@@ -54,9 +54,9 @@ def _trainer_logprobs(model) -> list[float]:
     return rows.gather(-1, torch.tensor(COMPLETION_IDS)[:, None])[:, 0].tolist()
 
 
-def _child(student: str, teacher: str, output_dir: str) -> None:
-    import time
-
+def build_colocate_trainer(student: str, teacher: str, output_dir: str):
+    """A 1-step trainer with a colocated vLLM engine (also used per rank by
+    test_vllm_multiprocess.py)."""
     from datasets import Dataset
 
     from opd import OPDConfig, OPDTrainer
@@ -76,7 +76,13 @@ def _child(student: str, teacher: str, output_dir: str) -> None:
         save_strategy="no",
     )
     dataset = Dataset.from_dict({"prompt": [f"{a}+{a}=" for a in range(8)]})
-    trainer = OPDTrainer(model=student, args=args, train_dataset=dataset)
+    return OPDTrainer(model=student, args=args, train_dataset=dataset)
+
+
+def _child(student: str, teacher: str, output_dir: str) -> None:
+    import time
+
+    trainer = build_colocate_trainer(student, teacher, output_dir)
     llm = trainer.vllm_generation.llm
     before = _vllm_logprobs(llm)
     trainer.train()

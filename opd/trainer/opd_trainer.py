@@ -206,9 +206,9 @@ class OPDTrainer(LossMixin, MethodMixin, MetricsMixin, GRPOTrainer):
         num_tokens = output["completion_ids"].shape[1]
         stats_BT: dict[str, torch.Tensor] = {}
         weight_VH = full_lm_head_weight(self.accelerator.unwrap_model(self.model))
-        step = args.per_device_train_batch_size
-        for lo in range(0, input_ids.shape[0], step):
-            rows = slice(lo, lo + step)
+        chunk = args.per_device_train_batch_size
+        for lo in range(0, input_ids.shape[0], chunk):
+            rows = slice(lo, lo + chunk)
             hidden_BTH = completion_hidden_states(
                 self.model, input_ids[rows], attention_mask[rows], num_tokens
             )

@@ -4,7 +4,9 @@
 one prompt to a `vllm.LLM` with `prompt_logprobs=k` and one throw-away generated token, and
 parses the prompt logprobs (`opd.teacher.vllm_parse`). The scores are the same quantity as
 `LocalTeacher`'s (the teacher's log-softmax at each completion position, its top k), computed by
-vLLM's paged attention instead of a padded transformers forward.
+vLLM's paged attention instead of a padded transformers forward: equal up to float rounding, not
+bit for bit (the kernels sum in another order, which may also change with what vLLM batches
+alongside a sequence); tests/integration/test_teacher_vllm.py holds them within 2e-5 in float32.
 
 Limits, all raised as `WireError` so the server answers 4xx:
 - temperature 1 only: vLLM computes prompt logprobs from the raw logits for every

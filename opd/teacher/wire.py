@@ -8,13 +8,17 @@ its real tokens.
 
 On the wire both are safetensors blobs (`safetensors.torch.save`): named tensors with explicit
 dtypes and shapes, and a small string metadata header (`top_k`, `temperature`, `teacher_id`).
-Parsing never unpickles anything, and `decode_request` checks every field a client controls, so
-a bad body becomes a `WireError` (HTTP 4xx) naming what is wrong, never a server crash.
+Parsing never unpickles anything. The JSON header is checked field by field (allow-listed
+dtypes, shapes, offsets that tile the data, string metadata) before safetensors reads the bytes,
+and `decode_request` checks every field a client controls, down to a temperature floor
+(`MIN_TEMPERATURE`: scores stay finite) and the size of the answer asked for
+(`RequestLimits.max_response_bytes`, checked before the model runs). So a bad body becomes a
+`WireError` (HTTP 4xx) naming what is wrong, never a server crash.
 
 `request_from_batch` / `scores_from_sequences` convert to and from the trainer's `[B, T]`
 `RolloutBatch` / `TeacherScores`.
 
-Test: `pytest tests/unit/test_wire.py`.
+Test: `pytest tests/unit/test_wire.py tests/unit/test_wire_fuzz.py`.
 """
 
 from __future__ import annotations
@@ -24,24 +28,22 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load as safetensors_load
 from safetensors.torch import save as safetensors_save
 
+# CONTENT_TYPE and WireError are part of this module's interface; they live with the header checks.
+from opd.teacher.wire_header import CONTENT_TYPE as CONTENT_TYPE
+from opd.teacher.wire_header import (
+    REQUEST_DTYPES,
+    SCORES_DTYPES,
+    WireError,
+    load_checked,
+    quoted,
+)
 from opd.types import RolloutBatch, TeacherScores
 
-CONTENT_TYPE = "application/vnd.opd.safetensors"
 # Response header: seconds the server spent on the request (queue + scoring + encoding).
 SERVER_SECONDS_HEADER = "X-OPD-Server-Seconds"
 REQUEST_TENSORS = ("context_ids", "context_lengths", "completion_ids", "completion_lengths")
-
-
-class WireError(ValueError):
-    """A request or response that does not follow the wire format; `status` is the HTTP code."""
-
-    def __init__(self, message: str, status: int = 400):
-        super().__init__(message)
-        self.status = status
 
 
 @dataclass(frozen=True)
@@ -294,7 +296,7 @@ def encode_scores(scores: SequenceScores, *, teacher_id: str = "", temperature=1
 
 def decode_scores(body: bytes) -> tuple[SequenceScores, dict[str, str]]:
     """A server's response; raises `WireError` when it is not a scores blob."""
-    tensors, metadata = _load(body)
+    tensors, metadata = load_checked(body, SCORES_DTYPES)
     for name, dtype in (("completion_lengths", torch.int64), ("sampled_logprobs", torch.float32)):
         _expect(tensors, name, dtype, ndim=1)
     if "topk_ids" in tensors:
@@ -309,6 +311,31 @@ def decode_scores(body: bytes) -> tuple[SequenceScores, dict[str, str]]:
     return scores, metadata
 
 
+# ------------------------------------------------------------------------------------------------
+# Request validation (the server's boundary)
+# ------------------------------------------------------------------------------------------------
+
+# Scores are log_softmax(logits / temperature) in float32. Once |logit| / temperature passes
+# float32's max (3.4e38) the division gives inf and inf - inf is NaN: the tiny test teacher
+# (|logits| < 2) returned NaN for every token at temperature 1e-40 and finite scores at 1e-38. At
+# 0.01 an overflow needs |logit| > 3.4e36, which no model produces, and lower temperatures add
+# nothing but that risk: at 0.01 a logit gap of 1.04 is already a probability below float32's
+# smallest (exp(-104)), so the distribution is one-hot for any real logits. There is no ceiling:
+# a huge temperature gives the finite uniform distribution (checked up to 1.7e308).
+MIN_TEMPERATURE = 0.01
+
+# A response carries, per completion token, its sampled logprob (float32) and with top_k its
+# top-k ids (int32) and logprobs (float32): 4 + 8 * top_k bytes, so a request of 4-byte ids can
+# ask for ~260x its own size back (top_k=128). The estimate is checked before the model runs.
+# 256 MiB: the server holds a response a few times over (score tensors, the encoded blob, the
+# HTTP buffer), about 1 GiB per request at the limit, yet the client's default chunk
+# (teacher_batch_size=16 sequences) fits with completions up to 16k tokens at top_k=128 (32k
+# tokens at top_k=64).
+DEFAULT_MAX_RESPONSE_BYTES = 256 * 1024 * 1024
+# The response's safetensors header (4 tensor entries, teacher id, temperature), rounded up.
+RESPONSE_HEADER_BYTES = 4096
+
+
 @dataclass(frozen=True)
 class RequestLimits:
     """What a server accepts; each violation is a 4xx naming the limit."""
@@ -317,25 +344,26 @@ class RequestLimits:
     max_top_k: int = 128
     max_sequence_tokens: int = 32768
     max_sequences: int = 4096
+    max_response_bytes: int = DEFAULT_MAX_RESPONSE_BYTES
+    """Largest `estimated_response_bytes` of a request (413 above it)."""
+
+
+def estimated_response_bytes(request: ScoreRequest) -> int:
+    """Bytes of the scores blob answering `request` (tensors plus a header allowance)."""
+    num_tokens = int(request.completion_ids_M.numel())
+    per_token = 4 + 8 * request.top_k  # sampled float32; top-k int32 ids + float32 logprobs
+    return num_tokens * per_token + 8 * request.num_sequences + RESPONSE_HEADER_BYTES
 
 
 def decode_request(body: bytes, limits: RequestLimits) -> ScoreRequest:
     """Parse and validate a client's request body; raises `WireError` (4xx) on anything wrong."""
-    tensors, metadata = _load(body)
-    unknown = sorted(set(tensors) - set(REQUEST_TENSORS))
-    if unknown:
-        raise WireError(f"unknown tensors {unknown}; a request holds {list(REQUEST_TENSORS)}")
+    tensors, metadata = load_checked(body, REQUEST_DTYPES, names=REQUEST_TENSORS)
     for name in REQUEST_TENSORS:
         _expect(tensors, name, (torch.int32, torch.int64), ndim=1)
         tensors[name] = tensors[name].to(torch.int64)
     top_k = _metadata_number(metadata, "top_k", int, default=0)
     temperature = _metadata_number(metadata, "temperature", float, default=1.0)
-    if not 0 <= top_k <= limits.max_top_k:
-        raise WireError(
-            f"top_k={top_k} is outside [0, {limits.max_top_k}] (the server's --max-top-k)"
-        )
-    if not (temperature > 0 and temperature < float("inf")):
-        raise WireError(f"temperature must be a finite number > 0, got {temperature}")
+    _check_sampling(top_k, temperature, limits)
     request = ScoreRequest(
         context_ids_N=tensors["context_ids"],
         context_lengths_B=tensors["context_lengths"],
@@ -345,7 +373,21 @@ def decode_request(body: bytes, limits: RequestLimits) -> ScoreRequest:
         temperature=temperature,
     )
     _check_request(request, limits)
+    _check_response_size(request, limits)
     return request
+
+
+def _check_sampling(top_k: int, temperature: float, limits: RequestLimits) -> None:
+    if not 0 <= top_k <= limits.max_top_k:
+        raise WireError(
+            f"top_k={top_k} is outside [0, {limits.max_top_k}] (the server's --max-top-k)"
+        )
+    # Written so that NaN fails too.
+    if not (MIN_TEMPERATURE <= temperature < float("inf")):
+        raise WireError(
+            f"temperature must be a finite number >= {MIN_TEMPERATURE} (below it logits / "
+            f"temperature overflow float32), got {temperature}"
+        )
 
 
 def _check_request(request: ScoreRequest, limits: RequestLimits) -> None:
@@ -396,24 +438,27 @@ def _check_sequence_tokens(tokens_B: torch.Tensor, limits: RequestLimits) -> Non
         )
 
 
-def _load(body: bytes) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    if not body:
-        raise WireError(f"empty body; send a safetensors blob ({CONTENT_TYPE})")
+def _check_response_size(request: ScoreRequest, limits: RequestLimits) -> None:
+    estimate = estimated_response_bytes(request)
+    if estimate > limits.max_response_bytes:
+        raise WireError(
+            f"the response would be about {estimate} bytes "
+            f"({request.completion_ids_M.numel()} completion tokens at top_k={request.top_k}), "
+            f"above the server's limit of {limits.max_response_bytes} bytes "
+            "(--max_response_bytes); lower top_k or send fewer sequences per request "
+            "(teacher_batch_size)",
+            status=413,
+        )
+
+
+def _metadata_number(metadata: dict[str, str], key: str, kind, *, default):
+    if key not in metadata:
+        return default
     try:
-        tensors = safetensors_load(body)
-        metadata = _read_metadata(body)
-    except (SafetensorError, ValueError, OSError) as error:
-        raise WireError(f"the body is not a valid safetensors blob: {error}") from error
-    return tensors, metadata
-
-
-def _read_metadata(body: bytes) -> dict[str, str]:
-    """The `__metadata__` of a safetensors header (the torch loader drops it)."""
-    import json
-
-    header_length = int.from_bytes(body[:8], "little")
-    header = json.loads(body[8 : 8 + header_length])
-    return {str(k): str(v) for k, v in (header.get("__metadata__") or {}).items()}
+        return kind(metadata[key])
+    except ValueError as error:
+        expected = "an integer" if kind is int else "a number"
+        raise WireError(f"metadata {key}={quoted(metadata[key])} is not {expected}") from error
 
 
 def _expect(tensors, name: str, dtype, *, ndim: int) -> None:
@@ -428,15 +473,6 @@ def _expect(tensors, name: str, dtype, *, ndim: int) -> None:
         )
     if tensor.ndim != ndim:
         raise WireError(f"{name} has shape {tuple(tensor.shape)}, expected {ndim} dimension(s)")
-
-
-def _metadata_number(metadata: dict[str, str], key: str, kind, *, default):
-    if key not in metadata:
-        return default
-    try:
-        return kind(metadata[key])
-    except ValueError as error:
-        raise WireError(f"metadata {key}={metadata[key]!r} is not a number") from error
 
 
 def _field(tensor_name: str) -> str:

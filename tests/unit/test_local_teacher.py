@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import copy
+import random
+
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
 from opd.teacher.local import LocalTeacher
+from opd.teacher.wire import MIN_TEMPERATURE, SequenceScores, make_request
 from opd.types import RolloutBatch
 
 
@@ -67,3 +71,60 @@ def test_privileged_context_changes_the_scores(teacher_model):
         completion_mask_BT=batch.completion_mask_BT,
     )
     assert not torch.allclose(teacher.score(plain).sampled_logprobs_BT[2], with_privileged)
+
+
+def _ragged_sequences(num_sequences: int, seed: int = 0) -> tuple[list, list]:
+    """Contexts of 1-40 and completions of 1-60 tokens: mini-batches that pad a lot."""
+    rng = random.Random(seed)
+    contexts = [
+        [rng.randrange(49) for _ in range(rng.randint(1, 40))] for _ in range(num_sequences)
+    ]
+    completions = [
+        [rng.randrange(49) for _ in range(rng.randint(1, 60))] for _ in range(num_sequences)
+    ]
+    return contexts, completions
+
+
+def test_batch_neighbours_change_scores_by_rounding_only(teacher_model):
+    """A sequence scored alone and inside a padded mini-batch: padding changes the matmul shapes,
+    so the scores differ by float rounding, not bit for bit (measured at most 1.2e-6 at
+    temperature 1; the tolerance leaves 8x). With batch_size=1 they are bit-identical."""
+    contexts, completions = _ragged_sequences(6)
+    alone = SequenceScores.concat(
+        [
+            LocalTeacher(teacher_model).score_sequences(make_request([c], [d], top_k=4))
+            for c, d in zip(contexts, completions, strict=True)
+        ]
+    )
+    request = make_request(contexts, completions, top_k=4)
+    together = LocalTeacher(teacher_model, batch_size=6).score_sequences(request)
+    torch.testing.assert_close(
+        together.sampled_logprobs_M, alone.sampled_logprobs_M, atol=1e-5, rtol=0
+    )
+    torch.testing.assert_close(together.topk_logprobs_MK, alone.topk_logprobs_MK, atol=1e-5, rtol=0)
+    one_by_one = LocalTeacher(teacher_model, batch_size=1).score_sequences(request)
+    assert torch.equal(one_by_one.sampled_logprobs_M, alone.sampled_logprobs_M)
+    assert torch.equal(one_by_one.topk_logprobs_MK, alone.topk_logprobs_MK)
+    assert torch.equal(one_by_one.topk_ids_MK, alone.topk_ids_MK)
+
+
+def test_scores_are_finite_at_the_temperature_floor(teacher_model):
+    """`MIN_TEMPERATURE` (the server's floor) with logits 500x the tiny model's, larger than a
+    real model's: every score is finite. At 1e-45 (which passed the old `> 0` check) every one
+    is NaN: logits / temperature overflows float32."""
+    loud_model = copy.deepcopy(teacher_model)
+    with torch.no_grad():
+        loud_model.model.norm.weight.mul_(500)  # the logits scale with the final norm
+    contexts, completions = _ragged_sequences(4, seed=1)
+    with torch.no_grad():
+        logits = loud_model(input_ids=torch.tensor([contexts[0] + completions[0]])).logits
+    assert logits.abs().max() > 300
+    teacher = LocalTeacher(loud_model, batch_size=2)
+    at_floor = teacher.score_sequences(
+        make_request(contexts, completions, top_k=64, temperature=MIN_TEMPERATURE)
+    )
+    assert torch.isfinite(at_floor.sampled_logprobs_M).all()
+    assert torch.isfinite(at_floor.topk_logprobs_MK[:, :49]).all()  # 49 tokens; the rest: -inf
+    assert torch.isneginf(at_floor.topk_logprobs_MK[:, 49:]).all()
+    tiny = teacher.score_sequences(make_request(contexts, completions, temperature=1e-45))
+    assert torch.isnan(tiny.sampled_logprobs_M).all()

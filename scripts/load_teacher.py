@@ -14,17 +14,27 @@ completion lengths drawn uniformly from `--prompt-tokens` and `--completion-toke
 Prints one table row: clients, duration, requests, requests/s, tokens/s (context + completion
 tokens scored), p50/p99 latency in ms, errors; plus the server's batching (requests per batch).
 Exits 1 if any request failed.
+
+Mixed mode, `--hostile-clients N`: N more clients send only malformed requests (truncated or
+random bodies, a header with an exotic dtype, ids outside the vocabulary, lengths that do not add
+up, a top-k above the server's limit, a temperature that would overflow, a trailing-slash path)
+as fast as they are answered. Each must get a 4xx; a 5xx, a 200 or a dropped connection counts as
+an error of that row. The good clients' row then shows what the hostile traffic costs them:
+
+    .venv/bin/python scripts/load_teacher.py --clients 16 --hostile-clients 16 --duration 60
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import random
 import subprocess
 import sys
 import tempfile
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -49,6 +59,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--model", help="model for the started server (default: demo teacher)")
     parser.add_argument("--api-key", help="bearer token (default: $OPD_TEACHER_API_KEY)")
     parser.add_argument("--clients", type=int, default=32)
+    parser.add_argument(
+        "--hostile-clients", type=int, default=0, help="more clients sending malformed requests"
+    )
     parser.add_argument("--duration", type=float, default=60.0, help="seconds")
     parser.add_argument("--sequences", type=int, default=8, help="sequences per request")
     parser.add_argument("--top-k", type=int, default=16)
@@ -86,6 +99,56 @@ def build_bodies(args: argparse.Namespace, vocab_size: int) -> list[tuple[bytes,
     return bodies
 
 
+def hostile_bodies(good: bytes, vocab_size: int, max_top_k: int) -> list[tuple[str, str, bytes]]:
+    """(name, path, body) of requests the server must refuse with a 4xx."""
+    rng = random.Random(1)
+
+    def request(**overrides) -> bytes:
+        fields = {"contexts": [[1, 2]], "completions": [[3, 4]], "top_k": 0, "temperature": 1.0}
+        fields.update(overrides)
+        return encode_request(
+            make_request(fields.pop("contexts"), fields.pop("completions"), **fields)
+        )
+
+    # A header that declares a dtype no request may use (FP8 with an 8-bit exponent, 1 byte each).
+    exotic = {name: {"dtype": "F8_E8M0", "shape": [2], "data_offsets": [2 * i, 2 * i + 2]}
+              for i, name in enumerate(("context_ids", "context_lengths", "completion_ids",
+                                        "completion_lengths"))}  # fmt: skip
+    header = json.dumps(exotic).encode()
+    exotic_body = len(header).to_bytes(8, "little") + header + bytes(8)
+    mismatched = bytearray(request())
+    return [
+        ("truncated", "/v1/score", good[: len(good) // 2]),
+        ("random bytes", "/v1/score", rng.randbytes(512)),
+        ("empty", "/v1/score", b""),
+        ("exotic dtype", "/v1/score", exotic_body),
+        ("id outside the vocabulary", "/v1/score", request(completions=[[3, vocab_size]])),
+        ("top_k above the limit", "/v1/score", request(top_k=max_top_k + 1)),
+        ("temperature 1e-45", "/v1/score", request(temperature=1e-45)),
+        ("an empty completion", "/v1/score", bytes(mismatched[:-4]) + bytes(4)),
+        ("trailing slash", "/v1/score/", request()),
+    ]
+
+
+async def run_hostile_client(
+    client: httpx.AsyncClient, url: str, bodies, first: int, deadline: float, result: LoadResult
+) -> None:
+    index = first
+    while time.monotonic() < deadline:
+        name, path, body = bodies[index % len(bodies)]
+        index += 1
+        start = time.perf_counter()
+        try:
+            response = await client.post(f"{url}{path}", content=body)
+        except httpx.TransportError as error:
+            result.errors.append(f"{name}: {type(error).__name__}: {error}")
+            continue
+        if not 400 <= response.status_code < 500:
+            result.errors.append(f"{name}: HTTP {response.status_code}: {response.text[:200]}")
+            continue
+        result.latencies_ms.append(1000 * (time.perf_counter() - start))
+
+
 async def run_client(
     client: httpx.AsyncClient, url: str, bodies, first: int, deadline: float, result: LoadResult
 ) -> None:
@@ -107,17 +170,25 @@ async def run_client(
         result.tokens += num_tokens
 
 
-async def run_load(args: argparse.Namespace, url: str, bodies) -> tuple[LoadResult, float]:
-    result = LoadResult()
+async def run_load(
+    args: argparse.Namespace, url: str, bodies, bad_bodies
+) -> tuple[LoadResult, LoadResult, float]:
+    """The good clients' and the hostile clients' results, and the elapsed seconds."""
+    good, hostile = LoadResult(), LoadResult()
     headers = {**auth_headers(args.api_key), "Content-Type": CONTENT_TYPE}
-    limits = httpx.Limits(max_connections=args.clients, max_keepalive_connections=args.clients)
+    num_clients = args.clients + args.hostile_clients
+    limits = httpx.Limits(max_connections=num_clients, max_keepalive_connections=num_clients)
     async with httpx.AsyncClient(headers=headers, timeout=600, limits=limits) as client:
         start = time.monotonic()
         deadline = start + args.duration
         await asyncio.gather(
-            *(run_client(client, url, bodies, i * 7, deadline, result) for i in range(args.clients))
+            *(run_client(client, url, bodies, i * 7, deadline, good) for i in range(args.clients)),
+            *(
+                run_hostile_client(client, url, bad_bodies, i, deadline, hostile)
+                for i in range(args.hostile_clients)
+            ),
         )
-        return result, time.monotonic() - start
+        return good, hostile, time.monotonic() - start
 
 
 def percentile(values: list[float], fraction: float) -> float:
@@ -127,18 +198,22 @@ def percentile(values: list[float], fraction: float) -> float:
     return ordered[min(len(ordered) - 1, int(fraction * len(ordered)))]
 
 
-def print_table(args, result: LoadResult, elapsed_s: float, batching: str) -> None:
-    requests = len(result.latencies_ms)
-    header = f"{'clients':>7} {'duration_s':>10} {'requests':>8} {'requests/s':>10} "
+def print_table(rows: list[tuple[str, int, LoadResult]], elapsed_s: float, batching: str) -> None:
+    """One row per kind of client: (kind, number of clients, their result)."""
+    header = f"{'clients':>15} {'duration_s':>10} {'requests':>8} {'requests/s':>10} "
     header += f"{'tokens/s':>9} {'p50_ms':>7} {'p99_ms':>7} {'errors':>6}"
-    row = f"{args.clients:>7} {elapsed_s:>10.1f} {requests:>8} {requests / elapsed_s:>10.2f} "
-    row += f"{result.tokens / elapsed_s:>9.0f} {percentile(result.latencies_ms, 0.5):>7.0f} "
-    row += f"{percentile(result.latencies_ms, 0.99):>7.0f} {len(result.errors):>6}"
     print(header)
-    print(row)
+    for kind, num_clients, result in rows:
+        requests = len(result.latencies_ms)
+        row = f"{f'{num_clients} {kind}':>15} {elapsed_s:>10.1f} {requests:>8} "
+        row += f"{requests / elapsed_s:>10.2f} {result.tokens / elapsed_s:>9.0f} "
+        row += f"{percentile(result.latencies_ms, 0.5):>7.0f} "
+        row += f"{percentile(result.latencies_ms, 0.99):>7.0f} {len(result.errors):>6}"
+        print(row)
     print(batching)
-    for error in result.errors[:5]:
-        print(f"error: {error}")
+    for kind, _, result in rows:
+        for error, count in Counter(result.errors).most_common(10):
+            print(f"error ({kind}) x{count}: {error}")
 
 
 def start_server(model: str, top_k: int, log_path: Path) -> tuple[subprocess.Popen, str]:
@@ -190,8 +265,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         before = server_info(url, args.api_key)
         bodies = build_bodies(args, int(before["vocab_size"]))
+        bad_bodies = hostile_bodies(bodies[0][0], int(before["vocab_size"]), before["max_top_k"])
         print(f"model {before['model']} ({before['backend']}), {args.sequences} sequences/request")
-        result, elapsed_s = asyncio.run(run_load(args, url, bodies))
+        good, hostile, elapsed_s = asyncio.run(run_load(args, url, bodies, bad_bodies))
         after = server_info(url, args.api_key)
     finally:
         if process is not None:
@@ -202,8 +278,11 @@ def main(argv: list[str] | None = None) -> int:
     batching = (
         f"server: {requests} requests in {batches} batches ({requests / max(batches, 1):.1f}/batch)"
     )
-    print_table(args, result, elapsed_s, batching)
-    return 1 if result.errors else 0
+    rows = [("good", args.clients, good)]
+    if args.hostile_clients:
+        rows.append(("hostile", args.hostile_clients, hostile))
+    print_table(rows, elapsed_s, batching)
+    return 1 if good.errors or hostile.errors else 0
 
 
 if __name__ == "__main__":

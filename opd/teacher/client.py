@@ -188,8 +188,10 @@ def check_same_teacher(
 ) -> None:
     """Raise ConfigError unless every server serves `expected_model` (when given) with one
     tokenizer: scores from different teachers must not be mixed in one run."""
+    from opd.teacher.offline import same_model
+
     first = infos[0]
-    if expected_model and str(first["model"]) != expected_model:
+    if expected_model and not same_model(expected_model, str(first["model"])):
         raise ConfigError(
             f"the teacher server at {urls[0]} serves {first['model']!r}, but "
             f"teacher_model_name_or_path is {expected_model!r}: point teacher_urls at the right "

@@ -215,7 +215,10 @@ def check_recorded_teacher(
 
 
 def same_model(expected: str, recorded: str) -> bool:
-    """Equal names, or two spellings of the same local folder."""
-    if expected == recorded:
+    """Equal names, two spellings of the same local folder, or a local folder and the name
+    `opd teacher serve` answers with for it (servers name a model, never show its path)."""
+    from opd.teacher.serve import served_model_name
+
+    if recorded in (expected, served_model_name(expected)):
         return True
     return Path(expected).exists() and Path(expected).resolve() == Path(recorded).resolve()

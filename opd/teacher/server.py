@@ -9,218 +9,50 @@
   a `SequenceScores` blob out.
 
 Every request is validated at the boundary (`decode_request`): a bad body is a 4xx naming what
-is wrong, never a crash. Concurrent requests are batched: handlers put requests on a queue and
-one worker takes as many as fit in `max_batch_tokens`, runs one backend call per
-`(top_k, temperature)` group in a thread (one at a time: the model is never used concurrently)
-and hands each request its slice of the scores. A backend failure is a 500 for that batch only.
+is wrong, never a crash. Concurrent requests are batched by `opd.teacher.batching.ScoreBatcher`
+within `max_batch_tokens` (padded tokens for a backend that pads, `pads_batches`). A backend
+failure is a 500 for that batch only.
 
-`backend` is duck-typed: `teacher_id`, `vocab_size`, `tokenizer` (or None) and
+Exposure: no docs or OpenAPI schema unless `docs=True` (they need no key); no slash redirects
+(their Location is built from the client's Host header); more than `max_headers` request headers,
+or more than `max_header_bytes` of them, is a 431 (uvicorn's h11, configured in
+`opd.teacher.serve`, cuts off a larger header block while it arrives).
+
+`backend` is duck-typed: `vocab_size`, `tokenizer` (or None) and
 `score_sequences(ScoreRequest) -> SequenceScores` (`LocalTeacher` for transformers,
-`VLLMSequenceScorer` for vLLM). `opd teacher serve` (opd/teacher/serve.py) builds both.
+`VLLMSequenceScorer` for vLLM). `opd teacher serve` (opd/teacher/serve.py) builds both; answers
+carry `model_name`, the model's name, never its local path.
 
-Test: `.venv/bin/pytest tests/integration/test_teacher_server.py`.
+Test: `.venv/bin/pytest tests/integration/test_teacher_server.py
+tests/integration/test_teacher_hostile.py`.
 """
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import hmac
 import logging
 import time
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from typing import Any
 
-import torch
 from fastapi import Depends, FastAPI, HTTPException, Request, Response
 from fastapi.responses import JSONResponse
+from starlette.requests import ClientDisconnect
 
 import opd
+from opd.teacher.batching import ScoreBatcher
 from opd.teacher.consistency import tokenizer_fingerprint
 from opd.teacher.wire import (
     CONTENT_TYPE,
     SERVER_SECONDS_HEADER,
     RequestLimits,
-    ScoreRequest,
-    SequenceScores,
     WireError,
     decode_request,
     encode_scores,
 )
 
 logger = logging.getLogger(__name__)
-
-
-# ------------------------------------------------------------------------------------------------
-# Merge and split (pure)
-# ------------------------------------------------------------------------------------------------
-
-
-def merge_requests(requests: list[ScoreRequest]) -> ScoreRequest:
-    """Requests with the same `top_k` and `temperature` as one request, sequences in order."""
-    assert len({(r.top_k, r.temperature) for r in requests}) == 1, "merge one group at a time"
-    return ScoreRequest(
-        context_ids_N=torch.cat([r.context_ids_N for r in requests]),
-        context_lengths_B=torch.cat([r.context_lengths_B for r in requests]),
-        completion_ids_M=torch.cat([r.completion_ids_M for r in requests]),
-        completion_lengths_B=torch.cat([r.completion_lengths_B for r in requests]),
-        top_k=requests[0].top_k,
-        temperature=requests[0].temperature,
-    )
-
-
-def split_scores(scores: SequenceScores, num_sequences: list[int]) -> list[SequenceScores]:
-    """Undo `merge_requests` on the scores: one `SequenceScores` per request, in order."""
-    lengths_B = scores.completion_lengths_B
-    assert lengths_B.numel() == sum(num_sequences), "the backend lost or added sequences"
-    lengths_per_request = list(lengths_B.split(num_sequences))
-    tokens_per_request = [int(lengths.sum()) for lengths in lengths_per_request]
-
-    def split(values: torch.Tensor | None) -> list[torch.Tensor] | list[None]:
-        if values is None:
-            return [None] * len(num_sequences)
-        return list(values.split(tokens_per_request))
-
-    return [
-        SequenceScores(lengths, sampled_M, topk_ids_MK, topk_logprobs_MK)
-        for lengths, sampled_M, topk_ids_MK, topk_logprobs_MK in zip(
-            lengths_per_request,
-            scores.sampled_logprobs_M.split(tokens_per_request),
-            split(scores.topk_ids_MK),
-            split(scores.topk_logprobs_MK),
-            strict=True,
-        )
-    ]
-
-
-def group_requests(requests: list[ScoreRequest]) -> list[list[int]]:
-    """Indices of the requests that can share a backend call (same top-k and temperature)."""
-    groups: dict[tuple[int, float], list[int]] = {}
-    for index, request in enumerate(requests):
-        groups.setdefault((request.top_k, request.temperature), []).append(index)
-    return list(groups.values())
-
-
-# ------------------------------------------------------------------------------------------------
-# Batching
-# ------------------------------------------------------------------------------------------------
-
-
-@dataclass
-class ServeStats:
-    """Traffic served since start-up (exposed in `/info`)."""
-
-    requests: int = 0
-    sequences: int = 0
-    tokens: int = 0
-    batches: int = 0
-
-
-@dataclass
-class _Pending:
-    request: ScoreRequest
-    future: asyncio.Future = field(repr=False)
-
-
-class ScoreBatcher:
-    """Queue of pending requests and the one worker task that scores them in token-budget batches.
-
-    The worker starts with the first request (on the serving event loop) and is cancelled by
-    `close()`.
-    """
-
-    def __init__(self, backend, *, max_batch_tokens: int):
-        self.backend = backend
-        self.max_batch_tokens = max_batch_tokens
-        self.stats = ServeStats()
-        self._queue: asyncio.Queue[_Pending] = asyncio.Queue()
-        self._carry: _Pending | None = None  # taken from the queue but over the last budget
-        self._worker: asyncio.Task | None = None
-        # One dedicated thread for every backend call: torch's OpenMP pool belongs to the thread
-        # that calls it, and `asyncio.to_thread` rotates over threads, each call then paying for
-        # (and spinning against) another pool. Measured: +17% per batch on 2 cores.
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="opd-teacher")
-
-    async def score(self, request: ScoreRequest) -> SequenceScores:
-        if self._worker is None:
-            self._worker = asyncio.get_running_loop().create_task(self._run())
-        pending = _Pending(request, asyncio.get_running_loop().create_future())
-        await self._queue.put(pending)
-        return await pending.future
-
-    async def close(self) -> None:
-        if self._worker is not None:
-            self._worker.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._worker
-        self._executor.shutdown(wait=False, cancel_futures=True)
-
-    async def _run(self) -> None:
-        while True:
-            batch = await self._next_batch()
-            try:
-                await self._score_batch(batch)
-            except Exception as error:  # a bug outside the backend: fail this batch, keep serving
-                logger.exception("scoring a batch failed")
-                _fail([p.future for p in batch], error)
-
-    async def _next_batch(self) -> list[_Pending]:
-        """The oldest request plus the queued ones after it that fit in the token budget."""
-        first = self._carry or await self._queue.get()
-        self._carry = None
-        batch, num_tokens = [first], first.request.num_tokens
-        while not self._queue.empty():
-            pending = self._queue.get_nowait()
-            if num_tokens + pending.request.num_tokens > self.max_batch_tokens:
-                self._carry = pending
-                break
-            batch.append(pending)
-            num_tokens += pending.request.num_tokens
-        return batch
-
-    async def _score_batch(self, batch: list[_Pending]) -> None:
-        start = time.perf_counter()
-        requests = [pending.request for pending in batch]
-        for group in group_requests(requests):
-            futures = [batch[i].future for i in group]
-            merged = merge_requests([requests[i] for i in group])
-            try:
-                scores = await asyncio.get_running_loop().run_in_executor(
-                    self._executor, self.backend.score_sequences, merged
-                )
-                parts = split_scores(scores, [requests[i].num_sequences for i in group])
-            except WireError as error:  # the backend's own limit: the clients' fault, no trace
-                logger.info("the backend refused %d requests: %s", len(group), error)
-                _fail(futures, error)
-                continue
-            except Exception as error:
-                logger.exception("the backend failed on %d sequences", merged.num_sequences)
-                _fail(futures, error)
-                continue
-            for future, part in zip(futures, parts, strict=True):
-                if not future.done():  # done: the client went away and the handler was cancelled
-                    future.set_result(part)
-        self._count(requests)
-        logger.debug(
-            "scored %d requests, %d sequences, %d tokens in %.1f ms",
-            len(requests),
-            sum(r.num_sequences for r in requests),
-            sum(r.num_tokens for r in requests),
-            1000 * (time.perf_counter() - start),
-        )
-
-    def _count(self, requests: list[ScoreRequest]) -> None:
-        self.stats.batches += 1
-        self.stats.requests += len(requests)
-        self.stats.sequences += sum(r.num_sequences for r in requests)
-        self.stats.tokens += sum(r.num_tokens for r in requests)
-
-
-def _fail(futures: list[asyncio.Future], error: Exception) -> None:
-    for future in futures:
-        if not future.done():
-            future.set_exception(error)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -231,23 +63,47 @@ def _fail(futures: list[asyncio.Future], error: Exception) -> None:
 def create_app(
     backend,
     *,
+    model_name: str,
     limits: RequestLimits,
     api_key: str | None,
     max_batch_tokens: int,
     max_body_bytes: int,
+    pads_batches: bool = False,
+    max_headers: int = 100,
+    max_header_bytes: int = 16384,
     backend_name: str = "",
+    docs: bool = False,
 ) -> FastAPI:
-    """The scoring app; `api_key` (when set) is required as a bearer token except on /health."""
-    batcher = ScoreBatcher(backend, max_batch_tokens=max_batch_tokens)
+    """The scoring app; `api_key` (when set) is required as a bearer token except on /health.
+
+    `model_name` is what `/info` and every answer call the teacher (a name, not a local path).
+    """
+    batcher = ScoreBatcher(backend, max_batch_tokens=max_batch_tokens, pads_batches=pads_batches)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
         yield
         await batcher.close()
 
-    app = FastAPI(title="opd teacher", version=opd.__version__, lifespan=lifespan)
+    # The docs pages and the schema need no key; `redirect_slashes` would answer /v1/score/ with
+    # a redirect whose Location comes from the client's Host header.
+    app = FastAPI(
+        title="opd teacher",
+        version=opd.__version__,
+        lifespan=lifespan,
+        redirect_slashes=False,
+        docs_url="/docs" if docs else None,
+        redoc_url="/redoc" if docs else None,
+        openapi_url="/openapi.json" if docs else None,
+    )
+    app.add_middleware(HeaderLimits, max_headers=max_headers, max_header_bytes=max_header_bytes)
     authorized = Depends(_bearer_check(api_key))
-    info = _static_info(backend, backend_name, limits, max_batch_tokens, max_body_bytes)
+    info = {
+        "model": model_name,
+        **_static_info(backend, backend_name, limits, max_batch_tokens, max_body_bytes),
+        "max_headers": max_headers,
+        "max_header_bytes": max_header_bytes,
+    }
 
     @app.get("/health")
     async def health() -> dict[str, str]:
@@ -259,6 +115,7 @@ def create_app(
 
     @app.post("/v1/score", dependencies=[authorized])
     async def score(request: Request) -> Response:
+        _check_content_type(request)
         body = await _read_body(request, max_body_bytes)
         start = time.perf_counter()
         try:
@@ -275,13 +132,63 @@ def create_app(
                 content={"detail": f"the teacher backend failed: {type(error).__name__}: {error}"},
             )
         content = encode_scores(
-            scores, teacher_id=backend.teacher_id, temperature=score_request.temperature
+            scores, teacher_id=model_name, temperature=score_request.temperature
         )
         # Queueing + scoring + encoding: the client's round trip minus this is the HTTP cost.
         headers = {SERVER_SECONDS_HEADER: f"{time.perf_counter() - start:.6f}"}
         return Response(content=content, media_type=CONTENT_TYPE, headers=headers)
 
     return app
+
+
+class HeaderLimits:
+    """ASGI middleware: more than `max_headers` headers, or a request line and headers over
+    `max_header_bytes`, is a 431 before any route runs.
+
+    uvicorn's h11 refuses a header block that grows past the same byte limit while it arrives
+    (so a huge one is never buffered), but only checks between socket reads: a block that comes
+    in one read (up to 256 KiB) reaches the app whole and is refused here.
+    """
+
+    def __init__(self, app, *, max_headers: int, max_header_bytes: int):
+        self.app = app
+        self.max_headers = max_headers
+        self.max_header_bytes = max_header_bytes
+
+    async def __call__(self, scope, receive, send) -> None:
+        problem = self._problem(scope) if scope["type"] == "http" else None
+        if problem is None:
+            await self.app(scope, receive, send)
+            return
+        response = JSONResponse(status_code=431, content={"detail": problem})
+        await response(scope, receive, send)
+
+    def _problem(self, scope) -> str | None:
+        headers = scope["headers"]
+        if len(headers) > self.max_headers:
+            return (
+                f"{len(headers)} request headers; the limit is {self.max_headers} "
+                "(the server's --max_headers)"
+            )
+        # As on the wire: "METHOD PATH?QUERY HTTP/1.1\r\n" and "name: value\r\n" per header.
+        line = len(scope["method"]) + len(scope.get("raw_path") or b"") + 12
+        size = line + len(scope["query_string"]) + sum(len(k) + len(v) + 4 for k, v in headers)
+        if size > self.max_header_bytes:
+            return (
+                f"the request line and headers are {size} bytes; the limit is "
+                f"{self.max_header_bytes} (the server's --max_header_bytes)"
+            )
+        return None
+
+
+def _check_content_type(request: Request) -> None:
+    media_type = request.headers.get("content-type", "").partition(";")[0].strip().lower()
+    if media_type != CONTENT_TYPE:
+        raise HTTPException(
+            status_code=415,
+            detail=f"Content-Type {media_type or '(none)'!r} is not {CONTENT_TYPE!r}: send the "
+            "body as opd.teacher.wire.encode_request writes it",
+        )
 
 
 def _bearer_check(api_key: str | None):
@@ -321,11 +228,15 @@ async def _read_body(request: Request, max_body_bytes: int) -> bytes:
     if declared.isdigit() and int(declared) > max_body_bytes:
         raise too_big
     chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > max_body_bytes:  # chunked uploads declare no length: count what arrives
-            raise too_big
-        chunks.append(chunk)
+    try:
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > max_body_bytes:  # chunked uploads declare no length: count what arrives
+                raise too_big
+            chunks.append(chunk)
+    except ClientDisconnect as error:  # nobody to answer: one line, not a stack trace
+        logger.info("a client disconnected after sending %d bytes of its request body", size)
+        raise HTTPException(status_code=400, detail="the client disconnected") from error
     return b"".join(chunks)
 
 
@@ -334,7 +245,6 @@ def _static_info(
 ) -> dict[str, Any]:
     tokenizer = backend.tokenizer
     return {
-        "model": backend.teacher_id,
         "backend": backend_name or type(backend).__name__,
         "vocab_size": int(backend.vocab_size),
         "tokenizer": tokenizer_fingerprint(tokenizer) if tokenizer is not None else {},
@@ -342,6 +252,7 @@ def _static_info(
         "max_top_k": limits.max_top_k,
         "max_sequence_tokens": limits.max_sequence_tokens,
         "max_sequences": limits.max_sequences,
+        "max_response_bytes": limits.max_response_bytes,
         "max_body_bytes": max_body_bytes,
         "max_batch_tokens": max_batch_tokens,
         "wire_format": CONTENT_TYPE,

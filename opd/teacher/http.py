@@ -51,13 +51,15 @@ def request_with_retry(
     policy: RetryPolicy,
     first_url: int = 0,
     stats: dict[str, int] | None = None,
+    server: str = "opd teacher serve",
     **kwargs,
 ) -> httpx.Response:
     """`client.request(method, url + path)` on the first URL that answers with a non-5xx.
 
     Starts at `urls[first_url]` (callers spread load by starting at different URLs) and moves to
     the next URL after each failure. Each failed attempt adds 1 to `stats["retries"]` when given
-    (the trainer logs it as `teacher/retries`).
+    (the trainer logs it as `teacher/retries`). `server` is the command that runs the servers
+    the client talks to, named when they stay unreachable.
     """
     deadline = time.monotonic() + policy.budget_s
     backoff = policy.first_backoff_s
@@ -84,9 +86,9 @@ def request_with_retry(
         if time.monotonic() + backoff > deadline:
             raise TeacherUnavailableError(
                 f"the teacher at {', '.join(urls)} did not answer {method} {path} after "
-                f"{attempt} attempts over {policy.budget_s:.0f}s (teacher_retry_budget_s); "
-                f"last error: {failures[-1]}. Check that the server is running "
-                "(`opd teacher serve ...`) and reachable, or raise teacher_retry_budget_s."
+                f"{attempt} attempts over {policy.budget_s:g}s (teacher_retry_budget_s); "
+                f"last error: {failures[-1]}. Check that the server (`{server} ...`) is running "
+                "and reachable, or raise teacher_retry_budget_s."
             )
         time.sleep(backoff)
         backoff = min(backoff * 2, policy.max_backoff_s)

@@ -12,9 +12,16 @@ built from the same `teacher_*` fields as `OPDConfig` (local model, `opd teacher
 
 Determinism and resumption: output shard i holds rollout rows [i*S, (i+1)*S), scored in
 mini-batches of `teacher_batch_size` rows starting at i*S, so a shard's bytes depend only on its
-rows, never on which worker or which run scored it. A rerun verifies the finished shards and
-scores only the rest; the resulting set is byte-identical to an uninterrupted run's. A rerun with
-another teacher, top-k, temperature or rollout set into the same output_dir is refused.
+rows and the recorded settings, never on which worker or which run scored it. A rerun verifies
+the finished shards and scores only the rest; the resulting set is byte-identical to an
+uninterrupted run's. Every argument is classified in `RECORDED_SETTINGS` (can change a byte of
+the output: recorded in the manifest and in every shard; a rerun with another value is refused,
+naming the argument) or `FREE_SETTINGS` (cannot: a rerun may change it). `--repair` rebuilds a
+lost or corrupt manifest from the shards that verify. A teacher that stops answering ends the job
+with one line saying how many shards are done and kept (`--debug`: the traceback).
+
+Model names `demo:teacher` / `pypi:*` are resolved by `opd.models` for loading; the manifest
+keeps the name as given.
 
 Test: `pytest tests/integration/test_rollout_precompute.py`.
 """
@@ -23,26 +30,61 @@ from __future__ import annotations
 
 import os
 import queue
+import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Literal, cast
+from typing import Any, Literal
 
 import numpy as np
 import pyarrow as pa
 
 from opd.config import ConfigError
-from opd.teacher.consistency import compare_fingerprints, tokenizer_fingerprint
 from opd.teacher.shard_rows import list_lengths, rollout_batch_from_table, teacher_columns
 from opd.teacher.shards import ShardSetWriter
-from opd.types import RolloutBatch, TeacherScores
+from opd.types import TeacherScores
 
 PROG = "opd teacher precompute"
 DESCRIPTION = "Score a fixed rollout set with a teacher into parquet shards (offline OPD)."
 # For the crash test only: seconds to sleep after each written shard, so that a test can kill the
 # job between two shards on a busy machine.
 THROTTLE_ENV = "OPD_PRECOMPUTE_SHARD_DELAY_S"
+
+# Every argument that can change a byte of the output -> the manifest key recording it. A resume
+# with another value is refused (`ShardSetWriter` names the argument); each shard carries them.
+RECORDED_SETTINGS = {
+    # The rows scored: recorded by content (the rollout manifest's or the file's sha256), so a
+    # moved rollout set resumes (its path is relocatable) and an edited one is refused.
+    "rollouts": "rollouts.fingerprint",
+    # local transformers, our server and stock vLLM run different kernels: other rounding.
+    "teacher_mode": "teacher.mode",
+    # The teacher; as given (`demo:teacher`), or the served name in server mode.
+    "teacher_model_name_or_path": "teacher.model",
+    "teacher_top_k": "teacher.top_k",  # the stored columns
+    "teacher_temperature": "teacher.temperature",  # divides the logits
+    # Rows per forward: padding width and batched-matmul shapes change the float rounding
+    # (measured on CPU: 3 vs 5 changed the values of 22 of 25 shards of 16 rows).
+    "teacher_batch_size": "teacher.batch_size",
+    # Tokenizes text rollout files: recorded as the sha256 of the ids it made (the only way it
+    # reaches the output); a file of token ids records nothing (the tokenizer is only checked).
+    "tokenizer_name_or_path": "rollouts.token_ids",
+    # Shard boundaries, and where each shard's first mini-batch starts.
+    "shard_size": "shard_size",
+}
+# Every argument that cannot change a byte of the output: a resume may change it.
+FREE_SETTINGS = {
+    "output_dir": "where the set is written (it is the set being resumed)",
+    "teacher_urls": "replicas of one teacher; /info must agree on model and tokenizer",
+    "teacher_api_key": "authentication only (and never written to disk)",
+    "teacher_timeout_s": "how long to wait for an answer, not what it is",
+    "teacher_retry_budget_s": "how long to retry, not what the answer is",
+    "num_workers": "each shard is scored alone in fixed mini-batches, whichever worker takes it",
+    "repair": "rebuilds the manifest from shards that carry the same settings",
+    "debug": "how errors are shown",
+}
+SETTING_LABELS = {key: name for name, key in RECORDED_SETTINGS.items()}
 
 
 @dataclass
@@ -64,7 +106,11 @@ class PrecomputeArguments:
         },
     )
     teacher_model_name_or_path: str | None = field(
-        default=None, metadata={"help": "Teacher model (required for 'local' and 'vllm')."}
+        default=None,
+        metadata={
+            "help": "Teacher model (required for 'local' and 'vllm'); locally also "
+            "demo:teacher or pypi:<name>."
+        },
     )
     teacher_urls: list[str] = field(
         default_factory=list, metadata={"help": "Teacher base URLs for 'server'/'vllm'."}
@@ -101,6 +147,16 @@ class PrecomputeArguments:
         default=None,
         metadata={"help": "Rows per output shard (default: the rollout set's, else 1024)."},
     )
+    repair: bool = field(
+        default=False,
+        metadata={
+            "help": "Rebuild a lost or corrupt manifest.json from the shards that verify (their "
+            "embedded checksum and settings), then score the missing ones."
+        },
+    )
+    debug: bool = field(
+        default=False, metadata={"help": "Show tracebacks of teacher errors (not one line)."}
+    )
 
     def __post_init__(self):
         if self.teacher_mode in ("local", "vllm") and not self.teacher_model_name_or_path:
@@ -119,12 +175,20 @@ class PrecomputeArguments:
             raise ConfigError(f"shard_size must be >= 1, got {self.shard_size}.")
 
 
+class TeacherStoppedError(RuntimeError):
+    """The teacher stopped answering (or rejected a request); the message says what is kept."""
+
+
 def precompute_main(argv: list[str]) -> int:
     from opd.cli import run_dataclass_command
 
-    return run_dataclass_command(
-        PrecomputeArguments, run_precompute, argv, prog=PROG, description=DESCRIPTION
-    )
+    try:
+        return run_dataclass_command(
+            PrecomputeArguments, run_precompute, argv, prog=PROG, description=DESCRIPTION
+        )
+    except TeacherStoppedError as error:  # not a bug: one line, as for a ConfigError
+        print(f"{PROG}: error: {error}", file=sys.stderr)
+        return 1
 
 
 # ------------------------------------------------------------------------------------------------
@@ -134,32 +198,22 @@ def precompute_main(argv: list[str]) -> int:
 
 def run_precompute(args: PrecomputeArguments) -> dict[str, Any]:
     """Score every rollout row not yet in `args.output_dir`; returns the final manifest."""
-    from opd.teacher.precompute_input import load_rollouts
+    from opd.teacher.precompute_input import build_teachers, load_rollouts, loading_arguments
 
     rollouts = load_rollouts(args)
-    teachers = build_teachers(args, rollouts.student_tokenizer, rollouts.student_fingerprint)
+    with teacher_errors_as_one_line(args, None):
+        teachers = build_teachers(
+            loading_arguments(args), rollouts.student_tokenizer, rollouts.student_fingerprint
+        )
     shard_size = args.shard_size or rollouts.shard_size or 1024
-    num_rows = rollouts.table.num_rows
-    plan = {
-        "kind": "teacher_scores",
-        "num_rows": num_rows,
-        "num_shards": -(-num_rows // shard_size),
-        "shard_size": shard_size,
-        "teacher": {
-            "model": teachers[0].teacher_id,
-            "tokenizer": teacher_fingerprint(teachers[0]),
-            "temperature": float(args.teacher_temperature),
-            "top_k": int(args.teacher_top_k),
-            "mode": args.teacher_mode,
-        },
-        "rollouts": rollouts.info,
-    }
-    writer = ShardSetWriter(args.output_dir, plan, rerun_hint=PROG)
+    plan = precompute_plan(args, rollouts, teachers[0], shard_size)
+    writer = ShardSetWriter(args.output_dir, plan, rerun_hint=PROG, labels=SETTING_LABELS)
     try:
-        finished = writer.start()
+        finished = writer.start(repair=args.repair)
         todo = [i for i in range(plan["num_shards"]) if i not in finished]
         if todo:
-            score_shards(rollouts.table, todo, shard_size, teachers, writer, args)
+            with teacher_errors_as_one_line(args, writer):
+                score_shards(rollouts.table, todo, shard_size, teachers, writer, args)
         manifest = writer.manifest()
     finally:
         writer.close()
@@ -170,54 +224,57 @@ def run_precompute(args: PrecomputeArguments) -> dict[str, Any]:
     return manifest
 
 
-def build_teachers(args: PrecomputeArguments, student_tokenizer, student_fingerprint) -> list:
-    """One teacher per worker for HTTP modes (independent connections); one shared local model.
+def precompute_plan(
+    args: PrecomputeArguments, rollouts, teacher, shard_size: int
+) -> dict[str, Any]:
+    """What defines the set: every `RECORDED_SETTINGS` value, the rows, and what the teacher
+    reports about itself (tokenizer; device of a local model: CPU and GPU kernels round
+    differently)."""
+    from opd.teacher.precompute_input import teacher_device, teacher_fingerprint
 
-    A local model is shared behind a lock rather than copied: one forward already uses every
-    core (or the GPU), so concurrent forwards would not be faster, and copies cost memory. The
-    workers still overlap scoring with parquet writing and hashing.
-    """
-    from opd.teacher.build import build_teacher
-
-    first = build_teacher(args, student_tokenizer)
-    if student_tokenizer is None and student_fingerprint is not None:
-        teacher_print = teacher_fingerprint(first)
-        if teacher_print is not None:
-            compare_fingerprints(
-                student_fingerprint,
-                teacher_print,
-                teacher_name=first.teacher_id,
-                source="rollout manifest vs teacher",
-            )
-    if args.teacher_mode == "local":
-        return [SerializedTeacher(first)] * args.num_workers
-    return [first] + [build_teacher(args) for _ in range(args.num_workers - 1)]
-
-
-def teacher_fingerprint(teacher) -> dict[str, Any] | None:
-    """The teacher's tokenizer fingerprint when it exposes one: a local model's tokenizer, or
-    the `tokenizer` of `opd teacher serve`'s /info. A stock vLLM server exposes none."""
-    teacher = getattr(teacher, "inner", teacher)
-    tokenizer = getattr(teacher, "tokenizer", None)
-    if tokenizer is not None:
-        return tokenizer_fingerprint(tokenizer)
-    server_info = getattr(teacher, "server_info", None)
-    if not callable(server_info):
-        return None
-    return cast("dict[str, Any]", server_info()).get("tokenizer")
+    num_rows = rollouts.table.num_rows
+    local = args.teacher_mode == "local"
+    return {
+        "kind": "teacher_scores",
+        "num_rows": num_rows,
+        "num_shards": -(-num_rows // shard_size),
+        "shard_size": shard_size,
+        "teacher": {
+            "model": args.teacher_model_name_or_path if local else teacher.teacher_id,
+            "tokenizer": teacher_fingerprint(teacher),
+            "temperature": float(args.teacher_temperature),
+            "top_k": int(args.teacher_top_k),
+            "mode": args.teacher_mode,
+            "batch_size": int(args.teacher_batch_size),
+            "device": teacher_device(teacher),
+        },
+        "rollouts": rollouts.info,
+    }
 
 
-class SerializedTeacher:
-    """A teacher whose `score` runs one call at a time (a local model shared by workers)."""
+@contextmanager
+def teacher_errors_as_one_line(args: PrecomputeArguments, writer: ShardSetWriter | None):
+    """A teacher that stops answering (or rejects a request) ends the job with one line that
+    names the server (the error text of `opd.teacher.http`) and what is kept, not a traceback."""
+    from opd.teacher.http import TeacherRequestError, TeacherUnavailableError
 
-    def __init__(self, inner):
-        self.inner = inner
-        self.teacher_id = inner.teacher_id
-        self._lock = threading.Lock()
-
-    def score(self, batch: RolloutBatch, top_k: int = 0) -> TeacherScores:
-        with self._lock:
-            return self.inner.score(batch, top_k)
+    try:
+        yield
+    except (TeacherUnavailableError, TeacherRequestError) as error:
+        if args.debug:
+            raise
+        text = " ".join(str(error).split())
+        if writer is None:
+            kept = "No shard was scored in this run"
+        else:
+            done, planned = len(writer.manifest()["shards"]), writer.plan["num_shards"]
+            kept = f"{done} of {planned} shards are done and kept in {args.output_dir}"
+        what_next = (
+            "rerun the same command to resume"
+            if isinstance(error, TeacherUnavailableError)
+            else "fix the request and rerun the same command to resume"
+        )
+        raise TeacherStoppedError(f"{text.rstrip('.')}. {kept}; {what_next}.") from error
 
 
 def score_shards(
@@ -255,11 +312,13 @@ def score_shards(
             time.sleep(delay_s)
 
     workers = teachers[: min(len(teachers), len(todo))]
-    with ThreadPoolExecutor(len(workers), thread_name_prefix="precompute") as pool:
-        futures = [pool.submit(work, teacher) for teacher in workers]
-        for future in futures:
-            future.result()
-    progress.close()
+    try:
+        with ThreadPoolExecutor(len(workers), thread_name_prefix="precompute") as pool:
+            futures = [pool.submit(work, teacher) for teacher in workers]
+            for future in futures:
+                future.result()
+    finally:
+        progress.close()
 
 
 def score_shard(shard: pa.Table, teacher, args: PrecomputeArguments) -> pa.Table:

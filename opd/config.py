@@ -335,6 +335,15 @@ class OPDConfig(GRPOConfig):
         default="warn",
         metadata={"help": "'warn': log each alarm; 'stop': also end training (model saved)."},
     )
+    # TrainingArguments' field, with what `opd distill` does with it (opd/distill.py).
+    resume_from_checkpoint: str | None = field(
+        default=None,
+        metadata={
+            "help": "A checkpoint-<step> folder to continue from, or 'true': the latest complete "
+            "one in output_dir. An incomplete folder (cut off by a crash) and settings that "
+            "differ from the checkpointed run's are refused."
+        },
+    )
 
     def __post_init__(self):
         self._check_opd_fields()

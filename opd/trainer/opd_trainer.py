@@ -20,6 +20,8 @@ Test: `pytest tests/integration/test_methods.py tests/integration/test_cli.py`.
 
 from __future__ import annotations
 
+import math
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -52,6 +54,12 @@ from opd.trainer.build import (
 from opd.trainer.loss import LossMixin
 from opd.trainer.methods import MethodMixin
 from opd.trainer.metrics import MetricsMixin
+from opd.trainer.resume import (
+    EpochSeededRepeatSampler,
+    load_generation_buffer,
+    resolve_checkpoint,
+    save_resume_state,
+)
 from opd.trainer.sharding import enable_fsdp_on_cpu, full_lm_head_weight
 from opd.trainer.step import StepState
 from opd.trainer.trl_seams import (
@@ -59,6 +67,7 @@ from opd.trainer.trl_seams import (
     per_token_logprobs,
     replace_colocate_sync,
     save_checkpoint,
+    save_checkpoint_as_trl,
     vllm_engine_kwargs,
 )
 from opd.types import RolloutBatch, TeacherScores
@@ -124,6 +133,29 @@ class OPDTrainer(LossMixin, MethodMixin, MetricsMixin, GRPOTrainer):
     def create_accelerator_and_postprocess(self):
         super().create_accelerator_and_postprocess()
         enable_fsdp_on_cpu(self)  # accelerate would silently train unsharded on CPU
+
+    # ----- resuming exactly (resume.py) -----
+
+    def train(self, resume_from_checkpoint=None, *args, **kwargs):
+        """TRL's `train`; a resume must name (or, with True, find) a complete checkpoint."""
+        if resume_from_checkpoint:
+            resume_from_checkpoint = resolve_checkpoint(
+                resume_from_checkpoint, self.args.output_dir, self.accelerator.num_processes
+            )
+            load_generation_buffer(self, resume_from_checkpoint)
+        return super().train(resume_from_checkpoint, *args, **kwargs)
+
+    def _save_checkpoint(self, model, trial):
+        checkpoint = Path(self.args.output_dir) / f"checkpoint-{self.state.global_step}"
+        save_resume_state(self, checkpoint)
+        save_checkpoint_as_trl(super(), model, trial)
+
+    def _get_train_sampler(self, dataset=None):
+        # a run resumed in a later epoch must shuffle as the uninterrupted run did; the epoch
+        # that starts is the state's (whole at an epoch's start, loaded on resume)
+        return EpochSeededRepeatSampler.from_sampler(
+            super()._get_train_sampler(dataset), epoch_of=lambda: math.floor(self.state.epoch or 0)
+        )
 
     def _store_method_parts(self, teacher, offline, *, has_rewards: bool) -> None:
         """What the methods need once TRL has loaded the student (before any update)."""

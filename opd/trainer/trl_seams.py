@@ -20,9 +20,9 @@ from typing import Any
 
 import torch
 from trl import GRPOTrainer
-from trl.trainer.utils import add_fused_lm_head
+from trl.trainer.utils import RepeatSampler, add_fused_lm_head
 
-__all__ = ["GRPOTrainer", "add_fused_lm_head"]
+__all__ = ["GRPOTrainer", "RepeatSampler", "add_fused_lm_head"]
 
 # `GRPOTrainer` hooks that `OPDTrainer` overrides, with the parameters it relies on.
 OVERRIDDEN_HOOKS: dict[str, tuple[str, ...]] = {
@@ -32,6 +32,11 @@ OVERRIDDEN_HOOKS: dict[str, tuple[str, ...]] = {
     "_compute_loss": ("self", "model", "inputs"),
     # transformers' Trainer hook: opd turns accelerate's FSDP2 path on for CPU runs after it.
     "create_accelerator_and_postprocess": ("self",),
+    # the training sampler, made to shuffle by epoch so that a resumed run sees the same data
+    "_get_train_sampler": ("self", "dataset"),
+    # a checkpoint also holds the generation buffered for later steps; a resume reads it back
+    "_save_checkpoint": ("self", "model", "trial"),
+    "train": ("self", "resume_from_checkpoint"),
 }
 # Private methods opd calls, with the leading parameters it passes.
 CALLED_PRIVATE: dict[str, tuple[str, ...]] = {
@@ -62,6 +67,8 @@ TRAINER_ATTRIBUTES = (
     "ref_model", "_metrics", "vllm_generation", "aux_loss_enabled",
     # how TRL renders a conversational prompt (`_tokenize_prompts`); the OPSD teacher prompt too
     "chat_template_kwargs", "tools", "chat_template", "environment_factories",
+    # the generation reused over `steps_per_generation * num_iterations` micro-steps (resume.py)
+    "_step", "_buffered_inputs", "num_iterations",
 )  # fmt: skip
 # Attributes of transformers' `Trainer` (set outside `__init__` or not documented) opd reads.
 HF_TRAINER_ATTRIBUTES = ("current_gradient_accumulation_steps", "callback_handler")
@@ -74,6 +81,12 @@ CONFIG_FIELDS = (
     "output_dir", "per_device_train_batch_size", "seed", "steps_per_generation", "temperature",
     "use_liger_kernel", "use_vllm", "vllm_mode",
 )  # fmt: skip
+# `RepeatSampler.__init__` parameters, stored under the same names, that opd copies into its
+# epoch-seeded subclass (`opd/trainer/resume.py`), and the attributes that subclass reads.
+REPEAT_SAMPLER_PARAMS = (
+    "data_source", "mini_repeat_count", "batch_size", "repeat_count", "shuffle", "seed",
+)  # fmt: skip
+REPEAT_SAMPLER_ATTRIBUTES = ("generator", "num_samples")
 # Parameters of `trl.trainer.utils.add_fused_lm_head` that opd passes (G-OPD reference copy).
 FUSED_LM_HEAD_PARAMS = ("model", "temperature", "cast_lm_head_to_fp32")
 # TRL's colocated generation: the module whose `LLM` symbol opd patches, and the members of its
@@ -98,6 +111,25 @@ def save_checkpoint(trainer) -> str:
     """Write `checkpoint-<global_step>` as TRL's Trainer does at a save step; returns its path."""
     trainer._save_checkpoint(trainer.model, trial=None)
     return f"{trainer.args.output_dir}/checkpoint-{trainer.state.global_step}"
+
+
+def save_checkpoint_as_trl(parent, model, trial) -> None:
+    """TRL's `_save_checkpoint` from an override (`parent` is the override's `super()`)."""
+    parent._save_checkpoint(model, trial)
+
+
+def generation_buffer(trainer) -> tuple[int, list[dict[str, Any]] | None]:
+    """TRL's micro-step counter and the generation it splits over the next micro-steps."""
+    return trainer._step, trainer._buffered_inputs
+
+
+def set_generation_buffer(trainer, step: int, buffered: list[dict[str, Any]] | None) -> None:
+    trainer._step, trainer._buffered_inputs = step, buffered
+
+
+def generation_cycle_length(trainer) -> int:
+    """Micro-steps one generation serves (TRL generates when `_step` is a multiple of it)."""
+    return trainer.args.steps_per_generation * trainer.num_iterations
 
 
 def append_metric(trainer, mode: str, name: str, value: float) -> None:

@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 import transformers
 from trl import GRPOConfig, GRPOTrainer
-from trl.trainer.utils import add_fused_lm_head
+from trl.trainer.utils import RepeatSampler, add_fused_lm_head
 
 from opd.trainer import OPDTrainer
 from opd.trainer import trl_seams as seams
@@ -97,6 +97,19 @@ def test_add_fused_lm_head_takes_what_opd_passes():
     assert seams.add_fused_lm_head is add_fused_lm_head
     parameters = seams.FUSED_LM_HEAD_PARAMS
     assert _leading_parameters(add_fused_lm_head, len(parameters)) == parameters
+
+
+def test_repeat_sampler_stores_what_opds_subclass_copies_and_reads():
+    """`EpochSeededRepeatSampler.from_sampler` rebuilds TRL's training sampler from its stored
+    constructor arguments, and re-seeds its `generator` over `num_samples` each epoch."""
+    assert seams.RepeatSampler is RepeatSampler
+    assert "RepeatSampler(" in inspect.getsource(GRPOTrainer._get_train_sampler)
+    parameters = inspect.signature(RepeatSampler.__init__).parameters
+    required = {name for name, p in parameters.items() if p.default is p.empty} - {"self"}
+    assert required <= set(seams.REPEAT_SAMPLER_PARAMS) <= set(parameters)
+    source = inspect.getsource(RepeatSampler.__init__)
+    for name in (*seams.REPEAT_SAMPLER_PARAMS, *seams.REPEAT_SAMPLER_ATTRIBUTES):
+        assert _assigned_in(source, name), f"RepeatSampler no longer stores {name}"
 
 
 def _vllm_generation_tree() -> ast.Module:

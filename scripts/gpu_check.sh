@@ -4,4 +4,5 @@
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 python -c "import torch; assert torch.cuda.is_available(), 'no CUDA GPU visible'"
-exec python -m pytest -m gpu -p no:cacheprovider "$@" tests/gpu
+# The GPU image has no pytest-xdist: replace pyproject's addopts (which start 2 workers).
+exec python -m pytest -o addopts="--import-mode=importlib -ra" -m gpu -p no:cacheprovider "$@" tests/gpu

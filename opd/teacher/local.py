@@ -5,7 +5,9 @@
 completion token (and optionally its top-k). `score_sequences(request)` is the same on a ragged
 `ScoreRequest`; `opd teacher serve --backend transformers` serves exactly that function, so the
 server's scores are this in-process forward's. The teacher never receives gradients and only one
-mini-batch (`batch_size` sequences) of logits exists at a time.
+mini-batch (`batch_size` sequences) of logits exists at a time, over completion positions only:
+the prompt's positions get no logits (4 sequences of 4096 + 256 tokens, 32k vocabulary: peak
++2291 MiB -> +291 MiB, same scores bit for bit).
 
 A sequence's scores depend on its mini-batch neighbours by float rounding only, not bit for bit:
 padding to the longest neighbour changes the matmul and attention shapes, so the summation order.
@@ -137,11 +139,18 @@ class LocalTeacher:
             input_ids, attention_mask = _pack(
                 [contexts[i] for i in chunk], [completions[i] for i in chunk], self.model.device
             )
-            logits = self.model(input_ids=input_ids, attention_mask=attention_mask).logits
+            # The logits at position p predict token p + 1: completion token t sits at
+            # len(context) + t and is predicted by the logits one position earlier. Only the
+            # positions from the shortest context's last token on get logits (`logits_to_keep`
+            # as positions: the model's own head, soft-capping included): a long prompt costs no
+            # `[T, V]` logits.
+            first = min(len(contexts[i]) for i in chunk) - 1
+            positions = torch.arange(first, input_ids.shape[1] - 1, device=input_ids.device)
+            logits = self.model(
+                input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=positions
+            ).logits
             for row, i in enumerate(chunk):
-                # The logits at position p predict token p + 1: completion token t sits at
-                # len(context) + t and is predicted by the logits one position earlier.
-                start = len(contexts[i]) - 1
+                start = len(contexts[i]) - 1 - first
                 row_logits_TV = logits[row, start : start + len(completions[i])].float()
                 logprobs_TV = torch.log_softmax(row_logits_TV / request.temperature, dim=-1)
                 ids_T = torch.tensor(completions[i], device=logprobs_TV.device)

@@ -128,3 +128,27 @@ def test_scores_are_finite_at_the_temperature_floor(teacher_model):
     assert torch.isneginf(at_floor.topk_logprobs_MK[:, 49:]).all()
     tiny = teacher.score_sequences(make_request(contexts, completions, temperature=1e-45))
     assert torch.isnan(tiny.sampled_logprobs_M).all()
+
+
+def test_no_logits_over_the_prompt(teacher_model):
+    """A long prompt costs no `[T, V]` logits: the head runs from the shortest context's last
+    token on (measured: 4 sequences of 4096 + 256 tokens, 32k vocabulary, +2291 -> +291 MiB)."""
+    logits_lengths = []
+
+    def recording_forward(**inputs):
+        output = type(teacher_model).forward(teacher_model, **inputs)
+        logits_lengths.append(output.logits.shape[1])
+        return output
+
+    contexts = [[4] * 60, [5] * 50]
+    completions = [[6, 7, 2], [8, 2, 9, 9, 9]]
+    request = make_request(contexts, completions, top_k=3)
+    expected = LocalTeacher(teacher_model, batch_size=1).score_sequences(request)
+    teacher = LocalTeacher(copy.copy(teacher_model), batch_size=2)
+    teacher.model.forward = recording_forward
+    scores = teacher.score_sequences(request)
+    # One forward of width 63 (60 + 3); logits from position 49 (the shorter context's last
+    # token) to 61 (the last position that predicts a token): 13, not 63.
+    assert logits_lengths == [13]
+    torch.testing.assert_close(scores.sampled_logprobs_M, expected.sampled_logprobs_M)
+    assert torch.equal(scores.topk_ids_MK, expected.topk_ids_MK)

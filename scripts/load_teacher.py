@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import random
 import subprocess
 import sys
@@ -65,6 +66,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--duration", type=float, default=60.0, help="seconds")
     parser.add_argument("--sequences", type=int, default=8, help="sequences per request")
     parser.add_argument("--top-k", type=int, default=16)
+    # Both ranges shrink together when the longest sequence would pass the server's limit.
     parser.add_argument("--prompt-tokens", default="16:128", help="min:max context length")
     parser.add_argument("--completion-tokens", default="16:256", help="min:max completion length")
     parser.add_argument("--seed", type=int, default=0)
@@ -77,13 +79,32 @@ def token_range(text: str) -> tuple[int, int]:
     return low, high
 
 
-def build_bodies(args: argparse.Namespace, vocab_size: int) -> list[tuple[bytes, int, int]]:
+def fit_lengths(
+    prompt_range: tuple[int, int], completion_range: tuple[int, int], max_sequence_tokens: int
+) -> tuple[tuple[int, int], tuple[int, int]]:
+    """Both ranges scaled down together so the longest sequence fits the server's limit (its
+    teacher's context: 128 tokens for the demo teacher)."""
+    longest = prompt_range[1] + completion_range[1]
+    if longest <= max_sequence_tokens:
+        return prompt_range, completion_range
+    scale = max_sequence_tokens / longest
+
+    def scaled(low: int, high: int) -> tuple[int, int]:
+        return max(1, int(low * scale)), max(1, int(high * scale))
+
+    return scaled(*prompt_range), scaled(*completion_range)
+
+
+def build_bodies(
+    args: argparse.Namespace, vocab_size: int, max_sequence_tokens: int
+) -> list[tuple[bytes, int, int]]:
     """Request bodies with their token count and completion-token count."""
     rng = random.Random(args.seed)
-    prompt_range, completion_range = (
-        token_range(args.prompt_tokens),
-        token_range(args.completion_tokens),
+    prompt_range, completion_range = fit_lengths(
+        token_range(args.prompt_tokens), token_range(args.completion_tokens), max_sequence_tokens
     )
+    print(f"context {prompt_range[0]}-{prompt_range[1]} + completion "
+          f"{completion_range[0]}-{completion_range[1]} tokens per sequence")  # fmt: skip
 
     def ids(length_range: tuple[int, int]) -> list[int]:
         return [rng.randrange(vocab_size) for _ in range(rng.randint(*length_range))]
@@ -264,7 +285,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"started opd teacher serve on {model} at {url} (log: {log_path})")
     try:
         before = server_info(url, args.api_key)
-        bodies = build_bodies(args, int(before["vocab_size"]))
+        bodies = build_bodies(args, int(before["vocab_size"]), before["max_sequence_tokens"])
         bad_bodies = hostile_bodies(bodies[0][0], int(before["vocab_size"]), before["max_top_k"])
         print(f"model {before['model']} ({before['backend']}), {args.sequences} sequences/request")
         good, hostile, elapsed_s = asyncio.run(run_load(args, url, bodies, bad_bodies))
@@ -282,6 +303,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.hostile_clients:
         rows.append(("hostile", args.hostile_clients, hostile))
     print_table(rows, elapsed_s, batching)
+    if process is not None:  # the clients share the machine with the server they load
+        times = os.times()
+        print(f"CPU seconds: clients {times.user + times.system:.0f}, "
+              f"server {times.children_user + times.children_system:.0f}")  # fmt: skip
     return 1 if good.errors or hostile.errors else 0
 
 

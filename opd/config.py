@@ -18,6 +18,8 @@ from typing import Any, Literal
 
 from trl import GRPOConfig
 
+from opd.types import MIN_TEMPERATURE
+
 TEACHER_MODES = ("local", "server", "vllm", "offline", "self")
 TEACHER_DTYPES = ("auto", "float32", "bfloat16", "float16")
 # from_pretrained's device_map strategies (any other string must name a torch device).
@@ -398,8 +400,12 @@ class OPDConfig(GRPOConfig):
             )
         if not 0.0 <= self.opd_discount < 1.0:
             raise ValueError(f"opd_discount must be in [0, 1), got {self.opd_discount}.")
-        if self.teacher_temperature <= 0:
-            raise ValueError(f"teacher_temperature must be > 0, got {self.teacher_temperature}.")
+        if not MIN_TEMPERATURE <= self.teacher_temperature < math.inf:
+            raise ValueError(
+                f"teacher_temperature must be a finite number >= {MIN_TEMPERATURE} (below it "
+                f"the teacher's logits / temperature overflow float32), got "
+                f"{self.teacher_temperature}."
+            )
         if self.teacher_top_k < 0 or self.teacher_batch_size < 1:
             raise ValueError("teacher_top_k must be >= 0 and teacher_batch_size >= 1.")
         self._check_method_fields()

@@ -28,6 +28,7 @@ Test: `pytest tests/integration/test_rollout_precompute.py`.
 
 from __future__ import annotations
 
+import math
 import os
 import queue
 import sys
@@ -44,7 +45,7 @@ import pyarrow as pa
 from opd.config import ConfigError
 from opd.teacher.shard_rows import list_lengths, rollout_batch_from_table, teacher_columns
 from opd.teacher.shards import ShardSetWriter
-from opd.types import TeacherScores
+from opd.types import MIN_TEMPERATURE, TeacherScores
 
 PROG = "opd teacher precompute"
 DESCRIPTION = "Score a fixed rollout set with a teacher into parquet shards (offline OPD)."
@@ -169,8 +170,12 @@ class PrecomputeArguments:
             raise ConfigError(
                 "teacher_top_k must be >= 0, teacher_batch_size and num_workers >= 1."
             )
-        if self.teacher_temperature <= 0:
-            raise ConfigError(f"teacher_temperature must be > 0, got {self.teacher_temperature}.")
+        if not MIN_TEMPERATURE <= self.teacher_temperature < math.inf:
+            raise ConfigError(
+                f"teacher_temperature must be a finite number >= {MIN_TEMPERATURE} (below it "
+                f"the teacher's logits / temperature overflow float32), got "
+                f"{self.teacher_temperature}."
+            )
         if self.shard_size is not None and self.shard_size < 1:
             raise ConfigError(f"shard_size must be >= 1, got {self.shard_size}.")
 

@@ -39,7 +39,7 @@ from opd.teacher.wire_header import (
     load_checked,
     quoted,
 )
-from opd.types import RolloutBatch, TeacherScores
+from opd.types import MIN_TEMPERATURE, RolloutBatch, TeacherScores
 
 # Response header: seconds the server spent on the request (queue + scoring + encoding).
 SERVER_SECONDS_HEADER = "X-OPD-Server-Seconds"
@@ -315,14 +315,6 @@ def decode_scores(body: bytes) -> tuple[SequenceScores, dict[str, str]]:
 # Request validation (the server's boundary)
 # ------------------------------------------------------------------------------------------------
 
-# Scores are log_softmax(logits / temperature) in float32. Once |logit| / temperature passes
-# float32's max (3.4e38) the division gives inf and inf - inf is NaN: the tiny test teacher
-# (|logits| < 2) returned NaN for every token at temperature 1e-40 and finite scores at 1e-38. At
-# 0.01 an overflow needs |logit| > 3.4e36, which no model produces, and lower temperatures add
-# nothing but that risk: at 0.01 a logit gap of 1.04 is already a probability below float32's
-# smallest (exp(-104)), so the distribution is one-hot for any real logits. There is no ceiling:
-# a huge temperature gives the finite uniform distribution (checked up to 1.7e308).
-MIN_TEMPERATURE = 0.01
 
 # A response carries, per completion token, its sampled logprob (float32) and with top_k its
 # top-k ids (int32) and logprobs (float32): 4 + 8 * top_k bytes, so a request of 4-byte ids can

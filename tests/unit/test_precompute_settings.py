@@ -273,3 +273,12 @@ def test_unreachable_vllm_teacher_is_one_line_naming_vllm_serve(free_port, tmp_p
     assert read_manifest(output_dir)["shards"] == []
     with pytest.raises(TeacherUnavailableError, match="vllm serve"):
         precompute_main([*argv, "--debug"])  # the traceback, for a bug report
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1e-45, float("inf"), float("nan")])
+def test_a_temperature_that_would_give_nan_scores_is_refused(tmp_path, temperature):
+    with pytest.raises(precompute.ConfigError, match=r"finite number >= 0.01"):
+        precompute.PrecomputeArguments(
+            rollouts=str(tmp_path), output_dir=str(tmp_path / "scores"),
+            teacher_model_name_or_path="m", teacher_temperature=temperature,
+        )  # fmt: skip

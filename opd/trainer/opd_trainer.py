@@ -146,7 +146,7 @@ class OPDTrainer(LossMixin, MethodMixin, MetricsMixin, GRPOTrainer):
         return super().train(resume_from_checkpoint, *args, **kwargs)
 
     def _save_checkpoint(self, model, trial):
-        checkpoint = Path(self.args.output_dir) / f"checkpoint-{self.state.global_step}"
+        checkpoint = Path(self.args.output_dir or ".") / f"checkpoint-{self.state.global_step}"
         save_resume_state(self, checkpoint)
         save_checkpoint_as_trl(super(), model, trial)
 

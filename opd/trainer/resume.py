@@ -62,9 +62,8 @@ class EpochSeededRepeatSampler(RepeatSampler):
         self.epoch_of = epoch_of
 
     @classmethod
-    def from_sampler(
-        cls, sampler: RepeatSampler, epoch_of: Callable[[], int]
-    ) -> EpochSeededRepeatSampler:
+    def from_sampler(cls, sampler, epoch_of: Callable[[], int]) -> EpochSeededRepeatSampler:
+        """The same sampler as TRL's `sampler` (a `RepeatSampler`), re-seeded per epoch."""
         fields = {name: getattr(sampler, name) for name in REPEAT_SAMPLER_PARAMS}
         return cls(**fields, epoch_of=epoch_of)
 
@@ -165,14 +164,15 @@ def latest_complete_checkpoint(output_dir: str | Path, num_processes: int) -> Pa
 
 
 def resolve_checkpoint(
-    resume_from_checkpoint: str | bool, output_dir: str | Path, num_processes: int
+    resume_from_checkpoint: str | bool, output_dir: str | Path | None, num_processes: int
 ) -> str:
     """The folder to resume from: the given one if complete; for True, the latest complete one
     in `output_dir`. Raises `ConfigError` naming what is missing and what to use instead."""
-    latest = latest_complete_checkpoint(
-        output_dir if resume_from_checkpoint is True else Path(str(resume_from_checkpoint)).parent,
-        num_processes,
-    )
+    if resume_from_checkpoint is True:
+        folder = Path(output_dir or ".")
+    else:
+        folder = Path(str(resume_from_checkpoint)).parent
+    latest = latest_complete_checkpoint(folder, num_processes)
     if resume_from_checkpoint is True:
         if latest is None:
             raise ConfigError(
@@ -180,7 +180,7 @@ def resolve_checkpoint(
                 "start without --resume_from_checkpoint or point it at a checkpoint folder."
             )
         return str(latest)
-    problem = checkpoint_problem(resume_from_checkpoint, num_processes)
+    problem = checkpoint_problem(str(resume_from_checkpoint), num_processes)
     if problem is None:
         return str(resume_from_checkpoint)
     instead = f"resume from {latest} (the latest complete one)" if latest else "start afresh"

@@ -151,39 +151,40 @@ def hostile_bodies(good: bytes, vocab_size: int, max_top_k: int) -> list[tuple[s
     ]
 
 
-async def run_hostile_client(
-    client: httpx.AsyncClient, url: str, bodies, first: int, deadline: float, result: LoadResult
-) -> None:
-    index = first
-    while time.monotonic() < deadline:
-        name, path, body = bodies[index % len(bodies)]
-        index += 1
-        start = time.perf_counter()
-        try:
-            response = await client.post(f"{url}{path}", content=body)
-        except httpx.TransportError as error:
-            result.errors.append(f"{name}: {type(error).__name__}: {error}")
-            continue
-        if not 400 <= response.status_code < 500:
-            result.errors.append(f"{name}: HTTP {response.status_code}: {response.text[:200]}")
-            continue
-        result.latencies_ms.append(1000 * (time.perf_counter() - start))
+async def send_good(client: httpx.AsyncClient, url: str, body) -> int:
+    """Score one good request; its token count, or raise on any failure."""
+    content, num_tokens, num_completion_tokens = body
+    response = await client.post(f"{url}/v1/score", content=content)
+    if response.status_code != 200:
+        raise RuntimeError(f"HTTP {response.status_code}: {response.text[:200]}")
+    scores, _ = decode_scores(response.content)
+    assert scores.sampled_logprobs_M.numel() == num_completion_tokens, "wrong token count"
+    return num_tokens
+
+
+async def send_hostile(client: httpx.AsyncClient, url: str, body) -> int:
+    """Send one malformed request; 0 tokens, or raise unless the answer is a 4xx."""
+    name, path, content = body
+    try:
+        response = await client.post(f"{url}{path}", content=content)
+    except httpx.TransportError as error:
+        raise RuntimeError(f"{name}: {type(error).__name__}: {error}") from error
+    if not 400 <= response.status_code < 500:
+        raise RuntimeError(f"{name}: HTTP {response.status_code}: {response.text[:200]}")
+    return 0
 
 
 async def run_client(
-    client: httpx.AsyncClient, url: str, bodies, first: int, deadline: float, result: LoadResult
+    send, client: httpx.AsyncClient, url: str, bodies, first: int, deadline: float, result
 ) -> None:
+    """One client: `send` the bodies in turn, from `first` on, until the deadline."""
     index = first
     while time.monotonic() < deadline:
-        body, num_tokens, num_completion_tokens = bodies[index % len(bodies)]
+        body = bodies[index % len(bodies)]
         index += 1
         start = time.perf_counter()
         try:
-            response = await client.post(f"{url}/v1/score", content=body)
-            if response.status_code != 200:
-                raise RuntimeError(f"HTTP {response.status_code}: {response.text[:200]}")
-            scores, _ = decode_scores(response.content)
-            assert scores.sampled_logprobs_M.numel() == num_completion_tokens, "wrong token count"
+            num_tokens = await send(client, url, body)
         except Exception as error:  # count every failure; the run goes on
             result.errors.append(f"{type(error).__name__}: {error}")
             continue
@@ -203,9 +204,12 @@ async def run_load(
         start = time.monotonic()
         deadline = start + args.duration
         await asyncio.gather(
-            *(run_client(client, url, bodies, i * 7, deadline, good) for i in range(args.clients)),
             *(
-                run_hostile_client(client, url, bad_bodies, i, deadline, hostile)
+                run_client(send_good, client, url, bodies, i * 7, deadline, good)
+                for i in range(args.clients)
+            ),
+            *(
+                run_client(send_hostile, client, url, bad_bodies, i, deadline, hostile)
                 for i in range(args.hostile_clients)
             ),
         )

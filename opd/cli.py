@@ -1,4 +1,4 @@
-"""The `opd` command: thin dispatch to the stage entry points.
+"""The `opd` command: the only argv parser, and one error and exit-code policy for every command.
 
     opd distill [--config recipe.yaml] [--field value ...]   (no --config: the embedded demo)
     opd rollout --model_name_or_path M --dataset_name D --output_dir OUT
@@ -7,27 +7,49 @@
     opd eval --model_name_or_path M --dataset_name D --output_dir OUT  (--teacher_...: side by side)
     opd report RUN_DIR [--output_dir DIR]                     (default DIR: RUN_DIR/report)
 
-Arguments are parsed the TRL way (`TrlParser`): YAML values become defaults, flags override them,
-unknown keys and wrong types fail with a message that names the field.
+Each command is a module of `opd.commands` with its arguments dataclass(es) and `run(...)`.
+`opd distill` is parsed the TRL way (`TrlParser`: YAML values become defaults, flags override
+them); the others with transformers' `HfArgumentParser` (`--a_b` and `--a-b`, `--help`). Unknown
+keys and wrong types fail with a message that names the field.
+
+Exit codes: 0 done; 2 bad input the user can fix (arguments, config, data, models: one line
+`opd <command>: error: ...`); 1 a teacher that stayed unreachable or refused requests (one line
+that says what was kept and how to resume). Any other exception is a bug and keeps its traceback,
+as do these with a command's `--debug`.
+
+Test: `pytest tests/integration/test_cli.py tests/unit/test_config.py`.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import sys
-from importlib import resources
+from collections.abc import Callable
+from importlib import import_module, resources
+from typing import Any
 
 DESCRIPTION = "opd: on-policy distillation of language models (vLLM + teacher + TRL)."
+# Command name -> (module of opd.commands, its arguments dataclass names, one-line help).
 COMMANDS = {
-    "distill": "Train a student on its own samples, scored per token by a teacher (default: "
-    "the embedded CPU demo).",
-    "rollout": "Sample completions for a prompt dataset with the student (vLLM), once, to shards.",
-    "teacher serve": "Serve a teacher's per-token scores over HTTP (transformers or vLLM backend).",
-    "teacher precompute": "Score a rollout set with a teacher and write parquet shards (offline "
-    "OPD).",
-    "eval": "Sample and grade a dataset with vLLM: mean@n, pass@k, length, truncation (student "
-    "and teacher side by side).",
-    "report": "Plot a run's logged metrics as PNGs plus one HTML page (RUN_DIR/report).",
-}
+    "distill": ("distill", ("DistillArguments", "OPDConfig", "StudentModelConfig"),
+                "Train a student on its own samples, scored per token by a teacher (default: "
+                "the embedded CPU demo)."),
+    "rollout": ("rollout", ("RolloutArguments",),
+                "Sample completions for a prompt dataset with the student (vLLM), once, to "
+                "shards."),
+    "teacher serve": ("serve", ("ServeArguments",),
+                      "Serve a teacher's per-token scores over HTTP (transformers or vLLM "
+                      "backend)."),
+    "teacher precompute": ("precompute", ("PrecomputeArguments",),
+                           "Score a rollout set with a teacher and write parquet shards (offline "
+                           "OPD)."),
+    "eval": ("eval", ("EvalArguments",),
+             "Sample and grade a dataset with vLLM: mean@n, pass@k, length, truncation (student "
+             "and teacher side by side)."),
+    "report": ("report", ("ReportArguments",),
+               "Plot a run's logged metrics as PNGs plus one HTML page (RUN_DIR/report)."),
+}  # fmt: skip
+BAD_INPUT, TEACHER_STOPPED = 2, 1
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -35,40 +57,92 @@ def main(argv: list[str] | None = None) -> int:
     if not argv or argv[0] in ("-h", "--help"):
         print(top_level_help())
         return 0
-    command, rest = argv[0], argv[1:]
-    if command == "distill":
-        return distill_main(rest)
-    if command == "rollout":
-        from opd.rollout.job import rollout_main
-
-        return rollout_main(rest)
-    if command == "eval":
-        from opd.evaluation.job import eval_main
-
-        return eval_main(rest)
-    if command == "report":
-        from opd.report.write import report_main
-
-        return report_main(rest)
-    if command == "teacher":
+    name, rest = argv[0], argv[1:]
+    if name == "teacher":
         if not rest or rest[0] not in ("serve", "precompute"):
             print("opd teacher: choose `opd teacher serve` or `opd teacher precompute` "
                   "(add --help for their options).", file=sys.stderr)  # fmt: skip
-            return 2
-        if rest[0] == "serve":
-            from opd.teacher.serve import serve_main
+            return BAD_INPUT
+        name, rest = f"teacher {rest[0]}", rest[1:]
+    if name not in COMMANDS:
+        print(f"opd: unknown command {name!r}.\n\n{top_level_help()}", file=sys.stderr)
+        return BAD_INPUT
+    return run_command(name, rest)
 
-            return serve_main(rest[1:])
-        from opd.teacher.precompute import precompute_main
 
-        return precompute_main(rest[1:])
-    print(f"opd: unknown command {command!r}.\n\n{top_level_help()}", file=sys.stderr)
-    return 2
+def run_command(name: str, argv: list[str]) -> int:
+    """Parse `argv` for command `name` and run it, under the one exit-code policy."""
+    from opd.config import ConfigError
+    from opd.teacher.http import (
+        TeacherRequestError,
+        TeacherStoppedError,
+        TeacherUnavailableError,
+    )
+
+    teacher_errors = (TeacherUnavailableError, TeacherRequestError, TeacherStoppedError)
+    prog = f"opd {name}"
+    quiet_known_warnings()
+    command = import_module(f"opd.commands.{COMMANDS[name][0]}")
+    try:
+        parsed = parse(name, command, argv)
+    except SystemExit as exit_:  # --help (0), or argparse's own usage error (2, printed)
+        return int(exit_.code or 0)
+    except (ValueError, FileNotFoundError) as error:  # unknown keys, bad values or combinations
+        print(f"{prog}: error: {error}", file=sys.stderr)
+        return BAD_INPUT
+    try:
+        command.run(*parsed)
+    except (ConfigError, *teacher_errors) as error:
+        if getattr(parsed[0], "debug", False):  # a command's --debug: the traceback, for a report
+            raise
+        print(f"{prog}: error: {error}", file=sys.stderr)
+        # Bad data or models found at start-up: 2; a teacher that stopped: 1. Others keep traces.
+        return BAD_INPUT if isinstance(error, ConfigError) else TEACHER_STOPPED
+    return 0
+
+
+def parse(name: str, command, argv: list[str]) -> tuple[Any, ...]:
+    """The command's arguments dataclasses, filled from `argv` (and a recipe for distill)."""
+    types = tuple(_argument_type(command, type_name) for type_name in COMMANDS[name][1])
+    description = getattr(command, "DESCRIPTION", COMMANDS[name][2])
+    positional = getattr(command, "POSITIONAL", None)
+    if positional and argv and not argv[0].startswith("-"):  # `opd report RUN_DIR`
+        argv = [f"--{positional}", *argv]
+    if name == "distill":
+        return parse_distill(types, argv, description)
+    from transformers import HfArgumentParser
+
+    # transformers types dataclass_types as a NewType that no dataclass matches for pyright.
+    parser = HfArgumentParser(types, prog=f"opd {name}", description=description)  # pyright: ignore[reportArgumentType]
+    return tuple(parser.parse_args_into_dataclasses(argv))
+
+
+def parse_distill(types: tuple[type, ...], argv: list[str], description: str) -> tuple[Any, ...]:
+    from trl import TrlParser
+
+    parser = TrlParser(
+        types,
+        prog="opd distill",
+        description=description + " Options: --config RECIPE.yaml (values become the defaults; "
+        "without it the embedded demo recipe is used) then any --field value below.",
+    )
+    if "--config" not in argv:  # the embedded demo is the default recipe (also for --help)
+        argv = ["--config", default_demo_config(), *argv]
+    check_yaml_keys(argv[argv.index("--config") + 1], types)
+    return tuple(parser.parse_args_and_config(argv))
+
+
+def _argument_type(command, type_name: str) -> type:
+    if hasattr(command, type_name):
+        return getattr(command, type_name)
+    from opd import config  # OPDConfig: shared by distill and the trainer
+
+    return getattr(config, type_name)
 
 
 def top_level_help() -> str:
     lines = [DESCRIPTION, "", "usage: opd <command> [options]", "", "commands:"]
-    lines += [f"  {name:19} {text}" for name, text in COMMANDS.items()]
+    lines += [f"  {name:19} {help_text}" for name, (_, _, help_text) in COMMANDS.items()]
     lines += ["", "Run `opd <command> --help` for the fields of a command."]
     return "\n".join(lines)
 
@@ -90,66 +164,12 @@ def quiet_known_warnings() -> None:
     warnings.filterwarnings("ignore", message=".*torch.distributed.reduce_op.* is deprecated")
 
 
-def distill_main(argv: list[str]) -> int:
-    quiet_known_warnings()
-    from trl import TrlParser
-
-    from opd.config import ConfigError, OPDConfig
-    from opd.distill import DistillArguments, StudentModelConfig, run_distill
-
-    dataclass_types = (DistillArguments, OPDConfig, StudentModelConfig)
-    parser = TrlParser(
-        dataclass_types,
-        prog="opd distill",
-        description=COMMANDS["distill"] + " Options: --config RECIPE.yaml (values become the "
-        "defaults; without it the embedded demo recipe is used) then any --field value below.",
-    )
-    if "--config" not in argv:  # the embedded demo is the default recipe (also for --help)
-        argv = ["--config", default_demo_config(), *argv]
-    try:
-        check_yaml_keys(argv[argv.index("--config") + 1], dataclass_types)
-        script_args, config, model_args = parser.parse_args_and_config(argv)
-    except (ValueError, FileNotFoundError) as error:  # unknown keys, bad values, bad combinations
-        print(f"opd distill: error: {error}", file=sys.stderr)
-        return 2
-    from opd.teacher.http import TeacherRequestError, TeacherUnavailableError
-
-    try:
-        run_distill(script_args, config, model_args)
-    except ConfigError as error:  # bad data or models found at start-up; other errors keep traces
-        print(f"opd distill: error: {error}", file=sys.stderr)
-        return 2
-    except (TeacherUnavailableError, TeacherRequestError) as error:  # the message says what to do
-        print(f"opd distill: error: {error}", file=sys.stderr)
-        return 1
-    return 0
-
-
-def run_dataclass_command(arguments_type, run, argv: list[str], *, prog: str, description: str):
-    """Parse `argv` into `arguments_type` (HfArgumentParser: `--help`, `--a_b`/`--a-b`) and
-    `run(args)`; a `ConfigError` is printed as `prog: error: ...` with exit code 2."""
-    from transformers import HfArgumentParser
-
-    from opd.config import ConfigError
-
-    # transformers types dataclass_types as a NewType that no dataclass matches for pyright.
-    parser = HfArgumentParser([arguments_type], prog=prog, description=description)  # pyright: ignore[reportArgumentType]
-    try:
-        (args,) = parser.parse_args_into_dataclasses(argv)
-        run(args)
-    except ConfigError as error:
-        print(f"{prog}: error: {error}", file=sys.stderr)
-        return 2
-    return 0
-
-
 def check_yaml_keys(path: str, dataclass_types: tuple[type, ...]) -> None:
     """Fail on a YAML key that no dataclass field takes, suggesting the closest field name.
 
     TRL's parser would report it too, but only after validating the rest of the config, so a
     typo in a required field would be reported as that field being missing.
     """
-    import dataclasses
     import difflib
 
     import yaml
@@ -164,6 +184,11 @@ def check_yaml_keys(path: str, dataclass_types: tuple[type, ...]) -> None:
             close = difflib.get_close_matches(str(key), known, n=1)
             hint = f" (did you mean {close[0]!r}?)" if close else ""
             raise ValueError(f"{path}: unknown field {key!r}{hint}.")
+
+
+def command_runner(name: str) -> Callable[[list[str]], int]:
+    """`argv -> exit code` for one command (tests call a command without its name)."""
+    return lambda argv: run_command(name, list(argv))
 
 
 if __name__ == "__main__":

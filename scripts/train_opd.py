@@ -15,8 +15,8 @@ from dataclasses import dataclass, field
 from trl import TrlParser
 
 from opd import OPDConfig, OPDTrainer
+from opd.commands.distill import resolve_demo_models
 from opd.data import load_prompt_dataset
-from opd.distill import resolve_demo_models
 
 DEMO_DEFAULTS = ["--teacher_model_name_or_path", "demo:teacher", "--output_dir", "opd-runs/example"]
 

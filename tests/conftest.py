@@ -57,7 +57,7 @@ def _free_port() -> int:
 def _serve_in_thread(app, port: int = 0):
     """Run an ASGI `app` with uvicorn on loopback in a background thread; yields its URL.
 
-    `app` may also be a ready `uvicorn.Config` (e.g. `opd.teacher.serve.build_uvicorn_config`).
+    `app` may also be a ready `uvicorn.Config` (e.g. `opd.commands.serve.build_uvicorn_config`).
     """
     import uvicorn
 

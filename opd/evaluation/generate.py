@@ -1,9 +1,10 @@
 """Sampling for `opd eval`: n completions per example from one model, as plain records.
 
 Contract: a generator is a callable `generate(prompt_ids, example_indices)` returning, for each
-prompt (token ids), its n `GeneratedSample`s in sample order. `open_generator(model, args)` is a
-context manager that yields one for a model and frees it on exit, so one model's engine is gone
-before the next one's starts. `open_vllm_generator` is the real one; the evaluation takes the
+prompt (token ids), its n `GeneratedSample`s in sample order. `open_generator(model, args,
+context_length)` is a context manager that yields one for a model, with an engine whose context
+(prompt + completion tokens) is `context_length`, and frees it on exit, so one model's engine is
+gone before the next one's starts. `open_vllm_generator` is the real one; the evaluation takes the
 opener as a parameter, so tests can script the completions.
 
 Reproducible: each example's sampling seed comes from `(seed, example_index)` as in
@@ -23,10 +24,20 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import Protocol
 
-if TYPE_CHECKING:
-    from opd.evaluation.arguments import EvalArguments
+
+class SamplingArguments(Protocol):
+    """The fields of `opd eval`'s arguments that sampling reads."""
+
+    dtype: str
+    seed: int
+    vllm_gpu_memory_utilization: float
+    vllm_tensor_parallel_size: int
+    num_samples: int
+    temperature: float
+    top_p: float
+    max_new_tokens: int
 
 
 @dataclass(frozen=True)
@@ -42,7 +53,7 @@ class GeneratedSample:
 
 
 GenerateFn = Callable[[list[list[int]], list[int]], list[list[GeneratedSample]]]
-OpenGenerator = Callable[[str, "EvalArguments"], AbstractContextManager[GenerateFn]]
+OpenGenerator = Callable[[str, SamplingArguments, int], AbstractContextManager[GenerateFn]]
 
 
 def samples_from_outputs(outputs) -> list[list[GeneratedSample]]:
@@ -63,15 +74,15 @@ def samples_from_outputs(outputs) -> list[list[GeneratedSample]]:
 class VLLMGenerator:
     """A `vllm.LLM` for one model, sampling with the evaluation's settings."""
 
-    def __init__(self, model: str, args: EvalArguments):
-        from opd.rollout.job import build_vllm_engine
+    def __init__(self, model: str, args: SamplingArguments, context_length: int):
+        from opd.rollout.engine import build_vllm_engine
 
         self.args = args
         self.llm = build_vllm_engine(
             model,
             dtype=args.dtype,
             seed=args.seed,
-            max_model_len=args.vllm_max_model_length,
+            max_model_len=context_length,
             gpu_memory_utilization=args.vllm_gpu_memory_utilization,
             tensor_parallel_size=args.vllm_tensor_parallel_size,
         )
@@ -81,7 +92,7 @@ class VLLMGenerator:
     ) -> list[list[GeneratedSample]]:
         from vllm.inputs import TokensPrompt
 
-        from opd.rollout.job import seeded_sampling_params
+        from opd.rollout.engine import seeded_sampling_params
 
         args = self.args
         params = seeded_sampling_params(
@@ -105,8 +116,10 @@ class VLLMGenerator:
 
 
 @contextmanager
-def open_vllm_generator(model: str, args: EvalArguments) -> Iterator[GenerateFn]:
-    generator = VLLMGenerator(model, args)
+def open_vllm_generator(
+    model: str, args: SamplingArguments, context_length: int
+) -> Iterator[GenerateFn]:
+    generator = VLLMGenerator(model, args, context_length)
     try:
         yield generator
     finally:

@@ -11,8 +11,10 @@
 Nothing is lost on a crash: each chunk's lines are appended in one write and fsync'd, and
 summary.json is replaced atomically. A rerun into the same folder with the same settings reads
 the finished examples back (a partial last line, left by a kill mid-write, is dropped) and
-samples only the others; a folder holding other settings is refused, since its results would mix
-with the new ones. A finished example whose prompt is not the dataset's any more is refused too.
+samples only the others; a folder holding other settings (those `opd eval` records, named by
+the argument that sets them) is refused, since its results would mix with the new ones. A model
+may be added: a teacher next to a finished student is evaluated, the student's results reused.
+A finished example whose prompt is not the dataset's any more is refused too.
 
 Test: `pytest tests/integration/test_eval.py -k resume`.
 """
@@ -25,7 +27,9 @@ from pathlib import Path
 from typing import Any
 
 from opd.config import ConfigError
-from opd.teacher.shards import atomic_write_bytes, plan_differences
+from opd.evaluation.generate import GeneratedSample
+from opd.evaluation.metrics import example_pass_at_k
+from opd.shards import atomic_write_bytes, plan_differences
 
 PROG = "opd eval"
 SUMMARY_NAME = "summary.json"
@@ -39,10 +43,13 @@ def results_name(label: str) -> str:
 class EvalStore:
     """The output folder of one evaluation: its settings, results files and summary."""
 
-    def __init__(self, folder: str | Path, settings: dict[str, Any]):
+    def __init__(self, folder: str | Path, settings: dict[str, Any], labels: dict[str, str]):
+        """`settings["models"]` maps labels to model names; `labels` names a settings key by the
+        argument that sets it, for the refusal message."""
         self.folder = Path(folder)
         # Through JSON, so the comparison with a stored record sees the same types.
         self.settings = json.loads(json.dumps(settings))
+        self.labels = labels
 
     def start(self) -> None:
         """Take the folder: check a previous run's settings, then record this run's."""
@@ -58,7 +65,15 @@ class EvalStore:
         self.write_summary({}, complete=False)
 
     def _check_settings(self, stored: dict[str, Any]) -> None:
-        differences = plan_differences(stored, self.settings)
+        # A model the folder has not evaluated yet is left out of the comparison: adding it
+        # changes none of the folder's results. One it has evaluated must be there, unchanged.
+        evaluated = {
+            label: name
+            for label, name in self.settings["models"].items()
+            if label in stored["models"]
+        }
+        now = self.settings | {"models": evaluated}
+        differences = plan_differences(stored, now, labels=self.labels)
         if differences:
             raise ConfigError(
                 f"output_dir {self.folder} already holds an evaluation with different settings ("
@@ -96,6 +111,27 @@ class EvalStore:
             self.folder / SUMMARY_NAME, (json.dumps(summary, indent=2) + "\n").encode()
         )
         return summary
+
+
+def example_record(
+    index: int, prompt, gold, samples: list[GeneratedSample], grader, ks: list[int]
+) -> dict[str, Any]:
+    """One example's line in a results file: its n graded samples and their pass@k for each k
+    in `ks`. `correct` is None when the grader cannot parse the gold."""
+    texts = [sample.text for sample in samples]
+    rewards = grader(texts, answer=[gold] * len(texts))
+    correct = None if None in rewards else [reward == 1.0 for reward in rewards]
+    pass_at = {f"pass@{k}": None for k in ks} if correct is None else example_pass_at_k(correct, ks)
+    return {
+        "index": index,
+        "prompt": prompt,
+        "answer": gold,
+        "completions": texts,
+        "correct": correct,
+        "num_tokens": [sample.num_tokens for sample in samples],
+        "truncated": [sample.truncated for sample in samples],
+        **pass_at,
+    }
 
 
 def read_records(path: Path) -> list[dict[str, Any]]:

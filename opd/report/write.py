@@ -1,4 +1,5 @@
-"""`opd report RUN_DIR`: PNG plots of a run's logged signals and one HTML page holding them.
+"""The report of a run (`opd report RUN_DIR`): PNG plots of its logged signals and one HTML page
+holding them.
 
     opd report opd-runs/tip_q3                      # writes opd-runs/tip_q3/report/
     opd report opd-runs/tip_q3 --output_dir /tmp/r  # elsewhere
@@ -15,11 +16,10 @@ Test: `pytest tests/unit/test_report_plots.py tests/integration/test_report.py`.
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
-from opd.report.run_log import ReportError, load_run, logged_keys
+from opd.report.run_log import load_run, logged_keys
 
 TIP_PLOT = "tip_scatter"
 
@@ -98,25 +98,3 @@ def write_report_after_run(output_dir: str | Path) -> Path | None:
         return None
     print(f"opd: report written to {paths[-1]} ({len(paths) - 1} plots)")
     return paths[-1]
-
-
-def report_main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(
-        prog="opd report",
-        description="Plot a run's logged metrics (reverse KL, entropy, reward, length, "
-        "truncation, kept tokens, top-k mass, importance ratios, teacher latency; the TIP "
-        "scatter for a TIP run) as PNGs plus one HTML page.",
-    )
-    parser.add_argument("run_dir", metavar="RUN_DIR", help="the run's output_dir")
-    parser.add_argument(
-        "--output_dir", "--output-dir", default=None, help="where to write (default RUN_DIR/report)"
-    )
-    args = parser.parse_args(argv)
-    try:
-        paths = write_report(args.run_dir, args.output_dir)
-    except ReportError as error:
-        print(f"opd report: error: {error}", file=sys.stderr)
-        return 2
-    for path in paths:
-        print(path)
-    return 0

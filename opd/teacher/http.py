@@ -28,6 +28,11 @@ class TeacherRequestError(RuntimeError):
     """The teacher rejected a request (4xx); the message is the server's explanation."""
 
 
+class TeacherStoppedError(RuntimeError):
+    """An offline job's teacher stopped answering (or rejected a request); the message says what
+    the job kept and how to resume."""
+
+
 @dataclass(frozen=True)
 class RetryPolicy:
     budget_s: float = 120.0

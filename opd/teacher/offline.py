@@ -27,6 +27,7 @@ import pyarrow as pa
 
 from opd.config import ConfigError
 from opd.models import served_model_name
+from opd.shards import load_shard_set
 from opd.teacher.consistency import compare_fingerprints, tokenizer_fingerprint
 from opd.teacher.shard_rows import (
     list_lengths,
@@ -34,7 +35,6 @@ from opd.teacher.shard_rows import (
     sequence_scores_from_table,
     teacher_scores_from_table,
 )
-from opd.teacher.shards import load_shard_set
 from opd.teacher.wire import ScoreRequest, SequenceScores, score_batch
 from opd.types import RolloutBatch, TeacherScores
 

@@ -5,7 +5,7 @@ A file (.jsonl/.json/.parquet) holds token ids (`prompt_ids`, `completion_ids`, 
 `teacher_prompt_ids`, `prompt_index`, `sample_index`, `sampler_logprobs`, `stop_reason`) or text
 (`prompt`, `completion`, optionally `teacher_prompt`), which is tokenized here the way
 `opd rollout` tokenizes prompts. Either way the rows become a table with the rollout columns of
-`opd/teacher/shards.py` (missing optional columns get defaults) and the file's other columns.
+`opd/shards.py` (missing optional columns get defaults) and the file's other columns.
 
 Test: `pytest tests/integration/test_rollout_precompute.py`.
 """
@@ -25,9 +25,9 @@ import pyarrow as pa
 
 from opd.config import ConfigError
 from opd.models import resolve_model_name
+from opd.shards import ROLLOUT_COLUMNS, TEACHER_COLUMNS, file_sha256, load_shard_set
 from opd.teacher.consistency import compare_fingerprints, tokenizer_fingerprint
 from opd.teacher.shard_rows import list_lengths
-from opd.teacher.shards import ROLLOUT_COLUMNS, TEACHER_COLUMNS, file_sha256, load_shard_set
 from opd.types import RolloutBatch, TeacherScores
 
 # ------------------------------------------------------------------------------------------------
@@ -42,7 +42,7 @@ class Rollouts:
     """The rollout rows to score and what the manifest records about them."""
 
     table: pa.Table
-    """Rollout columns (see opd/teacher/shards.py) plus pass-through columns, in row order."""
+    """Rollout columns (see opd/shards.py) plus pass-through columns, in row order."""
     info: dict[str, Any]
     """The manifest's `rollouts` section: path, fingerprint, and the student when known."""
     shard_size: int | None = None
@@ -125,7 +125,7 @@ def token_ids_sha256(table: pa.Table) -> str:
 
 
 def tokenize_row(row: dict[str, Any], *, tokenizer) -> dict[str, Any]:
-    from opd.rollout.job import encode_prompt
+    from opd.prompts import encode_prompt
 
     tokens = {
         "prompt_ids": encode_prompt(tokenizer, row["prompt"]),

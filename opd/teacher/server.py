@@ -16,11 +16,11 @@ failure is a 500 for that batch only.
 Exposure: no docs or OpenAPI schema unless `docs=True` (they need no key); no slash redirects
 (their Location is built from the client's Host header); more than `max_headers` request headers,
 or more than `max_header_bytes` of them, is a 431 (uvicorn's h11, configured in
-`opd.teacher.serve`, cuts off a larger header block while it arrives).
+`opd.commands.serve`, cuts off a larger header block while it arrives).
 
 `backend` is duck-typed: `vocab_size`, `tokenizer` (or None) and
 `score_sequences(ScoreRequest) -> SequenceScores` (`LocalTeacher` for transformers,
-`VLLMSequenceScorer` for vLLM). `opd teacher serve` (opd/teacher/serve.py) builds both; answers
+`VLLMSequenceScorer` for vLLM). `opd teacher serve` (opd/commands/serve.py) builds both; answers
 carry `model_name`, the model's name, never its local path.
 
 Test: `.venv/bin/pytest tests/integration/test_teacher_server.py
@@ -34,13 +34,13 @@ import hmac
 import logging
 import time
 from dataclasses import asdict
+from importlib.metadata import version
 from typing import Any
 
 from fastapi import Depends, FastAPI, HTTPException, Request, Response
 from fastapi.responses import JSONResponse
 from starlette.requests import ClientDisconnect
 
-import opd
 from opd.teacher.batching import ScoreBatcher
 from opd.teacher.consistency import tokenizer_fingerprint
 from opd.teacher.wire import (
@@ -53,6 +53,8 @@ from opd.teacher.wire import (
 )
 
 logger = logging.getLogger(__name__)
+
+OPD_VERSION = version("opd")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -89,7 +91,7 @@ def create_app(
     # a redirect whose Location comes from the client's Host header.
     app = FastAPI(
         title="opd teacher",
-        version=opd.__version__,
+        version=OPD_VERSION,
         lifespan=lifespan,
         redirect_slashes=False,
         docs_url="/docs" if docs else None,
@@ -256,7 +258,7 @@ def _static_info(
         "max_body_bytes": max_body_bytes,
         "max_batch_tokens": max_batch_tokens,
         "wire_format": CONTENT_TYPE,
-        "version": opd.__version__,
+        "version": OPD_VERSION,
     }
 
 

@@ -1,7 +1,7 @@
 """Shard rows <-> the stage types: arrow tables of ragged lists to `RolloutBatch` /
 `TeacherScores` (right-padded `[B, T]`) and back.
 
-The column layout is described in `opd/teacher/shards.py`. Conversions go through numpy on the
+The column layout is described in `opd/shards.py`. Conversions go through numpy on the
 flat arrow buffers, never through Python lists of floats, so a shard of long completions with
 top-k scores converts in milliseconds.
 

@@ -256,7 +256,7 @@ def demo_models() -> tuple[Path, Path]:
 @pytest.fixture(scope="module")
 def served_demo_teacher(demo_models, serve_in_thread):
     """The real `opd teacher serve` app with the demo teacher, on loopback in this process."""
-    from opd.teacher.serve import ServeArguments, build_app, build_backend
+    from opd.commands.serve import ServeArguments, build_app, build_backend
 
     arguments = ServeArguments(model=str(demo_models[0]), log_level="warning")
     with serve_in_thread(build_app(arguments, build_backend(arguments))) as url:

@@ -23,25 +23,28 @@ import torch
 from datasets import load_dataset
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from opd.config import ConfigError
-from opd.demo.tiny import build_char_tokenizer
-from opd.rollout.job import (
+from opd.cli import command_runner
+from opd.commands.precompute import THROTTLE_ENV
+from opd.commands.rollout import (
     RolloutArguments,
     load_prompts,
-    rollout_main,
     rows_from_outputs,
     teacher_prompts,
 )
+from opd.config import ConfigError
+from opd.demo.tiny import build_char_tokenizer
+from opd.shards import MANIFEST_NAME, load_shard_set, read_manifest, shard_name
 from opd.teacher.build import build_teacher
 from opd.teacher.local import LocalTeacher
 from opd.teacher.offline import OfflineTeacher, same_model
-from opd.teacher.precompute import THROTTLE_ENV, precompute_main
-from opd.teacher.shards import MANIFEST_NAME, load_shard_set, read_manifest, shard_name
 from opd.types import RolloutBatch
 
 NUM_PROMPTS, NUM_GENERATIONS, TOP_K, SHARD_SIZE = 16, 2, 4, 2
 NUM_ROWS = NUM_PROMPTS * NUM_GENERATIONS
 NUM_SHARDS = NUM_ROWS // SHARD_SIZE
+
+rollout_main = command_runner("rollout")
+precompute_main = command_runner("teacher precompute")
 
 
 def _rollout_command(student, prompt_file, output_dir, *extra) -> list[str]:
@@ -249,7 +252,7 @@ def test_two_workers_equal_one(scores, rollouts, tiny_teacher, tmp_path):
 
 def test_precompute_through_two_servers(scores, rollouts, tiny_teacher, tmp_path, serve_in_thread):
     """`--teacher_mode server` with two URLs and two workers: the local job's values."""
-    from opd.teacher.serve import ServeArguments, build_app, build_backend
+    from opd.commands.serve import ServeArguments, build_app, build_backend
 
     serve_args = ServeArguments(model=str(tiny_teacher), batch_size=3)
     backend = build_backend(serve_args)
@@ -352,7 +355,7 @@ def test_precompute_keeps_shards_when_the_teacher_server_stops(
     """The real `opd teacher serve` app on loopback stops after the first shards: one line on
     stderr naming that server and what is kept. The same command against a restarted server (at
     another URL: replicas do not block a resume) finishes the set; local mode is refused."""
-    from opd.teacher.serve import ServeArguments, build_app, build_backend
+    from opd.commands.serve import ServeArguments, build_app, build_backend
 
     serve_args = ServeArguments(model=str(tiny_teacher), batch_size=3)
     backend = build_backend(serve_args)
@@ -522,9 +525,8 @@ def test_offline_teacher_refusals(scores, tiny_teacher, tmp_path):
 
 
 def test_rollout_help_and_bad_input(tiny_student, prompt_file, tmp_path, capsys):
-    with pytest.raises(SystemExit) as help_exit:
-        rollout_main(["--help"])
-    assert help_exit.value.code == 0 and "--teacher_prompt_column" in capsys.readouterr().out
+    assert rollout_main(["--help"]) == 0
+    assert "--teacher_prompt_column" in capsys.readouterr().out
     args = ["--model_name_or_path", str(tiny_student), "--dataset_name", str(prompt_file),
             "--output_dir", str(tmp_path / "out"), "--teacher_prompt_column", "hint"]  # fmt: skip
     assert rollout_main(args) == 2

@@ -30,16 +30,16 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from safetensors.torch import save as safetensors_save
 
-from opd.teacher.local import LocalTeacher
-from opd.teacher.serve import (
+from opd.cli import command_runner
+from opd.commands.serve import (
     ServeArguments,
     build_app,
     build_backend,
     build_uvicorn_config,
     check_arguments,
-    serve_main,
     served_model_name,
 )
+from opd.teacher.local import LocalTeacher
 from opd.teacher.wire import CONTENT_TYPE, decode_scores, encode_request, make_request
 
 API_KEY = "hostile-key"
@@ -54,6 +54,8 @@ MAX_HEADER_BYTES = 16384
 AUTH = {"Authorization": f"Bearer {API_KEY}", "Content-Type": CONTENT_TYPE}
 GOOD_REQUEST = make_request([[4, 13, 5], [6, 7]], [[8, 9, 10], [11]], top_k=4, temperature=0.7)
 GOOD_BODY = encode_request(GOOD_REQUEST)
+
+serve_main = command_runner("teacher serve")
 
 
 # ------------------------------------------------------------------------------------------------

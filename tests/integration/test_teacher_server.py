@@ -1,7 +1,7 @@
 """The real teacher server on loopback: `opd teacher serve` + `ServerTeacher` against the tiny
 teacher.
 
-Servers run in-process (uvicorn in a thread, built by `opd.teacher.serve.build_app`) and, once,
+Servers run in-process (uvicorn in a thread, built by `opd.commands.serve.build_app`) and, once,
 through the real CLI in a subprocess. Scores are compared with an in-process `LocalTeacher`
 forward of the same model. Run: `.venv/bin/pytest tests/integration/test_teacher_server.py`.
 """
@@ -25,6 +25,15 @@ from safetensors.torch import save as safetensors_save
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import opd
+from opd.cli import command_runner
+from opd.commands.serve import (
+    ServeArguments,
+    build_app,
+    build_backend,
+    build_uvicorn_config,
+    max_sequence_tokens,
+    transformers_context_length,
+)
 from opd.config import ConfigError
 from opd.demo.tiny import build_char_tokenizer
 from opd.teacher.batching import (
@@ -38,15 +47,6 @@ from opd.teacher.client import ServerTeacher
 from opd.teacher.consistency import tokenizer_fingerprint
 from opd.teacher.http import RetryPolicy, TeacherRequestError, TeacherUnavailableError
 from opd.teacher.local import LocalTeacher
-from opd.teacher.serve import (
-    ServeArguments,
-    build_app,
-    build_backend,
-    build_uvicorn_config,
-    max_sequence_tokens,
-    serve_main,
-    transformers_context_length,
-)
 from opd.teacher.wire import (
     CONTENT_TYPE,
     DEFAULT_MAX_RESPONSE_BYTES,
@@ -63,6 +63,8 @@ VOCAB = 49  # the char tokenizer of opd.demo.tiny
 LIMITS = {"max_top_k": 8, "max_sequence_tokens": 64, "max_sequences": 64}
 MAX_BODY_BYTES = 16384
 FAST_RETRY = RetryPolicy(budget_s=20.0, first_backoff_s=0.1, max_backoff_s=0.5)
+
+serve_main = command_runner("teacher serve")
 
 
 # ------------------------------------------------------------------------------------------------

@@ -10,8 +10,8 @@ import pytest
 import yaml
 
 from opd.cli import main
+from opd.commands.distill import StudentModelConfig, build_peft_config, student_init_kwargs
 from opd.config import ConfigError, OPDConfig
-from opd.distill import StudentModelConfig, build_peft_config, student_init_kwargs
 
 LORA_FLAGS = [
     "--use_peft", "true", "--lora_r", "8", "--lora_alpha", "16", "--lora_dropout", "0.0",

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from opd.commands.distill import resolve_model_names
 from opd.demo.pypi_models import (
     MARKER,
     PYPI_MODELS,
@@ -22,7 +23,6 @@ from opd.demo.pypi_models import (
     is_pypi_model,
     prepare_pypi_model,
 )
-from opd.distill import resolve_model_names
 
 
 def _fake_wheels(folder: Path, pieces: list[bytes]) -> None:

@@ -12,14 +12,8 @@ import pytest
 import torch
 from datasets import load_dataset
 
-from opd.teacher.shard_rows import (
-    list_lengths,
-    rollout_batch_from_table,
-    teacher_columns,
-    teacher_scores_from_table,
-)
-from opd.teacher.shard_seal import read_sealed_parquet, sealed_parquet
-from opd.teacher.shards import (
+from opd.shard_seal import read_sealed_parquet, sealed_parquet
+from opd.shards import (
     INDEX_KEY,
     MANIFEST_NAME,
     PLAN_KEY,
@@ -31,6 +25,12 @@ from opd.teacher.shards import (
     read_manifest,
     shard_name,
     shard_set_fingerprint,
+)
+from opd.teacher.shard_rows import (
+    list_lengths,
+    rollout_batch_from_table,
+    teacher_columns,
+    teacher_scores_from_table,
 )
 from opd.types import TeacherScores
 

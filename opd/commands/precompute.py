@@ -31,7 +31,6 @@ from __future__ import annotations
 import math
 import os
 import queue
-import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -43,8 +42,9 @@ import numpy as np
 import pyarrow as pa
 
 from opd.config import ConfigError
+from opd.shards import ShardSetWriter
+from opd.teacher.http import TeacherRequestError, TeacherStoppedError, TeacherUnavailableError
 from opd.teacher.shard_rows import list_lengths, rollout_batch_from_table, teacher_columns
-from opd.teacher.shards import ShardSetWriter
 from opd.types import MIN_TEMPERATURE, TeacherScores
 
 PROG = "opd teacher precompute"
@@ -180,28 +180,12 @@ class PrecomputeArguments:
             raise ConfigError(f"shard_size must be >= 1, got {self.shard_size}.")
 
 
-class TeacherStoppedError(RuntimeError):
-    """The teacher stopped answering (or rejected a request); the message says what is kept."""
-
-
-def precompute_main(argv: list[str]) -> int:
-    from opd.cli import run_dataclass_command
-
-    try:
-        return run_dataclass_command(
-            PrecomputeArguments, run_precompute, argv, prog=PROG, description=DESCRIPTION
-        )
-    except TeacherStoppedError as error:  # not a bug: one line, as for a ConfigError
-        print(f"{PROG}: error: {error}", file=sys.stderr)
-        return 1
-
-
 # ------------------------------------------------------------------------------------------------
 # The job
 # ------------------------------------------------------------------------------------------------
 
 
-def run_precompute(args: PrecomputeArguments) -> dict[str, Any]:
+def run(args: PrecomputeArguments) -> dict[str, Any]:
     """Score every rollout row not yet in `args.output_dir`; returns the final manifest."""
     from opd.teacher.precompute_input import build_teachers, load_rollouts, loading_arguments
 
@@ -261,8 +245,6 @@ def precompute_plan(
 def teacher_errors_as_one_line(args: PrecomputeArguments, writer: ShardSetWriter | None):
     """A teacher that stops answering (or rejects a request) ends the job with one line that
     names the server (the error text of `opd.teacher.http`) and what is kept, not a traceback."""
-    from opd.teacher.http import TeacherRequestError, TeacherUnavailableError
-
     try:
         yield
     except (TeacherUnavailableError, TeacherRequestError) as error:

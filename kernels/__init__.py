@@ -6,9 +6,10 @@ This folder ships as `opd.kernels` (see pyproject.toml's `package-dir`); it is n
 
 Public API (argument order fixed): `sampled_logprob_entropy`, `topk_divergence`, `full_divergence`,
 `fused_linear_token_stats`. Each asks `use_triton(*tensors)` which implementation runs, nothing
-else decides: `triton_ops.py` (Triton kernels in `softmax_stats.py`, `full_divergence.py`) or
-`torch_ops.py` (chunked torch, what CPU users run). The spec of both is the plain-torch
-`opd.losses.reference`, which tests and benchmarks import. The rule:
+else decides: `triton_ops.py` (Triton kernels in `softmax_stats.py`, `full_divergence_kernel.py`)
+or `torch_ops.py` (chunked torch, what CPU users run). The spec of both is the plain-autograd
+`opd.kernels.reference` (`reference.py`), which tests and benchmarks import; the three share only
+their argument handling (`_inputs.py`). The rule:
 
 1. `override_impl("torch" | "triton")` (tests) or the env var `OPD_KERNELS=torch|triton` forces
    one. Forcing Triton where it cannot run raises `RuntimeError` saying why: there is no silent
@@ -152,7 +153,7 @@ def sampled_logprob_entropy(
         mask: optional `[N]` bool, True = keep; masked rows give 0 and get 0 gradient.
         **options: implementation keywords (`chunk_rows` for the torch path).
 
-    Maths and conventions: `opd.losses.reference.sampled_logprob_entropy` (the spec).
+    Maths and conventions: `opd.kernels.reference.sampled_logprob_entropy` (the spec).
     """
     impl = _ops(logits)
     return impl.sampled_logprob_entropy(logits, ids, temperature=temperature, mask=mask, **options)
@@ -182,7 +183,7 @@ def topk_divergence(
         temperature: divides the student logits; mask: optional `[N]` bool, True = keep.
         **options: `student_top_k`; implementation keywords (`chunk_rows` for the torch path).
 
-    Maths and conventions: `opd.losses.reference.topk_divergence` (the spec).
+    Maths and conventions: `opd.kernels.reference.topk_divergence` (the spec).
     """
     impl = _ops(student_logits)
     return impl.topk_divergence(
@@ -209,7 +210,7 @@ def full_divergence(
         temperature: divides both; mask: optional `[N]` bool, True = keep.
         **options: implementation keywords (`chunk_rows` for the torch path).
 
-    Maths and conventions: `opd.losses.reference.full_divergence` (the spec).
+    Maths and conventions: `opd.kernels.reference.full_divergence` (the spec).
     """
     impl = _ops(student_logits, teacher_logits)
     return impl.full_divergence(
@@ -246,7 +247,7 @@ def fused_linear_token_stats(
     Returns:
         dict of float32 `[N]`: `logprob`, `entropy`, and `divergence` when a teacher is given.
 
-    Maths and conventions: `opd.losses.reference.fused_linear_token_stats` (the spec).
+    Maths and conventions: `opd.kernels.reference.fused_linear_token_stats` (the spec).
     """
     if student_hidden.shape[0] == 0:  # e.g. a TIP selection that kept nothing
         empty = _empty_rows(student_hidden, student_weight)
@@ -293,7 +294,7 @@ def fused_linear_divergence_loss(
     Returns:
         `(loss, divergence)`: float32 scalar (differentiable) and `[N]` divergence (detached).
 
-    Maths and conventions: `opd.losses.reference.fused_linear_divergence_loss` (the spec).
+    Maths and conventions: `opd.kernels.reference.fused_linear_divergence_loss` (the spec).
     """
     if student_hidden.shape[0] == 0:
         empty = _empty_rows(student_hidden, student_weight)

@@ -1,7 +1,7 @@
 """Triton full-vocabulary divergence between student and teacher logits, per row.
 
 Contract: `FullDivergenceFunction.apply(student_logits_NV, teacher_logits_NV, kind, beta,
-temperature, keep_N)` returns the float32 `[N]` divergence of `opd.losses.reference.
+temperature, keep_N)` returns the float32 `[N]` divergence of `opd.kernels.reference.
 full_divergence` (reverse_kl, forward_kl or generalised JSD with `beta`; `beta = 0` is forward KL
 and `beta = 1` reverse KL by convention), differentiable w.r.t. the student logits (gradient in
 their dtype). The teacher is a constant and may hold `-inf`. Rows with `keep = False` give 0 and

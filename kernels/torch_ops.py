@@ -1,21 +1,21 @@
 """The torch path of `opd.kernels`: what CPU users run, chunked so memory stays bounded.
 
-Contract: the four functions have the signatures and values of `opd.losses.reference` (the spec;
+Contract: the functions have the signatures and values of `opd.kernels.reference` (the spec;
 read its module docstring for the maths, masking and `-inf` conventions), plus one keyword,
 `chunk_rows`, and are differentiable w.r.t. the student inputs.
 
 - `sampled_logprob_entropy`, `topk_divergence`, `full_divergence` take logits that already exist
   as `[N, V]` and run the same chunk code as the fused path below, on a float32 copy of one row
   chunk instead of a matmul: float32 temporaries exist for one chunk, and the only `[N, V]`
-  tensor created is the gradient. (Top-k on the "student"/"union" supports runs the reference
-  per chunk, recomputed under autograd in the backward.)
+  tensor created is the gradient. (Top-k on the "student"/"union" supports runs the bucket maths
+  of `_topk_buckets.py` per chunk, recomputed under autograd in the backward.)
 - `fused_linear_token_stats` never builds `[N, V]` logits. Per chunk of rows it computes the
   student (and full-vocabulary teacher) logits with one matmul each, reduces them to per-row
   statistics, and keeps only those; the backward recomputes the chunk's logits and forms
   `dz = g_lp (onehot(y) - p) - g_ent p (log p + H) + g_div (t - p sum t)` in place, then
   `dX = dz W` and `dW += dz^T X`. Per row chunk the vocabulary is one block (no second pass, no
-  online rescaling): on CPU the matmuls need wide row chunks to run near peak anyway. A
-  `chunk_vocab` smaller than `V` switches to the reference's two-pass vocabulary-chunked code.
+  online rescaling): on CPU the matmuls need wide row chunks to run near peak anyway, so memory
+  is bounded by `chunk_rows` alone (`chunk_vocab`, the Triton path's block, is ignored here).
 
 Cost: the fused path does 2 + 2 x (teacher matmuls) forward/recomputed matmuls plus the 2
 gradient matmuls; full logits in float32 need 1 + 1 + 2. It trades those recomputations for
@@ -33,7 +33,17 @@ from functools import partial
 import torch
 from torch import Tensor
 
-from opd.losses import reference
+from opd.kernels import _topk_buckets as buckets
+from opd.kernels._inputs import (
+    check_options,
+    clean_ids,
+    clean_rows,
+    clean_topk,
+    fused_inputs,
+    keep_mask,
+    loss_inputs,
+    token_stats_output,
+)
 
 # Elements of one float32 chunk of logits (16 MiB): rows per chunk = this // V, at least
 # _MIN_CHUNK_ROWS so the chunk matmuls stay compute-bound (each chunk re-reads the weight).
@@ -98,14 +108,28 @@ def sampled_logprob_entropy(
     chunk_rows: int | None = None,
 ) -> tuple[Tensor, Tensor]:
     """`reference.sampled_logprob_entropy`, one row chunk at a time (module docstring)."""
-    keep = reference._keep(mask, logits.shape[0], logits.device)
-    safe_ids = torch.where(keep, ids.long(), 0)
+    keep = keep_mask(mask, logits.shape[0], logits.device)
+    safe_ids = clean_ids(ids, keep)
     opts = ("reverse_kl", 0.5, float(temperature), True)
     rows = _rows_per_chunk(logits.shape[-1], chunk_rows)
     lp, ent, _ = _LogitsTokenStats.apply(
         logits, safe_ids, keep, None, None, None, "none", opts, rows
     )
     return lp, ent
+
+
+def _support_rows(
+    logits, t_ids, t_lp, *, kind, beta, support, tail, temperature, student_top_k, mask
+) -> Tensor:
+    """`[R]` top-k divergence of one row chunk on the "student" or "union" support, through the
+    bucket maths of `_topk_buckets.py` (plain autograd; `_RowChunked` recomputes it)."""
+    ls = torch.log_softmax(clean_rows(logits, mask) / temperature, -1)
+    t_ids, t_lp = clean_topk(t_ids, t_lp, mask)
+    cand, live = buckets.support_candidates(ls, t_ids, t_lp, support, student_top_k)
+    div = buckets.support_divergence(
+        ls.gather(-1, cand), cand, live, t_ids, t_lp, ls.shape[-1], kind, beta, tail
+    )
+    return torch.where(mask, div, 0.0)
 
 
 def topk_divergence(
@@ -125,19 +149,19 @@ def topk_divergence(
     """`reference.topk_divergence`, one row chunk at a time (module docstring).
 
     The teacher support runs the chunked statistics code; the "student" and "union" supports
-    (which rank the student's own top-k per chunk) run the reference per chunk.
+    (which rank the student's own top-k per chunk) run `_support_rows` per chunk.
     """
-    reference._check(kind, beta, support)
-    keep = reference._keep(mask, student_logits.shape[0], student_logits.device)
+    check_options(kind, beta, support)
+    keep = keep_mask(mask, student_logits.shape[0], student_logits.device)
     rows = _rows_per_chunk(student_logits.shape[-1], chunk_rows)
     if support != "teacher":
         fn = partial(
-            reference.topk_divergence, kind=kind, beta=beta, support=support, tail=tail,
+            _support_rows, kind=kind, beta=beta, support=support, tail=tail,
             temperature=temperature, student_top_k=student_top_k,
         )  # fmt: skip
         row_args = (teacher_topk_ids, teacher_topk_logprobs)
         return _chunked(fn, student_logits, row_args, keep, rows)
-    t_ids, t_lp = reference._clean_topk(teacher_topk_ids, teacher_topk_logprobs, keep)
+    t_ids, t_lp = clean_topk(teacher_topk_ids, teacher_topk_logprobs, keep)
     ids = torch.zeros(student_logits.shape[0], dtype=torch.long, device=student_logits.device)
     opts = (kind, beta, float(temperature), tail)
     _, _, div = _LogitsTokenStats.apply(
@@ -157,8 +181,8 @@ def full_divergence(
     chunk_rows: int | None = None,
 ) -> Tensor:
     """`reference.full_divergence`, one row chunk at a time (module docstring)."""
-    reference._check(kind, beta)
-    keep = reference._keep(mask, student_logits.shape[0], student_logits.device)
+    check_options(kind, beta)
+    keep = keep_mask(mask, student_logits.shape[0], student_logits.device)
     ids = torch.zeros(student_logits.shape[0], dtype=torch.long, device=student_logits.device)
     opts = (kind, beta, float(temperature), True)
     rows = _rows_per_chunk(student_logits.shape[-1], chunk_rows)
@@ -235,7 +259,7 @@ def _full_terms(ls_RV, lt_RV, ps_RV, pt_RV, kind: str, beta: float) -> tuple[Ten
 def _topk_partials(ls_RV: Tensor, t_ids: Tensor, t_lp: Tensor, opts) -> tuple[Tensor, Tensor]:
     """Top-k divergence (teacher support) and its gradient w.r.t. the gathered log-probs."""
     kind, beta, _, tail = opts
-    return reference._topk_grad(ls_RV.gather(-1, t_ids), t_lp, kind, beta, tail)
+    return buckets.topk_grad(ls_RV.gather(-1, t_ids), t_lp, kind, beta, tail)
 
 
 def _matmul_into(x_RH: Tensor, w_VH: Tensor, out_RV: Tensor) -> Tensor:
@@ -302,9 +326,9 @@ def _chunk_grad_logits(student_z, ids_R, teacher, opts, saved, grads, scratch) -
 
 def _float_inputs(x, w, th, tw, keep):
     """float32 `(x, w, teacher hidden, teacher weight)`, masked rows of the hiddens zeroed."""
-    th32 = None if th is None else reference._clean_rows(th, keep)
+    th32 = None if th is None else clean_rows(th, keep)
     tw32 = None if tw is None else tw.float()
-    return reference._clean_rows(x, keep), w.float(), th32, tw32
+    return clean_rows(x, keep), w.float(), th32, tw32
 
 
 def _backprop_chunk(gz_RV, x_RH, w_VH, temp, grad_x_RH, grad_w_VH) -> None:
@@ -442,32 +466,18 @@ def fused_linear_token_stats(
     """`reference.fused_linear_token_stats` without `[N, V]` logits (see the module docstring).
 
     `chunk_rows=None` picks about 16 MiB of float32 logits per chunk (at least 32 rows).
-    `chunk_vocab` below `V` runs the reference's vocabulary-chunked two-pass code instead.
+    `chunk_vocab` is accepted for the Triton path's sake and ignored (one vocabulary block).
     """
-    vocab = student_weight.shape[0]
-    rows = _rows_per_chunk(vocab, chunk_rows)
-    if chunk_vocab is not None and chunk_vocab < vocab:
-        return reference.fused_linear_token_stats(
-            student_hidden, student_weight, ids, teacher_hidden=teacher_hidden,
-            teacher_weight=teacher_weight, teacher_topk_ids=teacher_topk_ids,
-            teacher_topk_logprobs=teacher_topk_logprobs, kind=kind, beta=beta,
-            temperature=temperature, mask=mask, tail=tail, chunk_rows=rows,
-            chunk_vocab=chunk_vocab,
-        )  # fmt: skip
-    reference._check(kind, beta)
-    keep = reference._keep(mask, student_hidden.shape[0], student_hidden.device)
-    safe_ids = torch.where(keep, ids.long(), 0)
-    t_mode, th, tw, t_ids, t_lp = reference._teacher_inputs(
-        teacher_hidden, teacher_weight, teacher_topk_ids, teacher_topk_logprobs, keep
+    teacher = (teacher_hidden, teacher_weight, teacher_topk_ids, teacher_topk_logprobs)
+    keep, safe_ids, (t_mode, th, tw, t_ids, t_lp) = fused_inputs(
+        student_hidden, ids, mask, kind, beta, teacher
     )
+    rows = _rows_per_chunk(student_weight.shape[0], chunk_rows)
     opts = (kind, beta, float(temperature), tail)
     lp, ent, div = _FusedLinearTokenStats.apply(
         student_hidden, student_weight, safe_ids, keep, th, tw, t_ids, t_lp, t_mode, opts, rows
     )
-    out = {"logprob": lp, "entropy": ent}
-    if t_mode != "none":
-        out["divergence"] = div
-    return out
+    return token_stats_output(lp, ent, div, t_mode)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -550,15 +560,10 @@ def fused_linear_divergence_loss(
     Returns:
         `(loss, divergence)`: float32 scalar (differentiable) and `[N]` (not differentiable).
     """
-    reference._check(kind, beta)
-    n = student_hidden.shape[0]
-    keep = reference._keep(mask, n, student_hidden.device)
-    weight = torch.ones(n, device=student_hidden.device) if weight is None else weight.detach()
-    t_mode, th, tw, t_ids, t_lp = reference._teacher_inputs(
-        teacher_hidden, teacher_weight, teacher_topk_ids, teacher_topk_logprobs, keep
+    teacher = (teacher_hidden, teacher_weight, teacher_topk_ids, teacher_topk_logprobs)
+    keep, weight, (t_mode, th, tw, t_ids, t_lp) = loss_inputs(
+        student_hidden, weight, mask, kind, beta, teacher
     )
-    if t_mode == "none":
-        raise ValueError("a divergence loss needs a teacher: hidden and weight, or its top-k")
     rows = _rows_per_chunk(student_weight.shape[0], chunk_rows)
     opts = (kind, beta, float(temperature), tail)
     return _FusedLinearDivergenceLoss.apply(

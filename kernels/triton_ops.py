@@ -1,15 +1,14 @@
-"""The per-token functions of `opd.losses.reference`, run with the Triton kernels.
+"""The per-token functions of `opd.kernels.reference`, run with the Triton kernels.
 
 Contract: each function here (the four kernel functions and `fused_linear_divergence_loss`) has
 exactly the signature, options, validation errors and values of its namesake in
-`opd.losses.reference` (the spec; read its module docstring for the maths, the masking and the
+`opd.kernels.reference` (the spec; read its module docstring for the maths, the masking and the
 `-inf` conventions): float32 `[N]` outputs, gradients to the student inputs in their dtypes,
 masked rows 0 with exactly 0 gradient whatever they hold. The O(N V) sweeps run in two kernels,
-`softmax_stats.py` (logsumexp, entropy, candidate gathers) and
-`full_divergence_kernel.py`; the O(N K) top-k
-bucket maths reuses the reference's helpers in plain torch with autograd. The fused functions
-compute the logits one row chunk at a time with torch matmuls and sweep each chunk with the
-kernels; `fused_linear_token_stats` recomputes the chunk in backward.
+`softmax_stats.py` (logsumexp, entropy, candidate gathers) and `full_divergence_kernel.py`; the
+O(N K) top-k bucket maths is `_topk_buckets.py`, plain torch with autograd (shared with the torch
+path). The fused functions compute the logits one row chunk at a time with torch matmuls and sweep
+each chunk with the kernels; `fused_linear_token_stats` recomputes the chunk in backward.
 
 Kernels run on CUDA tensors, or on CPU under `TRITON_INTERPRET=1`, which must be set before
 `triton` is first imported (Triton's own `tl.sum`/`tl.max` are decorated then; `opd.kernels`
@@ -21,23 +20,22 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from opd.kernels._inputs import (
+    check_options,
+    clean_ids,
+    clean_topk,
+    fused_inputs,
+    keep_mask,
+    loss_inputs,
+    token_stats_output,
+)
+from opd.kernels._topk_buckets import support_candidates, support_divergence, topk_grad
 from opd.kernels.full_divergence_kernel import (
     FullDivergenceFunction,
     full_divergence_bwd,
     full_divergence_fwd,
 )
 from opd.kernels.softmax_stats import softmax_stats, softmax_stats_bwd, softmax_stats_fwd
-from opd.losses.reference import (
-    NEG_INF,
-    _bucket_divergence,
-    _check,
-    _clean_topk,
-    _keep,
-    _support,
-    _teacher_inputs,
-    _teacher_lookup,
-    _topk_grad,
-)
 
 
 def sampled_logprob_entropy(
@@ -60,8 +58,8 @@ def sampled_logprob_entropy(
     Returns:
         `(logprob, entropy)`, each float32 `[N]`.
     """
-    keep = _keep(mask, logits.shape[0], logits.device)
-    safe_ids = torch.where(keep, ids.long(), 0)
+    keep = keep_mask(mask, logits.shape[0], logits.device)
+    safe_ids = clean_ids(ids, keep)
     lse, entropy, z_cand = softmax_stats(
         logits, safe_ids[:, None], temperature=temperature, keep_N=keep
     )
@@ -100,17 +98,16 @@ def topk_divergence(
     Returns:
         float32 `[N]` divergence.
     """
-    _check(kind, beta, support)
-    vocab = student_logits.shape[-1]
-    keep = _keep(mask, student_logits.shape[0], student_logits.device)
-    t_ids, t_lp = _clean_topk(teacher_topk_ids, teacher_topk_logprobs, keep)
-    # `_support` only ranks the student's scores (its top-k); the raw logits rank as the
-    # reference's log_softmax(z / T) does, without an [N, V] float32 copy.
-    cand, live = _support(student_logits, t_ids, t_lp, support, student_top_k)
+    check_options(kind, beta, support)
+    keep = keep_mask(mask, student_logits.shape[0], student_logits.device)
+    t_ids, t_lp = clean_topk(teacher_topk_ids, teacher_topk_logprobs, keep)
+    # The raw logits rank the student's ids as log_softmax(z / T) does, without an [N, V]
+    # float32 copy.
+    cand, live = support_candidates(student_logits, t_ids, t_lp, support, student_top_k)
     lse, _, z_cand = softmax_stats(student_logits, cand, temperature=temperature, keep_N=keep)
-    ls_b = torch.where(live, z_cand - lse[:, None], NEG_INF)
-    lt_b = torch.where(live, _teacher_lookup(cand, t_ids, t_lp, vocab), NEG_INF)
-    div = _bucket_divergence(ls_b, lt_b, kind, beta, tail)
+    div = support_divergence(
+        z_cand - lse[:, None], cand, live, t_ids, t_lp, student_logits.shape[-1], kind, beta, tail
+    )
     return torch.where(keep, div, 0.0)
 
 
@@ -138,8 +135,8 @@ def full_divergence(
     Returns:
         float32 `[N]` divergence.
     """
-    _check(kind, beta)
-    keep = _keep(mask, student_logits.shape[0], student_logits.device)
+    check_options(kind, beta)
+    keep = keep_mask(mask, student_logits.shape[0], student_logits.device)
     div = FullDivergenceFunction.apply(
         student_logits, teacher_logits.detach(), kind, float(beta), float(temperature), keep
     )
@@ -218,7 +215,7 @@ def _forward_rows(z_r, zt_r, cand, keep_r, t_lp_r, n_ids, opts):
         lse, ent, z_cand = softmax_stats_fwd(z_r, cand, temp, keep_r)
     gk = z_cand[:, :0]  # [R, 0]: no top-k teacher, no bucket gradient
     if t_lp_r is not None:
-        div, gk = _topk_grad(z_cand[:, n_ids:] - lse[:, None], t_lp_r, kind, beta, tail)
+        div, gk = topk_grad(z_cand[:, n_ids:] - lse[:, None], t_lp_r, kind, beta, tail)
     if zt_r is not None:
         div, lse_s, lse_t, tsum = full_divergence_fwd(
             z_r, zt_r, kind=kind, beta=beta, temperature=temp, keep_N=keep_r
@@ -355,21 +352,16 @@ def fused_linear_token_stats(
     Returns:
         dict of float32 `[N]` tensors: `logprob`, `entropy`, and `divergence` if a teacher is given.
     """
-    _check(kind, beta)
-    keep = _keep(mask, student_hidden.shape[0], student_hidden.device)
-    safe_ids = torch.where(keep, ids.long(), 0)
-    t_mode, th, tw, t_ids, t_lp = _teacher_inputs(
-        teacher_hidden, teacher_weight, teacher_topk_ids, teacher_topk_logprobs, keep
+    teacher = (teacher_hidden, teacher_weight, teacher_topk_ids, teacher_topk_logprobs)
+    keep, safe_ids, (t_mode, th, tw, t_ids, t_lp) = fused_inputs(
+        student_hidden, ids, mask, kind, beta, teacher
     )
     rows, cv = _chunk_sizes(student_weight.shape[0], chunk_rows, chunk_vocab)
     opts = (kind, float(beta), float(temperature), tail, cv)
     lp, ent, div = _FusedLinearTokenStats.apply(
         student_hidden, student_weight, safe_ids, keep, th, tw, t_ids, t_lp, t_mode, opts, rows
     )
-    out = {"logprob": lp, "entropy": ent}
-    if t_mode != "none":
-        out["divergence"] = div
-    return out
+    return token_stats_output(lp, ent, div, t_mode)
 
 
 def fused_linear_divergence_loss(
@@ -399,14 +391,9 @@ def fused_linear_divergence_loss(
     Returns:
         `(loss, divergence)`: float32 scalar (differentiable) and `[N]` divergence (detached).
     """
-    if teacher_hidden is None and teacher_topk_ids is None:
-        raise ValueError("a divergence loss needs a teacher: hidden and weight, or its top-k")
-    _check(kind, beta)
-    n = student_hidden.shape[0]
-    keep = _keep(mask, n, student_hidden.device)
-    weight = torch.ones(n, device=student_hidden.device) if weight is None else weight.detach()
-    t_mode, th, tw, t_ids, t_lp = _teacher_inputs(
-        teacher_hidden, teacher_weight, teacher_topk_ids, teacher_topk_logprobs, keep
+    teacher = (teacher_hidden, teacher_weight, teacher_topk_ids, teacher_topk_logprobs)
+    keep, weight, (t_mode, th, tw, t_ids, t_lp) = loss_inputs(
+        student_hidden, weight, mask, kind, beta, teacher
     )
     rows, cv = _chunk_sizes(student_weight.shape[0], chunk_rows, None)
     opts = (kind, float(beta), float(temperature), tail, cv)

@@ -1,6 +1,6 @@
 """`ops`: the four kernel functions from each implementation, for the parity tests.
 
-- "reference": `opd.losses.reference` (the plain-torch spec itself);
+- "reference": `opd.kernels.reference` (the plain-autograd spec itself);
 - "torch": the public `opd.kernels` functions forced to the chunked torch path;
 - "triton": the public `opd.kernels` functions forced to Triton, run by Triton's CPU interpreter
   (`TRITON_INTERPRET=1`, which tests/conftest.py sets before anything imports triton). On a CUDA
@@ -16,7 +16,7 @@ from types import SimpleNamespace
 import pytest
 
 import opd.kernels as kernels
-from opd.losses import reference
+from opd.kernels import reference
 
 FUNCTIONS = ("sampled_logprob_entropy", "topk_divergence", "full_divergence",
              "fused_linear_token_stats", "fused_linear_divergence_loss")  # fmt: skip
@@ -24,11 +24,11 @@ FUNCTIONS = ("sampled_logprob_entropy", "topk_divergence", "full_divergence",
 
 @pytest.fixture(params=["reference", "torch", "triton"])
 def ops(request, monkeypatch) -> SimpleNamespace:
-    """The four functions of one implementation, plus `fused_options`: chunk sizes small enough
-    that the test shapes span several row chunks (and, for the reference, vocabulary chunks)."""
+    """The functions of one implementation, plus `fused_options`: a chunk size small enough that
+    the test shapes span several row chunks (the reference accepts and ignores it)."""
     if request.param == "reference":
         fns = {f: getattr(reference, f) for f in FUNCTIONS}
-        yield SimpleNamespace(**fns, fused_options={"chunk_rows": 8, "chunk_vocab": 128})
+        yield SimpleNamespace(**fns, fused_options={"chunk_rows": 8})
         return
     fns = {f: getattr(kernels, f) for f in FUNCTIONS}
     if request.param == "torch":  # several checkpointed row chunks on the N = 37 test shapes

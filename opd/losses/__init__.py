@@ -1,1 +1,0 @@
-"""Loss maths of opd: plain-torch reference implementations of the kernel functions (issue 3)."""

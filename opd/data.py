@@ -1,12 +1,20 @@
-"""Prompt datasets for `opd distill` and `opd eval`: tasks the repo generates, files or hub data.
+"""Prompt datasets for `opd distill`, `opd rollout` and `opd eval`: tasks the repo generates,
+files or hub data.
 
 Contract: a `datasets.Dataset` with a `prompt` column (text, or a list of chat messages that TRL
 renders with the chat template); any other columns (e.g. `answer`) reach the reward functions.
+The prompts are shaped here, in one place for every command, by a `PromptFormat` (the
+`dataset_prompt_template`, `dataset_system_prompt` and `dataset_chat_template` fields), so
+distill, rollout and eval see identical prompts.
+
+Test: `pytest tests/unit/test_prompt_format.py`.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from datasets import Dataset, load_dataset
 
@@ -16,6 +24,77 @@ DEMO_DATASET = "demo:arithmetic"
 WORD_PROBLEMS = "demo:word_problems"  # the real-model recipe's task (opd/demo/word_problems.py)
 DEMO_DATASETS = (DEMO_DATASET, WORD_PROBLEMS)
 LOCAL_FORMATS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
+PROMPT_PLACEHOLDER = "{prompt}"
+
+Prompt = str | list[dict[str, Any]]
+
+
+@dataclass(frozen=True)
+class PromptFormat:
+    """How a dataset's prompts are shown to the model.
+
+    `template` wraps the question text (`{prompt}` is replaced; other braces are kept as
+    written, so "{prompt} Put the final answer in \\boxed{}." works). `system_prompt` (or
+    `as_chat`) turns a text prompt into chat messages, `[system?, user]`, rendered with the chat
+    template. In a chat prompt the template fills the last user message (the question the
+    completion answers) and the system prompt is put first.
+    """
+
+    as_chat: bool = False
+    system_prompt: str | None = None
+    template: str | None = None
+
+    def __post_init__(self):
+        if self.template is not None and PROMPT_PLACEHOLDER not in self.template:
+            raise ConfigError(
+                f"dataset_prompt_template={self.template!r} has no {PROMPT_PLACEHOLDER} "
+                "placeholder for the dataset's prompt; add one, e.g. "
+                "'{prompt} Put the final answer in \\boxed{}.'"
+            )
+
+    @property
+    def changes_prompts(self) -> bool:
+        return self.as_chat or bool(self.system_prompt) or self.template is not None
+
+    def apply(self, prompt: Prompt) -> Prompt:
+        """The prompt the model sees; `prompt` (text or messages) is not modified."""
+        if isinstance(prompt, str):
+            text = self._fill(prompt)
+            if not (self.as_chat or self.system_prompt):
+                return text
+            messages = [{"role": "user", "content": text}]
+        else:
+            messages = self._fill_last_user_message(prompt)
+        if not self.system_prompt:
+            return messages
+        if messages and messages[0]["role"] == "system":
+            raise ConfigError(
+                "dataset_system_prompt is set but the dataset's prompts already open with a "
+                "system message; unset one of them."
+            )
+        return [{"role": "system", "content": self.system_prompt}, *messages]
+
+    def _fill(self, text: str) -> str:
+        return text if self.template is None else self.template.replace(PROMPT_PLACEHOLDER, text)
+
+    def _fill_last_user_message(self, messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        messages = [dict(message) for message in messages]
+        if self.template is None:
+            return messages
+        user_turns = [i for i, message in enumerate(messages) if message["role"] == "user"]
+        last = messages[user_turns[-1]] if user_turns else {}
+        if not isinstance(last.get("content"), str):
+            raise ConfigError(
+                "dataset_prompt_template needs a text user message in each chat prompt; this "
+                f"prompt has none: {messages!r}"
+            )
+        last["content"] = self._fill(last["content"])
+        return messages
+
+    def apply_to(self, dataset: Dataset) -> Dataset:
+        if not self.changes_prompts:
+            return dataset
+        return dataset.map(lambda row: {"prompt": self.apply(row["prompt"])})
 
 
 def load_prompt_dataset(
@@ -25,15 +104,18 @@ def load_prompt_dataset(
     split: str = "train",
     prompt_column: str = "prompt",
     as_chat: bool = False,
+    system_prompt: str | None = None,
+    prompt_template: str | None = None,
 ) -> Dataset:
-    """Load `name` (demo task, local file or hub name) and expose its prompts as `prompt`.
+    """Load `name` (demo task, local file or hub name) and expose its prompts as `prompt`,
+    shaped by `PromptFormat(as_chat, system_prompt, prompt_template)`.
 
     `as_chat` turns each text prompt into a one-message conversation, which TRL renders with the
     student's chat template (what instruct and reasoning models expect).
     """
+    prompt_format = PromptFormat(as_chat, system_prompt, prompt_template)  # checked before loading
     if name in DEMO_DATASETS:
-        dataset = load_demo_dataset(name, split)
-        return _as_chat(dataset) if as_chat else dataset
+        return prompt_format.apply_to(load_demo_dataset(name, split))
     path = Path(name)
     if path.suffix in LOCAL_FORMATS:
         if not path.is_file():
@@ -52,7 +134,7 @@ def load_prompt_dataset(
         dataset = dataset.rename_column(prompt_column, "prompt")
     if len(dataset) == 0:
         raise ConfigError(f"dataset {name!r} (split {split!r}) is empty.")
-    return _as_chat(dataset) if as_chat else dataset
+    return prompt_format.apply_to(dataset)
 
 
 def load_demo_dataset(name: str, split: str) -> Dataset:
@@ -69,8 +151,13 @@ def load_demo_dataset(name: str, split: str) -> Dataset:
     return load_word_problems(split)
 
 
-def _as_chat(dataset: Dataset) -> Dataset:
-    return dataset.map(lambda row: {"prompt": [{"role": "user", "content": row["prompt"]}]})
+def prompt_format_for(args) -> PromptFormat:
+    """The `PromptFormat` of the `dataset_*` fields every command's arguments share."""
+    return PromptFormat(
+        as_chat=args.dataset_chat_template,
+        system_prompt=args.dataset_system_prompt,
+        template=args.dataset_prompt_template,
+    )
 
 
 def load_prompts_for(args) -> Dataset:
@@ -82,4 +169,6 @@ def load_prompts_for(args) -> Dataset:
         split=args.dataset_train_split,
         prompt_column=args.dataset_prompt_column,
         as_chat=args.dataset_chat_template,
+        system_prompt=args.dataset_system_prompt,
+        prompt_template=args.dataset_prompt_template,
     )

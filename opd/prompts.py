@@ -3,7 +3,8 @@ scores outside the trainer (`opd rollout`, `opd teacher precompute`, `opd eval`)
 tokenizer with its default special tokens; chat messages through the chat template with a
 generation prompt. Online and offline OPD therefore see the same prompt ids.
 
-Test: `pytest tests/integration/test_rollout_precompute.py -k prompt`.
+Test: `pytest tests/unit/test_prompt_format.py` and
+`pytest tests/integration/test_rollout_precompute.py -k prompt`.
 """
 
 from __future__ import annotations

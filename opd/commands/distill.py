@@ -8,8 +8,12 @@ With no `--config`, the embedded demo recipe (`opd/demo/default.yaml`) is used: 
 download. Any field can be overridden: `opd distill --max_steps 2 --learning_rate 1e-4`.
 
 Parsed by `opd.cli` (TRL's `TrlParser`: YAML values become defaults, flags override them).
+`--reward_funcs` takes built-in names or import paths (`my_module.my_reward`), as `trl grpo`
+does (`opd/rewards.py`); the prompts are shaped by the `dataset_*` fields in `opd/data.py`, as
+for `opd rollout` and `opd eval`. The run's `opd_config.yaml` keeps the model names as given
+(`demo:student`, `pypi:...`); only training loads them from their local folders.
 
-Test: `pytest tests/integration/test_cli.py`.
+Test: `pytest tests/integration/test_cli.py tests/integration/test_distill_user_inputs.py`.
 """
 
 from __future__ import annotations

@@ -22,15 +22,17 @@ from pathlib import Path
 import pytest
 from transformers import AutoTokenizer
 
+from opd.cli import command_runner
+from opd.commands import precompute
+from opd.commands import rollout as rollout_job
 from opd.demo.tiny import ALPHABET
-from opd.rollout import job as rollout_job
-from opd.teacher import precompute
+from opd.shards import MANIFEST_NAME, plan_differences, read_manifest, shard_name
 from opd.teacher.http import TeacherUnavailableError
-from opd.teacher.precompute import precompute_main
-from opd.teacher.shards import MANIFEST_NAME, plan_differences, read_manifest, shard_name
 
 NUM_ROWS, SHARD_SIZE = 24, 8
 NUM_SHARDS = NUM_ROWS // SHARD_SIZE
+
+precompute_main = command_runner("teacher precompute")
 
 
 def _lookup(manifest: dict, dotted: str):
@@ -193,6 +195,8 @@ ROLLOUT_CHANGES = {
     "dataset_train_split": "test",
     "dataset_prompt_column": "question",
     "dataset_chat_template": True,
+    "dataset_system_prompt": "Be brief.",
+    "dataset_prompt_template": "{prompt} Answer:",
     "teacher_prompt_column": "hint",
     "max_prompts": 3,
     "num_generations": 3,
@@ -211,7 +215,7 @@ def test_every_rollout_argument_is_classified_and_recorded(tiny_student, prompt_
     fields = {field.name for field in dataclasses.fields(rollout_job.RolloutArguments)}
     recorded, free = rollout_job.RECORDED_SETTINGS, rollout_job.FREE_SETTINGS
     assert not recorded.keys() & free.keys()
-    assert fields - recorded.keys() - free.keys() == set(), "classify these in rollout/job.py"
+    assert fields - recorded.keys() - free.keys() == set(), "classify these in commands/rollout.py"
     assert recorded.keys() | free.keys() == fields, "classified fields that no longer exist"
     assert ROLLOUT_CHANGES.keys() == recorded.keys()
 

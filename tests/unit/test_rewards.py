@@ -5,12 +5,13 @@ Real math-verify, no model: `pytest tests/unit/test_rewards.py`.
 
 from __future__ import annotations
 
+import logging
 import threading
 
 import pytest
 
-from opd.distill import build_reward_funcs
-from opd.rewards import format_reward, math_accuracy_reward
+from opd import rewards
+from opd.rewards import build_reward_funcs, format_reward, math_accuracy_reward
 
 
 def _accuracy(completion, gold: str, column: str = "answer") -> float | None:
@@ -143,3 +144,34 @@ def test_format_reward(completion, expected):
 
 def test_build_reward_funcs_maps_names_to_the_functions():
     assert build_reward_funcs(["math_accuracy", "format"]) == [math_accuracy_reward, format_reward]
+
+
+@pytest.fixture
+def unmarked_warning_armed(monkeypatch):
+    """The once-per-process warning not yet shown, whatever ran earlier in this process."""
+    monkeypatch.setattr(rewards, "_unmarked_warning_shown", False)
+
+
+@pytest.mark.usefixtures("unmarked_warning_armed")
+def test_warns_once_when_most_answers_are_unmarked(caplog):
+    unmarked = ["The answer is 72.", "It is 72", r"\boxed{72}"]  # 2 of 3 without a marker
+    with caplog.at_level(logging.WARNING, logger="opd.rewards"):
+        assert math_accuracy_reward(unmarked, answer=["72"] * 3) == [0.0, 0.0, 1.0]
+        math_accuracy_reward(unmarked, answer=["72"] * 3)  # later steps: no repeat
+    [record] = [r for r in caplog.records if r.name == "opd.rewards"]
+    message = record.getMessage()
+    assert message.startswith("opd rewards: 2 of 3 completions have no final-answer marker")
+    assert r"(\boxed{...} or a '#### value' line)" in message
+    assert "--dataset_prompt_template '{prompt} Put the final answer in \\boxed{}.'" in message
+    assert "--dataset_system_prompt" in message and "\n" not in message
+
+
+@pytest.mark.usefixtures("unmarked_warning_armed")
+def test_no_warning_when_half_or_more_are_marked(caplog):
+    half = ["The answer is 72.", "#### 72", r"\boxed{71}", "72"]  # 2 of 4: not more than half
+    conversational = [[{"role": "assistant", "content": "#### 72"}], "72"]
+    with caplog.at_level(logging.WARNING, logger="opd.rewards"):
+        math_accuracy_reward(half, answer=["72"] * 4)
+        math_accuracy_reward(conversational, answer=["72"] * 2)
+    assert [r for r in caplog.records if r.name == "opd.rewards"] == []
+    assert not rewards._unmarked_warning_shown

@@ -10,18 +10,30 @@ Test: `pytest tests/unit/test_config.py`.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 from trl import GRPOConfig
 
-from opd.types import MIN_TEMPERATURE
+from opd.types import (
+    MIN_TEMPERATURE,
+    Baseline,
+    BehaviourLogprobs,
+    Choice,
+    Divergence,
+    DivergenceSupport,
+    GuardAction,
+    Ratio,
+    TeacherDtype,
+    TeacherMode,
+    TipRule,
+    Weighting,
+)
 
-TEACHER_MODES = ("local", "server", "vllm", "offline", "self")
-TEACHER_DTYPES = ("auto", "float32", "bfloat16", "float16")
 # from_pretrained's device_map strategies (any other string must name a torch device).
 DEVICE_MAP_STRATEGIES = ("auto", "balanced", "balanced_low_0", "sequential")
 
@@ -31,15 +43,6 @@ class ConfigError(ValueError):
     what to change. The CLI prints it without a traceback."""
 
 
-BEHAVIOUR_LOGPROB_SOURCES = ("sampler", "trainer")
-METHOD_CHOICES = {
-    "opd_baseline": ("none", "full", "topk"),
-    "opd_ratio": ("plain", "ppo", "cispo"),
-    "opd_divergence": ("none", "reverse_kl", "forward_kl", "jsd"),
-    "opd_divergence_support": ("topk", "full"),
-    "tip_rule": ("none", "entropy_sample", "q3", "type_aware"),
-    "opd_weighting": ("none", "scope", "sod", "uni_opd"),
-}
 NUMERIC_METHOD_FIELDS = (
     "opd_lambda", "opd_divergence_coef", "opd_divergence_beta", "opd_divergence_temperature",
     "tip_keep_ratio", "tip_alpha", "tip_gamma", "tip_entropy_quantile",
@@ -56,8 +59,8 @@ class OPDConfig(GRPOConfig):
     optionally discounted over future tokens with `opd_discount`.
     """
 
-    teacher_mode: Literal["local", "server", "vllm", "offline", "self"] = field(
-        default="local",
+    teacher_mode: TeacherMode = field(
+        default=TeacherMode.LOCAL,
         metadata={
             "help": "Where the teacher runs. 'local': an in-process transformers model "
             "(teacher_model_name_or_path). 'server': `opd teacher serve` at teacher_urls. "
@@ -114,8 +117,8 @@ class OPDConfig(GRPOConfig):
         default=16,
         metadata={"help": "Sequences per teacher forward pass (bounds the teacher's memory)."},
     )
-    teacher_dtype: str = field(
-        default="auto",
+    teacher_dtype: TeacherDtype = field(
+        default=TeacherDtype.AUTO,
         metadata={
             "help": "dtype of the in-process teacher (teacher_mode local/self). 'auto': the "
             "student's precision (bfloat16 with bf16, float16 with fp16, else float32); or "
@@ -162,8 +165,8 @@ class OPDConfig(GRPOConfig):
         default=0.0,
         metadata={"help": "gamma: A_t <- sum_{u>=t} gamma^(u-t) A_u over the completion. 0: off."},
     )
-    opd_behaviour_logprobs: Literal["sampler", "trainer"] = field(
-        default="sampler",
+    opd_behaviour_logprobs: BehaviourLogprobs = field(
+        default=BehaviourLogprobs.SAMPLER,
         metadata={
             "help": "lp_old: 'sampler' uses the vLLM sampler's logprobs (falls back to 'trainer' "
             "without vLLM); 'trainer' recomputes them with the current weights before the update."
@@ -186,8 +189,8 @@ class OPDConfig(GRPOConfig):
         },
     )
     # ----- vOPD control-variate baseline (METHODS.md s.2) -----
-    opd_baseline: Literal["none", "full", "topk"] = field(
-        default="none",
+    opd_baseline: Baseline = field(
+        default=Baseline.NONE,
         metadata={
             "help": "vOPD baseline V_t = -KL_t subtracted from the OPD advantage. 'full': exact "
             "full-vocabulary KL (needs an in-process teacher: teacher_mode local or self); "
@@ -199,8 +202,8 @@ class OPDConfig(GRPOConfig):
         default=100, metadata={"help": "k of the student support of the 'topk' baseline."}
     )
     # ----- policy-gradient surrogate -----
-    opd_ratio: Literal["plain", "ppo", "cispo"] = field(
-        default="plain",
+    opd_ratio: Ratio = field(
+        default=Ratio.PLAIN,
         metadata={
             "help": "Importance ratio in -rho_t * A_t: 'plain' exp(lp_s - lp_old) (no clipping, "
             "the OPD default), 'ppo' clipped with epsilon/epsilon_high, 'cispo' the detached "
@@ -208,8 +211,8 @@ class OPDConfig(GRPOConfig):
         },
     )
     # ----- supervised divergence term (family B: GKD, OPSD; METHODS.md intro and s.5) -----
-    opd_divergence: Literal["none", "reverse_kl", "forward_kl", "jsd"] = field(
-        default="none",
+    opd_divergence: Divergence = field(
+        default=Divergence.NONE,
         metadata={"help": "Add coef * mean_t D(p_s, sg(p_t)) to the loss. 'none': family A only."},
     )
     opd_divergence_coef: float = field(
@@ -218,8 +221,8 @@ class OPDConfig(GRPOConfig):
     opd_divergence_beta: float = field(
         default=0.5, metadata={"help": "JSD beta (0: forward KL, 1: reverse KL)."}
     )
-    opd_divergence_support: Literal["topk", "full"] = field(
-        default="topk",
+    opd_divergence_support: DivergenceSupport = field(
+        default=DivergenceSupport.TOPK,
         metadata={
             "help": "'topk': the teacher's top-k (teacher_top_k) plus a tail bucket; 'full': the "
             "full vocabulary (needs an in-process teacher: teacher_mode local or self)."
@@ -229,8 +232,8 @@ class OPDConfig(GRPOConfig):
         default=1.0, metadata={"help": "Temperature of both distributions in the divergence."}
     )
     # ----- TIP token selection (METHODS.md s.3) -----
-    tip_rule: Literal["none", "entropy_sample", "q3", "type_aware"] = field(
-        default="none",
+    tip_rule: TipRule = field(
+        default=TipRule.NONE,
         metadata={
             "help": "Which completion tokens the loss sees. 'entropy_sample': floor(tip_keep_ratio "
             "* N) sampled with prob ~ h^alpha * j^gamma; 'q3': low entropy and high divergence; "
@@ -250,8 +253,8 @@ class OPDConfig(GRPOConfig):
         default=0.8, metadata={"help": "Q3: divergence must be above this batch quantile."}
     )
     # ----- per-sample weightings (METHODS.md s.9) -----
-    opd_weighting: Literal["none", "scope", "sod", "uni_opd"] = field(
-        default="none",
+    opd_weighting: Weighting = field(
+        default=Weighting.NONE,
         metadata={
             "help": "'scope': correct samples get perplexity-weighted MLE, incorrect ones "
             "teacher-perplexity-weighted OPD; 'sod': per-step weights from the student/teacher "
@@ -333,11 +336,11 @@ class OPDConfig(GRPOConfig):
         default=1,
         metadata={"help": "Consecutive logs past a threshold before its alarm fires."},
     )
-    guard_action: Literal["warn", "stop"] = field(
-        default="warn",
+    guard_action: GuardAction = field(
+        default=GuardAction.WARN,
         metadata={"help": "'warn': log each alarm; 'stop': also end training (model saved)."},
     )
-    # TrainingArguments' field, with what `opd distill` does with it (opd/distill.py).
+    # TrainingArguments' field, with what `opd distill` does with it (opd/commands/distill.py).
     resume_from_checkpoint: str | None = field(
         default=None,
         metadata={
@@ -348,6 +351,7 @@ class OPDConfig(GRPOConfig):
     )
 
     def __post_init__(self):
+        self._parse_choices()
         self._check_opd_fields()
         self._check_guard_fields()
         if self.bf16 is None and not self.fp16 and not _cuda_available():
@@ -368,13 +372,76 @@ class OPDConfig(GRPOConfig):
             # gloo is the CPU backend (on GPUs transformers picks nccl itself).
             self.use_cpu = True
             self.ddp_backend = self.ddp_backend or "gloo"
+        if (self.bf16 or self.bf16_full_eval) and not self.use_cpu and not _accelerator_available():
+            # transformers refuses bf16 without a GPU unless told the run is on CPU, where bf16
+            # works: a real-model step was 1.96x faster than fp32 (README, "Real models on a CPU")
+            self.use_cpu = True
+            print("opd: bf16 with no GPU: training on the CPU (use_cpu set to true).")
         super().__post_init__()
 
-    def _check_opd_fields(self) -> None:
-        _check_choice("teacher_mode", self.teacher_mode, TEACHER_MODES)
-        _check_choice(
-            "opd_behaviour_logprobs", self.opd_behaviour_logprobs, BEHAVIOUR_LOGPROB_SOURCES
+    # ----- switches derived from several fields (read these, do not re-derive them) -----
+
+    @property
+    def uses_divergence_term(self) -> bool:
+        """The loss has family B's supervised divergence term."""
+        return self.opd_divergence != Divergence.NONE
+
+    @property
+    def uses_full_divergence(self) -> bool:
+        """The divergence term runs over the full vocabulary (an in-process teacher's)."""
+        return self.uses_divergence_term and self.opd_divergence_support == DivergenceSupport.FULL
+
+    @property
+    def uses_topk_divergence(self) -> bool:
+        """The divergence term runs on the teacher's top-k plus a tail bucket."""
+        return self.uses_divergence_term and self.opd_divergence_support == DivergenceSupport.TOPK
+
+    @property
+    def tip_needs_divergence(self) -> bool:
+        """TIP ranks by divergence (JSD) in q3/type_aware, and in entropy_sample when gamma > 0."""
+        return self.tip_rule in (TipRule.Q3, TipRule.TYPE_AWARE) or (
+            self.tip_rule == TipRule.ENTROPY_SAMPLE and self.tip_gamma != 0
         )
+
+    @property
+    def needs_student_token_stats(self) -> bool:
+        """The method reads per-token statistics of the student's distribution (vOPD, TIP)."""
+        return self.opd_baseline != Baseline.NONE or self.tip_rule != TipRule.NONE
+
+    @property
+    def needs_full_teacher_distribution(self) -> bool:
+        """Only the teacher's full distribution (an in-process teacher's hidden states and
+        lm_head) serves the method: the full baseline or divergence, or, without the teacher's
+        top-k, TIP's divergence or the top-k baseline."""
+        without_topk = self.teacher_top_k == 0
+        return (
+            self.opd_baseline == Baseline.FULL
+            or self.uses_full_divergence
+            or (without_topk and (self.tip_needs_divergence or self.opd_baseline == Baseline.TOPK))
+        )
+
+    @property
+    def needs_teacher_topk(self) -> bool:
+        """The method reads the teacher's top-k: the top-k divergence, or the top-k baseline
+        (which an in-process teacher can serve from its full distribution instead)."""
+        return self.opd_baseline == Baseline.TOPK or self.uses_topk_divergence
+
+    @property
+    def needs_reference_logprobs(self) -> bool:
+        """G-OPD away from lambda = 1 needs lp_ref (at 1 the reference cancels)."""
+        return self.opd_lambda != 1.0
+
+    @property
+    def needs_correctness(self) -> bool:
+        """The weighting routes samples by correctness (the first reward function's)."""
+        return self.opd_weighting in (Weighting.SCOPE, Weighting.UNI_OPD)
+
+    def _parse_choices(self) -> None:
+        """Each choice field as its enum member (YAML and the command line give strings)."""
+        for name, choices in _choice_fields().items():
+            setattr(self, name, _choice(name, getattr(self, name), choices))
+
+    def _check_opd_fields(self) -> None:
         for name in (
             "opd_kl_coef",
             "opd_outcome_weight",
@@ -392,7 +459,7 @@ class OPDConfig(GRPOConfig):
         self._check_teacher_placement()
         if self.opd_kl_coef < 0 or self.opd_outcome_weight < 0:
             raise ValueError("opd_kl_coef and opd_outcome_weight must be >= 0.")
-        if self.opd_kl_coef == 0 and self.opd_outcome_weight == 0 and self.opd_divergence == "none":
+        if self.opd_kl_coef == 0 and self.opd_outcome_weight == 0 and not self.uses_divergence_term:
             raise ValueError(
                 "opd_kl_coef=0, opd_outcome_weight=0 and opd_divergence='none' leave nothing to "
                 "train: set opd_kl_coef > 0 (distillation), opd_outcome_weight > 0 (outcome "
@@ -411,9 +478,7 @@ class OPDConfig(GRPOConfig):
         self._check_method_fields()
 
     def _check_method_fields(self) -> None:
-        """The METHODS.md fields: choices, ranges, and fields that only make sense together."""
-        for name, choices in METHOD_CHOICES.items():
-            _check_choice(name, getattr(self, name), choices)
+        """The METHODS.md fields: ranges, and fields that only make sense together."""
         for name in NUMERIC_METHOD_FIELDS:
             _check_number(name, getattr(self, name))
         if self.opd_lambda <= 0:
@@ -434,7 +499,7 @@ class OPDConfig(GRPOConfig):
                 "multi-teacher routing needs both teacher_route_column (which dataset column "
                 "names the teacher) and teacher_routes (NAME=TEACHER pairs)."
             )
-        if self.opd_reference_model and self.opd_lambda == 1.0:
+        if self.opd_reference_model and not self.needs_reference_logprobs:
             raise ValueError(
                 "opd_reference_model is only used when opd_lambda != 1 (at 1 it cancels)."
             )
@@ -450,7 +515,6 @@ class OPDConfig(GRPOConfig):
 
     def _check_guard_fields(self) -> None:
         """Collapse guards: a threshold is off (0 or None) or in a range where it can fire."""
-        _check_choice("guard_action", self.guard_action, ("warn", "stop"))
         ranges = {
             "guard_length_factor": (1.0, math.inf, "> 1"),
             "guard_repetition_rate": (0.0, 1.0, "in (0, 1)"),
@@ -472,8 +536,7 @@ class OPDConfig(GRPOConfig):
                 raise ValueError(f"{name} must be an integer >= 1, got {value!r}.")
 
     def _check_teacher_placement(self) -> None:
-        """teacher_dtype, teacher_device_map, teacher_model_init_kwargs (JSON strings parsed)."""
-        _check_choice("teacher_dtype", self.teacher_dtype, TEACHER_DTYPES)
+        """teacher_device_map, teacher_model_init_kwargs (JSON strings parsed)."""
         self.teacher_device_map = _parse_json_dict("teacher_device_map", self.teacher_device_map)
         device_map = self.teacher_device_map
         if device_map is not None and not isinstance(device_map, dict | str):
@@ -507,12 +570,12 @@ class OPDConfig(GRPOConfig):
         """Each teacher mode names where its teacher is; say which field is missing."""
         if self.teacher_routes:  # each route names its teacher (checked by build_teacher)
             return
-        if self.teacher_mode == "local" and not self.teacher_model_name_or_path:
+        if self.teacher_mode == TeacherMode.LOCAL and not self.teacher_model_name_or_path:
             raise ValueError(
                 "teacher_mode='local' needs a teacher: set teacher_model_name_or_path "
                 "(e.g. --teacher_model_name_or_path Qwen/Qwen3-8B)."
             )
-        if self.teacher_mode in ("server", "vllm") and not self.teacher_urls:
+        if self.teacher_mode in (TeacherMode.SERVER, TeacherMode.VLLM) and not self.teacher_urls:
             raise ValueError(
                 f"teacher_mode={self.teacher_mode!r} needs the teacher's address: set "
                 "teacher_urls (e.g. --teacher_urls http://localhost:8000)."
@@ -520,7 +583,7 @@ class OPDConfig(GRPOConfig):
         bad_urls = [url for url in self.teacher_urls if not url.startswith(("http://", "https://"))]
         if bad_urls:
             raise ValueError(f"teacher_urls must start with http:// or https://, got {bad_urls}.")
-        if self.teacher_mode == "offline" and not self.teacher_shards:
+        if self.teacher_mode == TeacherMode.OFFLINE and not self.teacher_shards:
             raise ValueError(
                 "teacher_mode='offline' needs precomputed scores: set teacher_shards to the "
                 "folder written by `opd teacher precompute`."
@@ -548,6 +611,13 @@ def _cuda_available() -> bool:
     return torch.cuda.is_available()
 
 
+def _accelerator_available() -> bool:
+    """A device that transformers' bf16 check accepts besides the CPU (CUDA, XPU, Apple MPS)."""
+    import torch
+
+    return _cuda_available() or torch.xpu.is_available() or torch.backends.mps.is_available()
+
+
 def _parse_json_dict(name: str, value: Any) -> Any:
     """A JSON object given as a string (the command line's form) as a dict; else unchanged."""
     if not isinstance(value, str) or not value.lstrip().startswith("{"):
@@ -558,9 +628,23 @@ def _parse_json_dict(name: str, value: Any) -> Any:
         raise ValueError(f"{name} is not valid JSON ({error}): {value!r}.") from error
 
 
-def _check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
-    if value not in choices:
-        raise ValueError(f"{name}={value!r} is not one of {', '.join(choices)}.")
+@functools.cache
+def _choice_fields() -> dict[str, type[Choice]]:
+    """The `OPDConfig` fields that hold a `Choice`, with their enum (each such field's default is
+    a member of it)."""
+    return {
+        f.name: type(f.default)
+        for f in dataclasses.fields(OPDConfig)
+        if isinstance(f.default, Choice)
+    }
+
+
+def _choice(name: str, value: Any, choices: type[Choice]) -> Choice:
+    """`value` (a member or its string) as a member of `choices`; a ValueError naming the field."""
+    try:
+        return choices(value)
+    except ValueError:
+        raise ValueError(f"{name}={value!r} is not one of {', '.join(choices)}.") from None
 
 
 def _check_number(name: str, value: Any) -> None:

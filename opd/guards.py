@@ -17,7 +17,8 @@ after `guard_patience` consecutive logs past the threshold, once per excursion: 
 the signal is back within bounds. A threshold of 0 (or None) turns its guard off; a signal that is
 never logged (top-k mass without `teacher_top_k`) keeps its guard silent.
 
-Each alarm is a warning naming the signal, the step, the value and the field to change; a JSON
+Each alarm is a warning naming the signal, the step, the value and the field to change (logged;
+during training the console writes it on a line of its own, opd/trainer/console.py); a JSON
 line `{"step", "signal", "value", "threshold", "message", "field", "start"}` in
 `output_dir/opd_alarms.jsonl` (`threshold` is the absolute bound crossed); and the running count
 `guard/alarms` in the logs (so it reaches `report_to`). With `guard_action="stop"` the alarm also
@@ -38,11 +39,12 @@ from typing import Any
 
 from transformers import TrainerCallback
 
+from opd.types import GuardAction
+
 logger = logging.getLogger(__name__)
 
 ALARMS_FILE = "opd_alarms.jsonl"
 ALARM_COUNT_KEY = "guard/alarms"
-GUARD_ACTIONS = ("warn", "stop")
 
 
 @dataclass(frozen=True)
@@ -108,12 +110,12 @@ class CollapseGuard(TrainerCallback):
         self,
         thresholds: dict[str, float | None],
         *,
-        action: str = "warn",
+        action: GuardAction = GuardAction.WARN,
         patience: int = 1,
         start_logs: int = 3,
         explicit: frozenset[str] = frozenset(),
     ):
-        if action not in GUARD_ACTIONS or patience < 1 or start_logs < 1:
+        if action not in list(GuardAction) or patience < 1 or start_logs < 1:
             raise ValueError(f"bad guard settings: {action=}, {patience=}, {start_logs=}")
         self.thresholds = {s.name: float(v) for s in SIGNALS if (v := thresholds.get(s.name))}
         self.signals = [s for s in SIGNALS if s.name in self.thresholds]
@@ -166,7 +168,7 @@ class CollapseGuard(TrainerCallback):
                 for alarm in fired:
                     logger.warning(alarm.message)
                     file.write(json.dumps(dataclasses.asdict(alarm)) + "\n")
-        if fired and self.action == "stop":
+        if fired and self.action == GuardAction.STOP:
             control.should_training_stop = True
 
     def on_train_end(self, args, state, control, **kwargs):
@@ -228,7 +230,7 @@ class CollapseGuard(TrainerCallback):
             side = "above" if signal.rises else "below"
             crossed = f"{side} {signal.field} {setting:g}"
         streak = f" for {self.patience} logs in a row" if self.patience > 1 else ""
-        if self.action == "stop":
+        if self.action == GuardAction.STOP:
             action = "stopping training (guard_action=stop)"
         else:
             action = "warning only (guard_action=warn; 'stop' ends the run)"

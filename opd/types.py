@@ -2,15 +2,25 @@
 
 Stages pass these frozen dataclasses to each other, never loose dicts of tensors. Shapes and dtypes
 are checked on construction because data enters here over HTTP, from disk and from vLLM.
+`TokenStats` (objective -> trainer) and `OPDBatchFields` (the trainer's phase 1 -> its loss,
+through TRL's batch dict) are made inside the library, so their shapes are asserted.
 
-Shape suffixes: `_B` batch (one row per completion), `_T` completion tokens, `_K` top-k.
+The choices of `OPDConfig` (teacher modes, baselines, divergences, ...) are `StrEnum`s defined
+here, once: the config's field types and validation, and the objectives that branch on them, all
+import them from this module (the objectives must not import the config, which imports TRL).
+
+Shape suffixes: `_B` batch (one row per completion), `_T` completion tokens, `_K` top-k, `_N`
+flattened positions.
 
 Test: `pytest tests/unit/test_types.py`.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Any
 
 import torch
 
@@ -22,6 +32,97 @@ import torch
 # smallest (exp(-104)), so the distribution is one-hot for any real logits. There is no ceiling:
 # a huge temperature gives the finite uniform distribution (checked up to 1.7e308).
 MIN_TEMPERATURE = 0.01
+
+
+class Choice(StrEnum):
+    """A config choice: members are the strings YAML and the command line use, and compare equal
+    to them. The repr is the plain string's, so messages read `teacher_mode='server'` as before."""
+
+    def __repr__(self) -> str:
+        return repr(self.value)
+
+
+class TeacherMode(Choice):
+    """Where the teacher runs (`teacher_mode`)."""
+
+    LOCAL = "local"
+    SERVER = "server"
+    VLLM = "vllm"
+    OFFLINE = "offline"
+    SELF = "self"
+
+
+class TeacherDtype(Choice):
+    """dtype of an in-process teacher (`teacher_dtype`); AUTO follows the student's precision."""
+
+    AUTO = "auto"
+    FLOAT32 = "float32"
+    BFLOAT16 = "bfloat16"
+    FLOAT16 = "float16"
+
+
+class BehaviourLogprobs(Choice):
+    """Where lp_old comes from (`opd_behaviour_logprobs`)."""
+
+    SAMPLER = "sampler"
+    TRAINER = "trainer"
+
+
+class Baseline(Choice):
+    """vOPD's control-variate baseline V_t = -KL_t (`opd_baseline`)."""
+
+    NONE = "none"
+    FULL = "full"
+    TOPK = "topk"
+
+
+class Ratio(Choice):
+    """Importance ratio form of the surrogate (`opd_ratio`)."""
+
+    PLAIN = "plain"
+    PPO = "ppo"
+    CISPO = "cispo"
+
+
+class Divergence(Choice):
+    """The supervised divergence term of family B (`opd_divergence`)."""
+
+    NONE = "none"
+    REVERSE_KL = "reverse_kl"
+    FORWARD_KL = "forward_kl"
+    JSD = "jsd"
+
+
+class DivergenceSupport(Choice):
+    """Where the divergence term is computed (`opd_divergence_support`)."""
+
+    TOPK = "topk"
+    FULL = "full"
+
+
+class TipRule(Choice):
+    """TIP token selection (`tip_rule`, `opd/objectives/tip.py`)."""
+
+    NONE = "none"
+    ENTROPY_SAMPLE = "entropy_sample"
+    Q3 = "q3"
+    TYPE_AWARE = "type_aware"
+
+
+class Weighting(Choice):
+    """Per-sample weighting of the OPD term (`opd_weighting`)."""
+
+    NONE = "none"
+    SCOPE = "scope"
+    SOD = "sod"
+    UNI_OPD = "uni_opd"
+
+
+class GuardAction(Choice):
+    """What a collapse guard does when it fires (`guard_action`, `opd/guards.py`)."""
+
+    WARN = "warn"
+    STOP = "stop"
 
 
 def _check(condition: bool, message: str) -> None:
@@ -164,3 +265,115 @@ class LossOutput:
     """Detached [B, T] per-token loss or advantage, for logging."""
     metrics: dict[str, float] = field(default_factory=dict)
     """Namespaced metrics, e.g. `kl/reverse`, `tokens/valid`."""
+
+
+@dataclass(frozen=True)
+class TokenStats:
+    """Per-token student statistics over the vocabulary (no gradient), from
+    `opd.objectives.token_stats.completion_token_stats`.
+
+    Every tensor is float32 with one shape: `[N]` (the scored positions, flattened) or `[B, T]`
+    (`scattered_BT`: 0 where no position was scored). A field is None when its inputs were not
+    given.
+    """
+
+    logprob: torch.Tensor
+    """log p_s(y_t): the student's logprob of each sampled token."""
+    entropy: torch.Tensor
+    """H_t = -sum_v p_s log p_s, in nats."""
+    reverse_kl: torch.Tensor | None = None
+    """KL(p_s || p_t): exact with the teacher's hidden states, else on the teacher's top-k plus a
+    tail bucket; None without either."""
+    topk_mass: torch.Tensor | None = None
+    """The student's probability mass on the teacher's top-k ids; None without a top-k."""
+    baseline_kl: torch.Tensor | None = None
+    """KL_t of the vOPD baseline V_t = -KL_t (full or on the student's top-k); None without one."""
+    jsd: torch.Tensor | None = None
+    """JSD_0.5(p_s, p_t) in nats, TIP's divergence axis; None unless asked for."""
+
+    def __post_init__(self):
+        for name, values in self._present().items():
+            assert values.shape == self.logprob.shape, f"TokenStats.{name} differs in shape"
+
+    def _present(self) -> dict[str, torch.Tensor]:
+        return {
+            f.name: getattr(self, f.name)
+            for f in dataclasses.fields(self)
+            if getattr(self, f.name) is not None
+        }
+
+    @classmethod
+    def cat(cls, chunks_N: list[TokenStats]) -> TokenStats:
+        """The `[N]` stats of consecutive chunks of positions as one `[N]` TokenStats."""
+        names = chunks_N[0]._present()
+        return cls(**{name: torch.cat([getattr(c, name) for c in chunks_N]) for name in names})
+
+    def scattered_BT(self, mask_BT: torch.Tensor) -> TokenStats:
+        """`[N]` stats of the True positions of `mask_BT` (row-major order) as `[B, T]` stats on
+        the mask's device, 0 elsewhere."""
+        keep_BT = mask_BT.bool()
+        assert int(keep_BT.sum()) == self.logprob.shape[0], "one value per True position"
+
+        def scatter(values_N: torch.Tensor) -> torch.Tensor:
+            values_BT = torch.zeros(keep_BT.shape, dtype=torch.float32, device=keep_BT.device)
+            values_BT[keep_BT] = values_N.to(values_BT)
+            return values_BT
+
+        return TokenStats(**{name: scatter(v) for name, v in self._present().items()})
+
+
+# Each field's key in TRL's batch dict. TRL must not use these names itself
+# (`tests/unit/test_trl_surface.py` checks its source); opd writes and reads them only here.
+_BATCH_KEYS = {
+    "keep_mask_BT": "opd_keep_mask",
+    "offpolicy_B": "opd_offpolicy",
+    "teacher_hidden_BTH": "opd_teacher_hidden",
+    "teacher_topk_ids_BTK": "opd_teacher_topk_ids",
+    "teacher_topk_logprobs_BTK": "opd_teacher_topk_logprobs",
+}
+
+
+@dataclass(frozen=True)
+class OPDBatchFields:
+    """What `OPDTrainer`'s loss phase needs besides TRL's own keys, for the rows of a batch.
+
+    Phase 1 packs it into TRL's batch dict, which TRL shuffles and splits by rows into
+    micro-batches, and the loss unpacks each micro-batch: the dict is the transport, this is its
+    typed view, and `pack_into` / `unpack` are the only code that names the keys. Every value is
+    a tensor with the rows first, so TRL slices it with the rest of the batch.
+    """
+
+    keep_mask_BT: torch.Tensor
+    """bool [B, T] the positions the loss sees (TIP's selection; else the completion mask)."""
+    offpolicy_B: torch.Tensor
+    """bool [B] rows that are off-policy traces (LUFFY's shaped ratio, no vLLM correction)."""
+    teacher_hidden_BTH: torch.Tensor | None = None
+    """[B, T, H] the in-process teacher's final hidden states (the full-support divergence)."""
+    teacher_topk_ids_BTK: torch.Tensor | None = None
+    """int64 [B, T, K] the teacher's top-k ids (the top-k divergence term)."""
+    teacher_topk_logprobs_BTK: torch.Tensor | None = None
+    """float32 [B, T, K] their logprobs, padded with -inf."""
+
+    def __post_init__(self):
+        shape_BT = tuple(self.keep_mask_BT.shape)
+        assert len(shape_BT) == 2, f"keep_mask_BT must be [B, T], got {shape_BT}"
+        assert tuple(self.offpolicy_B.shape) == shape_BT[:1], "offpolicy_B must be [B]"
+        for name in ("teacher_hidden_BTH", "teacher_topk_ids_BTK", "teacher_topk_logprobs_BTK"):
+            values = getattr(self, name)
+            assert values is None or tuple(values.shape[:2]) == shape_BT, f"{name} is not [B, T, .]"
+
+    @staticmethod
+    def batch_keys() -> tuple[str, ...]:
+        """The keys opd adds to TRL's batch dict."""
+        return tuple(_BATCH_KEYS.values())
+
+    def pack_into(self, batch: dict[str, Any]) -> None:
+        """Write the fields into TRL's batch dict (the fields that are None stay out)."""
+        for name, key in _BATCH_KEYS.items():
+            if getattr(self, name) is not None:
+                batch[key] = getattr(self, name)
+
+    @classmethod
+    def unpack(cls, batch: dict[str, Any]) -> OPDBatchFields:
+        """The fields of a batch dict (or TRL's micro-batch slice of it) that `pack_into` wrote."""
+        return cls(**{name: batch[key] for name, key in _BATCH_KEYS.items() if key in batch})

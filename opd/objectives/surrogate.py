@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import torch
 
-RATIOS = ("plain", "ppo", "cispo")
+from opd.types import Ratio
 
 
 def policy_loss_N(
@@ -27,7 +27,7 @@ def policy_loss_N(
     old_logprobs_N: torch.Tensor,
     advantages_N: torch.Tensor,
     *,
-    ratio: str = "plain",
+    ratio: Ratio = Ratio.PLAIN,
     epsilon_low: float = 0.2,
     epsilon_high: float = 0.2,
     delta: float | None = None,
@@ -40,16 +40,16 @@ def policy_loss_N(
     """
     advantages_N = advantages_N.detach()
     rho_N = torch.exp(logprobs_N - old_logprobs_N.detach())
-    if ratio == "plain":
+    if ratio == Ratio.PLAIN:
         loss_N = -rho_N * advantages_N
-    elif ratio == "ppo":
+    elif ratio == Ratio.PPO:
         clipped_N = rho_N.clamp(1.0 - epsilon_low, 1.0 + epsilon_high)
         capped_N = rho_N if delta is None else rho_N.clamp(max=delta)
         loss_N = -torch.minimum(capped_N * advantages_N, clipped_N * advantages_N)
-    elif ratio == "cispo":
+    elif ratio == Ratio.CISPO:
         loss_N = -rho_N.clamp(max=epsilon_high).detach() * advantages_N * logprobs_N
     else:
-        raise ValueError(f"ratio={ratio!r} is not one of {', '.join(RATIOS)}")
+        raise ValueError(f"ratio={ratio!r} is not one of {', '.join(Ratio)}")
     if offpolicy_N is not None and bool(offpolicy_N.any()):
         prob_N = torch.exp(logprobs_N)
         shaped_N = -(prob_N / (prob_N + trace_gamma)) * advantages_N

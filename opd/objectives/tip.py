@@ -26,11 +26,11 @@ import math
 
 import torch
 
-TIP_RULES = ("none", "entropy_sample", "q3", "type_aware")
+from opd.types import TipRule
 
 
 def tip_keep_mask(
-    rule: str,
+    rule: TipRule,
     entropy_BT: torch.Tensor,
     divergence_BT: torch.Tensor,
     mask_BT: torch.Tensor,
@@ -46,7 +46,7 @@ def tip_keep_mask(
     """Boolean mask of the completion tokens a TIP rule keeps.
 
     Args:
-        rule: one of `TIP_RULES`.
+        rule: a `TipRule` (or its string).
         entropy_BT: float [B, T] student entropy H_t in nats.
         divergence_BT: float [B, T] JSD(p_s, p_t) in nats (top-k renormalised is fine).
         mask_BT: [B, T] 1 on completion tokens, 0 elsewhere.
@@ -68,7 +68,7 @@ def tip_keep_mask(
     _check_arguments(rule, keep_ratio, alpha, gamma, entropy_quantile, divergence_quantile)
     assert entropy_BT.shape == divergence_BT.shape == mask_BT.shape, "TIP inputs differ in shape"
     valid_BT = mask_BT.bool()
-    if rule == "none":
+    if rule == TipRule.NONE:
         return valid_BT.clone()
     keep_BT = torch.zeros(valid_BT.shape, dtype=torch.bool, device=valid_BT.device)
     valid_index_N = valid_BT.flatten().nonzero().squeeze(-1)
@@ -79,9 +79,9 @@ def tip_keep_mask(
     h_N = h_BT.flatten()[valid_index_N]
     j_N = j_BT.flatten()[valid_index_N]
     n_keep = _keep_count(keep_ratio, n_valid)
-    if rule == "entropy_sample":
+    if rule == TipRule.ENTROPY_SAMPLE:
         keep_N = _sample_by_weight(h_N.pow(alpha) * j_N.pow(gamma), n_keep, generator)
-    elif rule == "q3":
+    elif rule == TipRule.Q3:
         keep_N = _q3(h_N, j_N, entropy_quantile, divergence_quantile)
     else:  # type_aware
         keep_N = _q3(h_N, j_N, entropy_quantile, divergence_quantile)
@@ -161,10 +161,10 @@ def _keep_count(keep_ratio: float, n_valid: int) -> int:
 
 
 def _check_arguments(
-    rule: str, keep_ratio: float, alpha: float, gamma: float, q_h: float, q_j: float
+    rule: TipRule, keep_ratio: float, alpha: float, gamma: float, q_h: float, q_j: float
 ) -> None:
-    if rule not in TIP_RULES:
-        raise ValueError(f"unknown TIP rule {rule!r}; allowed rules: {', '.join(TIP_RULES)}")
+    if rule not in list(TipRule):
+        raise ValueError(f"unknown TIP rule {rule!r}; allowed rules: {', '.join(TipRule)}")
     if not 0.0 < keep_ratio <= 1.0:
         raise ValueError(f"keep_ratio must be in (0, 1], got {keep_ratio}")
     if alpha < 0.0 or gamma < 0.0:

@@ -1,11 +1,12 @@
 """Per-token quantities over the vocabulary for the advantage phase (no gradient).
 
-One pass over the student's completion positions gives, per token: the sampled-token logprob,
-the entropy `H_t`, the reverse KL to the teacher (exact `KL_t` when the teacher runs in this
-process and its hidden states are given; top-k with a tail bucket otherwise), the vOPD baseline's
-KL (full, or on the student's top-k renormalised), the JSD that TIP ranks tokens by, and the
-student's mass on the teacher's top-k support. Logits exist one chunk of rows at a time, and the
-per-row maths is `opd.kernels` (Triton on GPU, chunked torch on CPU).
+One pass over the student's completion positions gives a `TokenStats` (`opd/types.py`), per
+token: the sampled-token logprob, the entropy `H_t`, the reverse KL to the teacher (exact `KL_t`
+when the teacher runs in this process and its hidden states are given; top-k with a tail bucket
+otherwise), the vOPD baseline's KL (full, or on the student's top-k renormalised), the JSD that
+TIP ranks tokens by, and the student's mass on the teacher's top-k support. Logits exist one
+chunk of rows at a time, and the per-row maths is `opd.kernels` (Triton on GPU, chunked torch on
+CPU).
 
 Test: `pytest tests/unit/test_token_stats.py`.
 """
@@ -15,7 +16,7 @@ from __future__ import annotations
 import torch
 
 from opd.kernels import full_divergence, sampled_logprob_entropy, topk_divergence
-from opd.types import TeacherScores
+from opd.types import Baseline, TeacherScores, TokenStats
 
 
 @torch.no_grad()
@@ -30,12 +31,12 @@ def completion_token_stats(
     teacher_hidden_NH: torch.Tensor | None = None,
     teacher_weight_VH: torch.Tensor | None = None,
     teacher_temperature: float = 1.0,
-    baseline: str = "none",
+    baseline: Baseline = Baseline.NONE,
     baseline_top_k: int = 100,
     jsd: bool = False,
     chunk_rows: int = 512,
-) -> dict[str, torch.Tensor]:
-    """Float32 `[N]` stats of N completion positions.
+) -> TokenStats:
+    """Float32 `[N]` stats of N > 0 completion positions.
 
     Args:
         student_hidden_NH, student_weight_VH: final hidden states and lm_head weight; the
@@ -44,20 +45,21 @@ def completion_token_stats(
         teacher_topk_ids_NK, teacher_topk_logprobs_NK: the teacher's top-k (any teacher mode).
         teacher_hidden_NH, teacher_weight_VH: an in-process teacher's hidden states and lm_head
             (exact full-vocabulary quantities); logits divided by `teacher_temperature`.
-        baseline: "none", "full" or "topk" (vOPD's V_t = -KL_t on that support).
+        baseline: vOPD's V_t = -KL_t on that support (`baseline_kl`), or none.
         jsd: also return `jsd` (TIP's divergence axis).
 
     Returns:
         `logprob`, `entropy`; with a teacher `reverse_kl`; with top-k `topk_mass`; `baseline_kl`
-        unless baseline is "none"; `jsd` when asked.
+        unless baseline is none; `jsd` when asked.
     """
+    assert ids_N.shape[0] > 0, "no positions to score: callers skip empty chunks"
     has_full = teacher_hidden_NH is not None
     has_topk = teacher_topk_ids_NK is not None and teacher_topk_ids_NK.shape[-1] > 0
-    if baseline == "full" and not has_full:
+    if baseline == Baseline.FULL and not has_full:
         raise ValueError("the full vOPD baseline needs the teacher's hidden states")
-    if baseline == "topk" and not (has_full or has_topk):
+    if baseline == Baseline.TOPK and not (has_full or has_topk):
         raise ValueError("the top-k vOPD baseline needs the teacher's top-k or hidden states")
-    chunks: dict[str, list[torch.Tensor]] = {}
+    chunks_N: list[TokenStats] = []
     for lo in range(0, ids_N.shape[0], chunk_rows):
         rows = slice(lo, lo + chunk_rows)
         student_logits = (
@@ -72,36 +74,38 @@ def completion_token_stats(
             if has_topk
             else None
         )
-        stats = _chunk_stats(
+        stats_N = _chunk_stats(
             student_logits, ids_N[rows].long(), teacher_logits, topk, baseline, baseline_top_k, jsd
         )
-        for name, values in stats.items():
-            chunks.setdefault(name, []).append(values)
-    return {name: torch.cat(values) for name, values in chunks.items()}
+        chunks_N.append(stats_N)
+    return TokenStats.cat(chunks_N)
 
 
-def _chunk_stats(student_logits, ids, teacher_logits, topk, baseline, baseline_top_k, jsd):
+def _chunk_stats(
+    student_logits, ids, teacher_logits, topk, baseline, baseline_top_k, jsd
+) -> TokenStats:
     logprob, entropy = sampled_logprob_entropy(student_logits, ids)
-    stats = {"logprob": logprob, "entropy": entropy}
+    reverse_kl = topk_mass = baseline_kl = jsd_values = None
     if teacher_logits is not None:
-        stats["reverse_kl"] = full_divergence(student_logits, teacher_logits, kind="reverse_kl")
+        reverse_kl = full_divergence(student_logits, teacher_logits, kind="reverse_kl")
     elif topk is not None:
-        stats["reverse_kl"] = topk_divergence(student_logits, *topk, kind="reverse_kl", tail=True)
+        reverse_kl = topk_divergence(student_logits, *topk, kind="reverse_kl", tail=True)
     if topk is not None:
-        stats["topk_mass"] = _support_mass(student_logits, *topk)
-    if baseline == "full":
-        stats["baseline_kl"] = stats["reverse_kl"]
-    elif baseline == "topk":
-        stats["baseline_kl"] = _student_topk_kl(
-            student_logits, teacher_logits, topk, baseline_top_k
-        )
+        topk_mass = _support_mass(student_logits, *topk)
+    if baseline == Baseline.FULL:
+        baseline_kl = reverse_kl
+    elif baseline == Baseline.TOPK:
+        baseline_kl = _student_topk_kl(student_logits, teacher_logits, topk, baseline_top_k)
     if jsd:
-        stats["jsd"] = (
+        jsd_values = (
             full_divergence(student_logits, teacher_logits, kind="jsd", beta=0.5)
             if teacher_logits is not None
             else topk_divergence(student_logits, *topk, kind="jsd", beta=0.5, tail=False)
         )
-    return stats
+    return TokenStats(
+        logprob=logprob, entropy=entropy, reverse_kl=reverse_kl, topk_mass=topk_mass,
+        baseline_kl=baseline_kl, jsd=jsd_values,
+    )  # fmt: skip
 
 
 def _student_topk_kl(student_logits, teacher_logits, topk, k):

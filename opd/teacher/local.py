@@ -34,7 +34,8 @@ from opd.types import RolloutBatch, TeacherScores
 
 
 class LocalTeacher:
-    """A frozen causal LM in this process that implements `TeacherScorer`."""
+    """A frozen causal LM in this process: a `TeacherScorer` that is also a
+    `FullDistributionTeacher` (`output_weight`, `completion_hidden_states`)."""
 
     def __init__(
         self,

@@ -5,11 +5,20 @@ sampled completion token and, when `top_k > 0`, its top-k ids and logprobs at ea
 Before training, `check_student_tokenizer` compares what the teacher knows about its own
 tokenizer (the model's tokenizer, a server's `/info`, a stock vLLM server's `/tokenize`, a shard
 manifest) with the student's and raises `ConfigError` naming every difference.
+
+`FullDistributionTeacher` is the extra a teacher in this process can give: its final hidden
+states and lm_head, hence its whole distribution over the vocabulary without `[B, T, V]` logits
+(vOPD's full baseline, full-vocabulary divergences, TIP's divergence without a top-k). The
+trainer asks `isinstance(teacher, FullDistributionTeacher)`, never for a concrete class.
+
+Test: `pytest tests/unit/test_local_teacher.py tests/integration/test_methods.py`.
 """
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import Protocol, runtime_checkable
+
+import torch
 
 from opd.types import RolloutBatch, TeacherScores
 
@@ -22,3 +31,18 @@ class TeacherScorer(Protocol):
     def score(self, batch: RolloutBatch, top_k: int = 0) -> TeacherScores: ...
 
     def check_student_tokenizer(self, student_tokenizer) -> None: ...
+
+
+@runtime_checkable
+class FullDistributionTeacher(TeacherScorer, Protocol):
+    """A teacher whose full distribution is at hand: `softmax(hidden @ output_weight.T / T)`."""
+
+    @property
+    def output_weight(self) -> torch.Tensor:
+        """The lm_head weight `[V, H]`."""
+        ...
+
+    def completion_hidden_states(self, batch: RolloutBatch) -> torch.Tensor:
+        """`[B, T, H]` the final hidden state predicting each completion token of `batch` after
+        the teacher's context."""
+        ...

@@ -5,6 +5,7 @@ step.py         StepState: one generation step's values, passed between the phas
 loss.py         phase 2: the loss on the kept positions (fused lm_head), its normalisation
 methods.py      method hooks: traces, correctness, privileged prompts, routes, SOD, TIP
 metrics.py      the logged per-step signals, gathered over processes
+console.py      one compact console line per logging step, under the progress bar
 build.py        what the trainer builds and checks besides TRL's parts
 trl_seams.py    every private touch of TRL / its vLLM engine (pinned by test_trl_surface.py)
 """

@@ -13,8 +13,9 @@ from trl import GRPOConfig
 
 from opd.config import ConfigError, OPDConfig
 from opd.teacher.local import LocalTeacher, detached_copy
-from opd.teacher.protocol import TeacherScorer
+from opd.teacher.protocol import FullDistributionTeacher, TeacherScorer
 from opd.trainer.trl_seams import add_fused_lm_head, router_aux_loss_enabled
+from opd.types import Baseline, Ratio, TeacherMode
 
 SUPPORTED_LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "cispo")
 
@@ -150,53 +151,39 @@ def build_reference_model(args: OPDConfig, model, trl_reference=None):
     return reference
 
 
-def needs_teacher_hidden(args: OPDConfig) -> bool:
-    """Whether the teacher's full distribution (hidden states + lm_head) is needed."""
-    without_topk = args.teacher_top_k == 0
-    return (
-        args.opd_baseline == "full"
-        or (args.opd_divergence != "none" and args.opd_divergence_support == "full")
-        or (without_topk and (tip_needs_jsd(args) or args.opd_baseline == "topk"))
-    )
-
-
-def tip_needs_jsd(args: OPDConfig) -> bool:
-    """TIP ranks by divergence in q3/type_aware, and in entropy_sample when gamma > 0."""
-    return args.tip_rule in ("q3", "type_aware") or (
-        args.tip_rule == "entropy_sample" and args.tip_gamma != 0
+def uses_teacher_hidden(args: OPDConfig, teacher: TeacherScorer) -> bool:
+    """Whether phase 1 runs the teacher's hidden states: when the method needs its full
+    distribution, and for the top-k baseline whenever the teacher can give it (exact values on
+    the student's top-k instead of the tail-bucket estimate)."""
+    return args.needs_full_teacher_distribution or (
+        args.opd_baseline == Baseline.TOPK and isinstance(teacher, FullDistributionTeacher)
     )
 
 
 def check_method_capabilities(args: OPDConfig, teacher: TeacherScorer | None, reward_funcs) -> None:
     """Fail before training when a method asks for something its teacher or loss cannot give."""
-    in_process = teacher is None or isinstance(teacher, LocalTeacher)  # None: 'self', built later
+    # None: teacher_mode 'self', built later as an in-process copy of the student
+    in_process = teacher is None or isinstance(teacher, FullDistributionTeacher)
     if in_process and _zero3_enabled() and _partitioned_teacher(args, teacher):
         raise ConfigError(
             f"teacher_mode={args.teacher_mode!r} runs the teacher in this process, but DeepSpeed "
             "ZeRO-3 partitions the weights it would run on; serve the teacher instead "
             "(`opd teacher serve`, teacher_mode: server) or shard the student with FSDP2."
         )
-    if needs_teacher_hidden(args) and not in_process:
+    if args.needs_full_teacher_distribution and not in_process:
         raise ConfigError(
             "the full-vocabulary teacher distribution (opd_baseline: full, "
             "opd_divergence_support: full, or TIP's divergence without teacher_top_k) needs an "
             f"in-process teacher (teacher_mode local or self), not {args.teacher_mode!r}; use the "
             "top-k form (opd_baseline: topk / opd_divergence_support: topk) with teacher_top_k > 0."
         )
-    remote_topk_needed = args.opd_baseline == "topk" or (
-        args.opd_divergence != "none" and args.opd_divergence_support == "topk"
-    )
-    if remote_topk_needed and args.teacher_top_k == 0 and not in_process:
+    if args.needs_teacher_topk and args.teacher_top_k == 0 and not in_process:
         raise ConfigError("this method uses the teacher's top-k: set teacher_top_k (e.g. 20).")
-    if (
-        args.opd_divergence != "none"
-        and args.opd_divergence_support == "topk"
-        and not args.teacher_top_k
-    ):
+    if args.uses_topk_divergence and not args.teacher_top_k:
         raise ConfigError(
             "opd_divergence_support: topk needs the teacher's top-k: set teacher_top_k (e.g. 20)."
         )
-    if args.opd_weighting in ("scope", "uni_opd") and reward_funcs is None:
+    if args.needs_correctness and reward_funcs is None:
         raise ConfigError(
             f"opd_weighting={args.opd_weighting!r} routes by correctness: pass reward_funcs "
             "(CLI: --reward_funcs math_accuracy); the first one decides correctness."
@@ -218,7 +205,7 @@ def check_loss_options(args: OPDConfig) -> None:
         allowed = (defaults[name], 0.0) if name == "router_aux_loss_coef" else (defaults[name],)
         if value not in allowed:
             raise ConfigError(f"{name}={value!r}: {message}")
-    if args.delta is not None and args.opd_ratio != "ppo":
+    if args.delta is not None and args.opd_ratio != Ratio.PPO:
         raise ConfigError(
             f"delta={args.delta} is TRL's two-sided clip of the PPO ratio; set opd_ratio: ppo, "
             f"or unset delta (opd_ratio {args.opd_ratio!r} has no clip it applies to)."
@@ -242,10 +229,11 @@ def check_trainer_loss_state(trainer) -> None:
 
 def _partitioned_teacher(args: OPDConfig, teacher) -> bool:
     """The self-teacher copies the (partitioned) student; a local teacher loaded while ZeRO-3
-    was configured is partitioned too (`ds_id` on its parameters). One loaded before is whole."""
-    if teacher is None or args.teacher_mode == "self":
+    was configured is partitioned too (`ds_id` on its parameters, the lm_head weight among
+    them). One loaded before is whole."""
+    if teacher is None or args.teacher_mode == TeacherMode.SELF:
         return True
-    return any(hasattr(p, "ds_id") for p in teacher.model.parameters())
+    return hasattr(teacher.output_weight, "ds_id")
 
 
 def _zero3_enabled() -> bool:

@@ -25,16 +25,18 @@ from opd.objectives.hidden import completion_hidden_states, prompt_completion_id
 from opd.objectives.surrogate import policy_loss_N, reduce_loss, reference_kl_N
 from opd.trainer.distributed import global_count
 from opd.trainer.sharding import full_lm_head_weight
+from opd.types import OPDBatchFields
 
 
 class LossMixin:
     """`_compute_loss` of `OPDTrainer`; `self` is the trainer (a `GRPOTrainer`)."""
 
     def _compute_loss(self, model, inputs):
+        fields = OPDBatchFields.unpack(inputs)
         mask_BT = inputs["completion_mask"].float()
         if "tool_mask" in inputs:
             mask_BT = mask_BT * inputs["tool_mask"]
-        keep_BT = inputs.get("opd_keep_mask", mask_BT).bool() & mask_BT.bool()
+        keep_BT = fields.keep_mask_BT.bool() & mask_BT.bool()
         rows_N, cols_N = keep_BT.nonzero(as_tuple=True)
         input_ids, attention_mask = prompt_completion_ids(inputs)
         hidden_BTH = completion_hidden_states(
@@ -48,19 +50,23 @@ class LossMixin:
             hidden_NH, weight_VH, inputs["completion_ids"][rows_N, cols_N],
             temperature=self.temperature,
         )  # fmt: skip
-        loss_N = self._policy_loss_N(inputs, token_N["logprob"], rows_N, cols_N)
+        offpolicy_N = fields.offpolicy_B[rows_N]
+        loss_N = self._policy_loss_N(inputs, token_N["logprob"], offpolicy_N, rows_N, cols_N)
         loss = self._reduce(loss_N, rows_N, inputs, mask_BT.shape[0])
-        if self.args.opd_divergence != "none":
-            loss = loss + self._divergence_loss(inputs, hidden_NH, weight_VH, rows_N, cols_N)
+        if self.args.uses_divergence_term:
+            loss = loss + self._divergence_loss(
+                inputs, fields, hidden_NH, weight_VH, rows_N, cols_N
+            )
         # No kept token: a zero loss that still reaches every parameter (DDP waits for them all).
         loss = loss + 0.0 * (hidden_BTH.sum() + weight_VH.sum())
-        self.log_loss_metrics(token_N, loss.detach(), keep_BT, mask_BT)
+        self.log_loss_metrics(token_N, loss.detach())
         return loss
 
-    def _policy_loss_N(self, inputs, logprobs_N, rows_N, cols_N) -> torch.Tensor:
+    def _policy_loss_N(self, inputs, logprobs_N, offpolicy_N, rows_N, cols_N) -> torch.Tensor:
+        """The surrogate of each kept token (`offpolicy_N`: bool, True on trace tokens), with
+        TRL's vLLM importance correction and its `beta` KL to the reference."""
         old_BT = inputs.get("old_per_token_logps")
         old_N = logprobs_N.detach() if old_BT is None else old_BT[rows_N, cols_N]
-        offpolicy_N = inputs["opd_offpolicy"][rows_N] if "opd_offpolicy" in inputs else None
         loss_N = policy_loss_N(
             logprobs_N, old_N, inputs["advantages"][rows_N, cols_N],
             ratio=self.args.opd_ratio, epsilon_low=self.epsilon_low,
@@ -70,8 +76,8 @@ class LossMixin:
         if self.use_vllm and self.vllm_importance_sampling_correction:
             ratio_BT = inputs["importance_sampling_ratio"].expand_as(inputs["completion_mask"])
             ratio_N = ratio_BT[rows_N, cols_N]
-            if offpolicy_N is not None:  # a trace has no sampler: no vLLM/trainer correction
-                ratio_N = torch.where(offpolicy_N, 1.0, ratio_N)
+            # a trace has no sampler: no vLLM/trainer correction
+            ratio_N = torch.where(offpolicy_N, 1.0, ratio_N)
             loss_N = loss_N * ratio_N
         if self.beta != 0.0:
             reference_N = inputs["ref_per_token_logps"][rows_N, cols_N]
@@ -118,16 +124,21 @@ class LossMixin:
             normalizer *= self.current_gradient_accumulation_steps / self.args.steps_per_generation
         return normalizer
 
-    def _divergence_loss(self, inputs, hidden_NH, weight_VH, rows_N, cols_N) -> torch.Tensor:
+    def _divergence_loss(
+        self, inputs, fields: OPDBatchFields, hidden_NH, weight_VH, rows_N, cols_N
+    ) -> torch.Tensor:
         """coef * mean over kept tokens of D(p_s, sg(p_t)) (family B), fused with the lm_head."""
         args = self.args
         teacher: dict[str, Any] = {}
-        if args.opd_divergence_support == "full":
-            teacher["teacher_hidden"] = inputs["opd_teacher_hidden"][rows_N, cols_N]
+        if args.uses_full_divergence:
+            assert fields.teacher_hidden_BTH is not None, "packed in phase 1"
+            teacher["teacher_hidden"] = fields.teacher_hidden_BTH[rows_N, cols_N]
             teacher["teacher_weight"] = self.teacher.output_weight
         else:
-            teacher["teacher_topk_ids"] = inputs["opd_teacher_topk_ids"][rows_N, cols_N]
-            teacher["teacher_topk_logprobs"] = inputs["opd_teacher_topk_logprobs"][rows_N, cols_N]
+            assert fields.teacher_topk_ids_BTK is not None, "packed in phase 1"
+            assert fields.teacher_topk_logprobs_BTK is not None, "packed in phase 1"
+            teacher["teacher_topk_ids"] = fields.teacher_topk_ids_BTK[rows_N, cols_N]
+            teacher["teacher_topk_logprobs"] = fields.teacher_topk_logprobs_BTK[rows_N, cols_N]
         # The mean over the generation batch's kept tokens on all processes, like dapo.
         weight = 1.0 / self._token_normalizer(inputs)
         weight_N = torch.full((rows_N.numel(),), weight, device=hidden_NH.device)

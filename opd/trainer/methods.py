@@ -22,6 +22,7 @@ from opd.report.token_sample import append_tip_token_sample
 from opd.rollout.traces import inject_traces, trace_rows
 from opd.trainer.distributed import on_global_batch
 from opd.trainer.trl_seams import prompt_render_kwargs
+from opd.types import TipRule, Weighting
 
 
 class MethodMixin:
@@ -93,7 +94,7 @@ class MethodMixin:
     # ----- weightings and token selection -----
 
     def build_sod_step_ids(self) -> set[int]:
-        if self.args.opd_weighting != "sod":
+        if self.args.opd_weighting != Weighting.SOD:
             return set()
         ids = self.processing_class.encode(self.args.sod_step_delimiter, add_special_tokens=False)
         if not ids:
@@ -103,7 +104,7 @@ class MethodMixin:
     def weighted_opd_term(self, step, term_BT, output, teacher_BT):
         args, student_old_BT, mask_BT = self.args, step.student_old_BT, step.mask_BT
         match args.opd_weighting:
-            case "scope":  # groups may span processes: decided on the global batch
+            case Weighting.SCOPE:  # groups may span processes: decided on the global batch
                 scope = partial(
                     scope_advantage, group_size=self.num_generations, tau=args.scope_tau
                 )
@@ -111,7 +112,7 @@ class MethodMixin:
                     self.accelerator, scope, student_old_BT, teacher_BT, mask_BT,
                     step.correct_B().to(mask_BT.device),
                 )  # fmt: skip
-            case "sod":
+            case Weighting.SOD:
                 ids_BT = output["completion_ids"]
                 step_end_BT = torch.isin(
                     ids_BT, torch.tensor(sorted(self.sod_step_ids), device=ids_BT.device)
@@ -121,7 +122,7 @@ class MethodMixin:
                 )
                 self.record("opd/sod_weight_mean", masked_mean(weights_BT, mask_BT))
                 return term_BT * weights_BT
-            case "uni_opd":
+            case Weighting.UNI_OPD:
                 shift = partial(
                     uni_opd_shift, group_size=self.num_generations, delta=args.uni_opd_delta
                 )
@@ -133,9 +134,13 @@ class MethodMixin:
     def keep_mask(self, step) -> torch.Tensor:
         """TIP's kept tokens, chosen over the global generation batch (quantiles and the kept
         share are the whole batch's, as with one process), then this process's rows."""
-        args, stats, mask_BT = self.args, step.stats_BT, step.mask_BT
-        if args.tip_rule == "none":
+        args, stats_BT, mask_BT = self.args, step.stats_BT, step.mask_BT
+        if args.tip_rule == TipRule.NONE:
             return mask_BT.bool()
+        # No stats: no valid token on this process. Entropy-only rules ignore the divergence.
+        zeros_BT = torch.zeros_like(mask_BT)
+        entropy_BT = zeros_BT if stats_BT is None else stats_BT.entropy
+        jsd_BT = None if stats_BT is None else stats_BT.jsd
 
         def select(entropy_BT, jsd_BT, mask_BT):
             generator = torch.Generator().manual_seed(args.seed + self.state.global_step)
@@ -147,19 +152,13 @@ class MethodMixin:
                 divergence_quantile=args.tip_divergence_quantile, generator=generator,
             ).to(mask_BT.device)  # fmt: skip
 
-        zeros_BT = torch.zeros_like(mask_BT)  # entropy-only rules ignore the divergence
         keep_BT = on_global_batch(
-            self.accelerator,
-            select,
-            stats.get("entropy", zeros_BT),
-            stats.get("jsd", zeros_BT),
-            mask_BT,
+            self.accelerator, select, entropy_BT, zeros_BT if jsd_BT is None else jsd_BT, mask_BT
         )
         if self.model.training and self.accelerator.is_main_process:  # `opd report`'s TIP scatter
             append_tip_token_sample(
                 args.output_dir, step=self.state.global_step + 1, rule=args.tip_rule,
-                entropy_BT=stats.get("entropy", torch.zeros_like(mask_BT)),
-                divergence_BT=stats.get("jsd"), mask_BT=mask_BT, keep_BT=keep_BT,
+                entropy_BT=entropy_BT, divergence_BT=jsd_BT, mask_BT=mask_BT, keep_BT=keep_BT,
                 vocab_size=self.student_vocab_size(), entropy_quantile=args.tip_entropy_quantile,
                 divergence_quantile=args.tip_divergence_quantile, seed=args.seed,
             )  # fmt: skip

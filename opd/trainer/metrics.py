@@ -15,8 +15,7 @@ import torch
 
 from opd.objectives.repetition import repetition_rate
 from opd.trainer.trl_seams import append_metric
-
-STAT_METRICS = ("reverse_kl", "entropy", "topk_mass", "baseline_kl", "jsd")
+from opd.types import OPDBatchFields, Ratio, TokenStats
 
 
 class MetricsMixin:
@@ -46,7 +45,9 @@ class MetricsMixin:
             if count > 0:
                 append_metric(self, mode, name, total / count)
 
-    def log_generation_metrics(self, step, output, advantages_BT) -> None:
+    def log_generation_metrics(
+        self, step, output, advantages_BT, loss_fields: OPDBatchFields
+    ) -> None:
         student_old_BT, scores, mask_BT = step.student_old_BT, step.scores, step.mask_BT
         teacher_BT = scores.sampled_logprobs_BT.to(student_old_BT.device)
         token_values = {
@@ -54,17 +55,15 @@ class MetricsMixin:
             "opd/teacher_logprob": teacher_BT,
             "opd/student_logprob": student_old_BT,
             "opd/advantage_mean": advantages_BT,
-            "opd/kept_fraction": output["opd_keep_mask"].float(),
-            **{
-                f"opd/{name}": step.stats_BT[name] for name in STAT_METRICS if name in step.stats_BT
-            },
+            "opd/kept_fraction": loss_fields.keep_mask_BT.float(),
+            **_stat_metrics(step.stats_BT),
         }
         self.record_token_means(token_values, mask_BT)
         valid = mask_BT.bool()
         values = {
             "opd/advantage_std": float(advantages_BT[valid].std()) if valid.sum() > 1 else 0.0,
             "opd/repetition_rate": repetition_rate(_completion_lists(output)),
-            "opd/offpolicy_fraction": float(output["opd_offpolicy"].float().mean()),
+            "opd/offpolicy_fraction": float(loss_fields.offpolicy_B.float().mean()),
             **scores.metrics,
         }
         if self.has_rewards:
@@ -78,14 +77,28 @@ class MetricsMixin:
         self.record("opd/ratio_mean", math.nan if empty else float(ratio_N.mean()))
         self.record("opd/ratio_max", math.nan if empty else float(ratio_N.max()))
         self.record("opd/ratio_min", math.nan if empty else float(ratio_N.min()))
-        if self.args.opd_ratio == "ppo":
+        if self.args.opd_ratio == Ratio.PPO:
             clipped = (ratio_N < 1 - self.epsilon_low) | (ratio_N > 1 + self.epsilon_high)
             self.record("opd/clip_fraction", math.nan if empty else float(clipped.float().mean()))
 
-    def log_loss_metrics(self, token_N: dict[str, Any], loss, keep_BT, mask_BT) -> None:
+    def log_loss_metrics(self, token_N: dict[str, Any], loss) -> None:
         self.record("opd/loss", float(loss))
         entropy_N = token_N["entropy"].detach()
         self.record("opd/kept_entropy", float(entropy_N.mean()) if entropy_N.numel() else math.nan)
+
+
+def _stat_metrics(stats_BT: TokenStats | None) -> dict[str, torch.Tensor]:
+    """The token statistics logged as `opd/<name>` means (those computed this step)."""
+    if stats_BT is None:
+        return {}
+    logged = {
+        "opd/reverse_kl": stats_BT.reverse_kl,
+        "opd/entropy": stats_BT.entropy,
+        "opd/topk_mass": stats_BT.topk_mass,
+        "opd/baseline_kl": stats_BT.baseline_kl,
+        "opd/jsd": stats_BT.jsd,
+    }
+    return {name: values_BT for name, values_BT in logged.items() if values_BT is not None}
 
 
 def _completion_lists(output) -> list[list[int]]:

@@ -20,6 +20,7 @@ Test: `pytest tests/integration/test_methods.py tests/integration/test_cli.py`.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from pathlib import Path
 from typing import Any
@@ -38,7 +39,6 @@ from opd.objectives.token_stats import completion_token_stats, teacher_topk_at
 from opd.rollout.cpu_vllm import configure_cpu_vllm_env, resolve_vllm_dtype
 from opd.teacher.build import build_teacher
 from opd.teacher.http import TeacherUnavailableError
-from opd.teacher.local import LocalTeacher
 from opd.teacher.protocol import TeacherScorer
 from opd.trainer.build import (
     build_offline_rollouts,
@@ -48,9 +48,9 @@ from opd.trainer.build import (
     check_trainer_args,
     check_trainer_loss_state,
     load_student_tokenizer,
-    needs_teacher_hidden,
-    tip_needs_jsd,
+    uses_teacher_hidden,
 )
+from opd.trainer.console import console_logging, use_compact_console
 from opd.trainer.loss import LossMixin
 from opd.trainer.methods import MethodMixin
 from opd.trainer.metrics import MetricsMixin
@@ -70,7 +70,14 @@ from opd.trainer.trl_seams import (
     save_checkpoint_as_trl,
     vllm_engine_kwargs,
 )
-from opd.types import RolloutBatch, TeacherScores
+from opd.types import (
+    BehaviourLogprobs,
+    OPDBatchFields,
+    RolloutBatch,
+    TeacherMode,
+    TeacherScores,
+    TokenStats,
+)
 
 
 def no_outcome_reward(completions: list[Any], **kwargs) -> list[float]:
@@ -100,12 +107,12 @@ class OPDTrainer(LossMixin, MethodMixin, MetricsMixin, GRPOTrainer):
         **kwargs,
     ):
         check_trainer_args(args, reward_funcs)
-        if teacher is None and args.teacher_mode != "self":
+        if teacher is None and args.teacher_mode != TeacherMode.SELF:
             # fail on a bad teacher before the (slow) vLLM engine is built
             teacher = build_teacher(args, processing_class or load_student_tokenizer(model))
         check_method_capabilities(args, teacher, reward_funcs)
         offline = None
-        if args.teacher_mode == "offline":  # Lightning OPD: stored rollouts, no generation
+        if args.teacher_mode == TeacherMode.OFFLINE:  # Lightning OPD: stored rollouts
             offline, train_dataset = build_offline_rollouts(args, teacher, train_dataset, kwargs)
         on_cpu_colocate = (
             args.use_vllm and args.vllm_mode == "colocate" and not torch.cuda.is_available()
@@ -125,6 +132,7 @@ class OPDTrainer(LossMixin, MethodMixin, MetricsMixin, GRPOTrainer):
         check_trainer_loss_state(self)  # what TRL enabled from the model (MoE aux loss)
         self._store_method_parts(teacher, offline, has_rewards=reward_funcs is not None)
         self.collapse_guard = attach_collapse_guard(self)  # opd/guards.py
+        use_compact_console(self)  # one line per logging step (opd/trainer/console.py)
         if self.use_vllm and self.vllm_mode == "colocate" and self.accelerator.device.type == "cpu":
             from opd.rollout.cpu_weight_sync import sync_trl_colocate_weights_on_cpu
 
@@ -143,7 +151,8 @@ class OPDTrainer(LossMixin, MethodMixin, MetricsMixin, GRPOTrainer):
                 resume_from_checkpoint, self.args.output_dir, self.accelerator.num_processes
             )
             load_generation_buffer(self, resume_from_checkpoint)
-        return super().train(resume_from_checkpoint, *args, **kwargs)
+        with console_logging(self):  # warnings on their own line above the bar (console.py)
+            return super().train(resume_from_checkpoint, *args, **kwargs)
 
     def _save_checkpoint(self, model, trial):
         checkpoint = Path(self.args.output_dir or ".") / f"checkpoint-{self.state.global_step}"
@@ -167,12 +176,9 @@ class OPDTrainer(LossMixin, MethodMixin, MetricsMixin, GRPOTrainer):
         self.teacher = teacher
         self.offline = offline
         self.opd_reference = None
-        if args.opd_lambda != 1.0:
+        if args.needs_reference_logprobs:
             self.opd_reference = build_reference_model(args, student, self.ref_model)
-        # An in-process teacher gives the exact distribution: use it for the top-k baseline too.
-        self.teacher_hidden = needs_teacher_hidden(args) or (
-            args.opd_baseline == "topk" and isinstance(teacher, LocalTeacher)
-        )
+        self.teacher_hidden = uses_teacher_hidden(args, teacher)
         self.has_rewards = has_rewards
         self.sod_step_ids = self.build_sod_step_ids()
         self.step_state: StepState | None = None  # the current generation step
@@ -198,14 +204,10 @@ class OPDTrainer(LossMixin, MethodMixin, MetricsMixin, GRPOTrainer):
         advantages_BT = self._advantages(step, output)
         keep_BT = self.keep_mask(step)
         output["advantages"] = advantages_BT
-        output["opd_keep_mask"] = keep_BT
-        output["opd_offpolicy"] = torch.tensor(
-            step.offpolicy_B or [False] * len(inputs), dtype=torch.bool, device=keep_BT.device
-        )
         output["num_items_in_batch"] = self.accelerator.gather(keep_BT.sum()).sum()
-        if self.args.opd_divergence != "none":
-            self._store_divergence_targets(output, step.scores, teacher_hidden_BTH)
-        self.log_generation_metrics(step, output, advantages_BT)
+        loss_fields = self._loss_fields(step, keep_BT, teacher_hidden_BTH)
+        loss_fields.pack_into(output)  # TRL splits the batch dict into micro-batches
+        self.log_generation_metrics(step, output, advantages_BT, loss_fields)
         return output
 
     def _teacher_scores(self, batch: RolloutBatch) -> TeacherScores:
@@ -229,14 +231,14 @@ class OPDTrainer(LossMixin, MethodMixin, MetricsMixin, GRPOTrainer):
     @torch.no_grad()
     def _student_token_stats(self, output, step: StepState, teacher_hidden_BTH):
         """`[B, T]` entropy, KL, baseline KL, JSD and top-k mass from one no-grad pass over the
-        student's logits; empty when the method needs none of them and the teacher gave no
+        student's logits; None when the method needs none of them and the teacher gave no
         top-k (the forward costs about a third of a training step)."""
         args, scores, mask_BT = self.args, step.scores, step.mask_BT
-        if args.opd_baseline == "none" and args.tip_rule == "none" and scores.top_k == 0:
-            return {}
+        if not args.needs_student_token_stats and scores.top_k == 0:
+            return None
         input_ids, attention_mask = prompt_completion_ids(output)
         num_tokens = output["completion_ids"].shape[1]
-        stats_BT: dict[str, torch.Tensor] = {}
+        chunks_N: list[TokenStats] = []  # the valid positions of consecutive rows, row-major
         weight_VH = full_lm_head_weight(self.accelerator.unwrap_model(self.model))
         chunk = args.per_device_train_batch_size
         for lo in range(0, input_ids.shape[0], chunk):
@@ -259,22 +261,23 @@ class OPDTrainer(LossMixin, MethodMixin, MetricsMixin, GRPOTrainer):
                 temperature=self.temperature, teacher_topk_ids_NK=topk[0],
                 teacher_topk_logprobs_NK=topk[1], **full,
                 teacher_temperature=args.teacher_temperature, baseline=args.opd_baseline,
-                baseline_top_k=args.opd_baseline_top_k, jsd=tip_needs_jsd(args),
+                baseline_top_k=args.opd_baseline_top_k, jsd=args.tip_needs_divergence,
             )  # fmt: skip
-            for name, values_N in stats_N.items():
-                full_BT = stats_BT.setdefault(name, torch.zeros_like(mask_BT))
-                full_BT[rows][keep] = values_N.to(full_BT.dtype)
-        return stats_BT
+            chunks_N.append(stats_N)
+        if not chunks_N:  # no valid token on this process
+            return None
+        return TokenStats.cat(chunks_N).scattered_BT(mask_BT)
 
     def _advantages(self, step: StepState, output) -> torch.Tensor:
-        args, student_old_BT, stats, mask_BT = (
+        args, student_old_BT, stats_BT, mask_BT = (
             self.args,
             step.student_old_BT,
             step.stats_BT,
             step.mask_BT,
         )
         teacher_BT = step.scores.sampled_logprobs_BT.to(student_old_BT.device)
-        reference_BT = self._reference_logprobs(output) if args.opd_lambda != 1.0 else None
+        reference_BT = self._reference_logprobs(output) if args.needs_reference_logprobs else None
+        baseline_kl_BT = None if stats_BT is None else stats_BT.baseline_kl
         term_BT = opd_term(
             student_old_BT, teacher_BT, lam=args.opd_lambda, reference_logprobs_BT=reference_BT
         )
@@ -283,20 +286,30 @@ class OPDTrainer(LossMixin, MethodMixin, MetricsMixin, GRPOTrainer):
             term_BT,
             mask_BT,
             kl_coef=args.opd_kl_coef,
-            baseline_BT=-stats["baseline_kl"] if "baseline_kl" in stats else None,
+            baseline_BT=None if baseline_kl_BT is None else -baseline_kl_BT,
             outcome_advantage_B=output["advantages"],
             outcome_weight=args.opd_outcome_weight,
             discount=args.opd_discount,
         )
 
-    def _store_divergence_targets(self, output, scores, teacher_hidden_BTH) -> None:
-        """What the loss's divergence term compares the student with, split with the batch."""
-        if self.args.opd_divergence_support == "full":
-            output["opd_teacher_hidden"] = teacher_hidden_BTH
-            return
-        device = output["completion_ids"].device
-        output["opd_teacher_topk_ids"] = scores.topk_ids_BTK.to(device).long()
-        output["opd_teacher_topk_logprobs"] = scores.topk_logprobs_BTK.to(device)
+    def _loss_fields(self, step: StepState, keep_BT, teacher_hidden_BTH) -> OPDBatchFields:
+        """What the loss phase needs of this step besides TRL's keys: the kept positions, the
+        trace rows, and what the divergence term compares the student with."""
+        device = keep_BT.device
+        offpolicy_B = step.offpolicy_B or [False] * len(step.inputs)
+        fields = OPDBatchFields(
+            keep_mask_BT=keep_BT,
+            offpolicy_B=torch.tensor(offpolicy_B, dtype=torch.bool, device=device),
+        )
+        if self.args.uses_full_divergence:
+            return dataclasses.replace(fields, teacher_hidden_BTH=teacher_hidden_BTH)
+        if self.args.uses_topk_divergence:
+            return dataclasses.replace(
+                fields,
+                teacher_topk_ids_BTK=step.scores.topk_ids_BTK.to(device).long(),
+                teacher_topk_logprobs_BTK=step.scores.topk_logprobs_BTK.to(device),
+            )
+        return fields
 
     def _rollout_batch(self, output: dict[str, Any], inputs) -> RolloutBatch:
         """The generated batch in opd's contract (ragged prompts, right-padded completions)."""
@@ -321,7 +334,7 @@ class OPDTrainer(LossMixin, MethodMixin, MetricsMixin, GRPOTrainer):
         sampler_BT = output.get("sampling_per_token_logps")
         if self.offline is not None:  # Lightning OPD: the stored sampler was an earlier student
             return self._trainer_logprobs(output)
-        if self.args.opd_behaviour_logprobs == "sampler" and sampler_BT is not None:
+        if self.args.opd_behaviour_logprobs == BehaviourLogprobs.SAMPLER and sampler_BT is not None:
             if not torch.isnan(sampler_BT).any():
                 return sampler_BT
             return torch.where(torch.isnan(sampler_BT), self._trainer_logprobs(output), sampler_BT)

@@ -1,10 +1,13 @@
-"""`StepState`: what one generation step of `OPDTrainer` learns, passed between its phases.
+"""What one generation step of `OPDTrainer` learns, and what of it the loss phase reads.
 
 TRL calls opd's hooks (`_generate`, `_calculate_rewards`) from inside its own
 `_generate_and_score_completions`, without a way to pass extra values. Instead of leaving loose
 attributes on the trainer, the step's values live in one `StepState`, created when a generation
 step starts and handed explicitly to every function of phase 1 (scoring, advantages, selection,
-metrics). Nothing in it outlives the step; the loss phase reads only the batch dict.
+metrics). Nothing in it outlives the step.
+
+The loss phase (phase 2) sees only TRL's batch dict, which TRL shuffles and splits by rows into
+micro-batches; what opd adds to it travels there as an `OPDBatchFields` (`opd/types.py`).
 
 Test: `pytest tests/integration/test_methods.py`.
 """
@@ -16,7 +19,7 @@ from typing import Any
 
 import torch
 
-from opd.types import RolloutBatch, TeacherScores
+from opd.types import RolloutBatch, TeacherScores, TokenStats
 
 
 @dataclass
@@ -40,8 +43,9 @@ class StepState:
     """Float completion mask (TRL's mask times its tool mask)."""
     student_old_BT: torch.Tensor | None = None
     """lp_old: the behaviour policy's logprob of each sampled token."""
-    stats_BT: dict[str, torch.Tensor] = field(default_factory=dict)
-    """No-grad per-token student statistics: entropy, reverse_kl, baseline_kl, jsd, topk_mass."""
+    stats_BT: TokenStats | None = None
+    """No-grad `[B, T]` per-token student statistics; None when the method reads none of them
+    and the teacher gave no top-k (or this process has no valid token)."""
 
     def correct_B(self) -> torch.Tensor:
         """Correct = the first reward function's reward >= 0.5 (a verifier's 0/1)."""

@@ -22,6 +22,8 @@ import torch
 from trl import GRPOTrainer
 from trl.trainer.utils import RepeatSampler, add_fused_lm_head
 
+from opd.types import OPDBatchFields
+
 __all__ = ["GRPOTrainer", "RepeatSampler", "add_fused_lm_head"]
 
 # `GRPOTrainer` hooks that `OPDTrainer` overrides, with the parameters it relies on.
@@ -55,11 +57,9 @@ OPTIONAL_BATCH_KEYS = (
     "old_per_token_logps", "ref_per_token_logps", "sampling_per_token_logps",
     "importance_sampling_ratio", "tool_mask",
 )  # fmt: skip
-# Keys opd adds to that dict; TRL must not use them itself (it splits every tensor by rows).
-OPD_BATCH_KEYS = (
-    "opd_keep_mask", "opd_offpolicy", "opd_teacher_hidden", "opd_teacher_topk_ids",
-    "opd_teacher_topk_logprobs",
-)  # fmt: skip
+# Keys opd adds to that dict (`OPDBatchFields`); TRL must not use them itself (it splits every
+# tensor by rows).
+OPD_BATCH_KEYS = OPDBatchFields.batch_keys()
 # Attributes `GRPOTrainer.__init__` sets that opd reads.
 TRAINER_ATTRIBUTES = (
     "num_generations", "temperature", "loss_type", "epsilon_low", "epsilon_high", "beta",

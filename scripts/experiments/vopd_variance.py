@@ -99,19 +99,14 @@ def sample_batch(student, tokenizer, prompt_ids_BP, prompt_mask_BP, seed: int):
 
 def estimator_advantages(stats_N, teacher_BT, keep_BT, mask_BT) -> dict[str, torch.Tensor]:
     """`[B, T]` advantages of the three estimators from the same samples and statistics."""
-
-    def scatter(values_N: torch.Tensor) -> torch.Tensor:
-        values_BT = torch.zeros(keep_BT.shape, dtype=torch.float32)
-        values_BT[keep_BT] = values_N.float()
-        return values_BT
-
-    term_BT = opd_term(scatter(stats_N["logprob"]), teacher_BT)
+    stats_BT = stats_N.scattered_BT(keep_BT)
+    term_BT = opd_term(stats_BT.logprob, teacher_BT)
     # With the teacher's hidden states, `reverse_kl` is the exact KL_t: what baseline="full"
     # returns as `baseline_kl`; `baseline_kl` here is the top-k one (baseline="topk").
     baselines = {
         "vanilla": None,
-        "vOPD full": -scatter(stats_N["reverse_kl"]),
-        "vOPD top-k": -scatter(stats_N["baseline_kl"]),
+        "vOPD full": -stats_BT.reverse_kl,
+        "vOPD top-k": -stats_BT.baseline_kl,
     }
     return {
         name: compose_advantage(term_BT, mask_BT, baseline_BT=baseline_BT)

@@ -15,8 +15,9 @@ from datasets import Dataset
 
 from opd import OPDConfig, OPDTrainer
 from opd.config import ConfigError
-from opd.losses.reference import topk_divergence
+from opd.kernels.reference import topk_divergence
 from opd.trainer.build import check_method_capabilities
+from opd.types import OPDBatchFields
 
 PROMPT_IDS = torch.tensor([[4, 13], [5, 13]])
 COMPLETION_IDS = torch.tensor([[6, 7, 2], [8, 2, 0]])
@@ -37,12 +38,17 @@ def make_trainer(tmp_path, tiny_student, tiny_teacher, **fields) -> OPDTrainer:
     return trainer
 
 
-def _inputs(**extra):
-    return {
+def _inputs(advantages_BT=ADVANTAGES_BT, **opd_fields):
+    """A loss micro-batch: TRL's keys, and opd's fields packed in as phase 1 packs them
+    (default: every valid token kept, no trace row)."""
+    inputs = {
         "prompt_ids": PROMPT_IDS, "prompt_mask": torch.ones(2, 2, dtype=torch.long),
         "completion_ids": COMPLETION_IDS, "completion_mask": MASK_BT,
-        "advantages": ADVANTAGES_BT, "num_items_in_batch": MASK_BT.sum(), **extra,
+        "advantages": advantages_BT, "num_items_in_batch": MASK_BT.sum(),
     }  # fmt: skip
+    defaults = {"keep_mask_BT": MASK_BT.bool(), "offpolicy_B": torch.zeros(2, dtype=torch.bool)}
+    OPDBatchFields(**{**defaults, **opd_fields}).pack_into(inputs)
+    return inputs
 
 
 def _completion_logprobs(model):
@@ -72,7 +78,7 @@ def test_tip_loss_sees_only_kept_tokens_and_the_lm_head_only_their_rows(
         return original(hidden, *args, **kwargs)
 
     monkeypatch.setattr(opd.trainer.loss, "fused_linear_token_stats", recording)
-    loss = trainer._compute_loss(trainer.model, _inputs(opd_keep_mask=keep))
+    loss = trainer._compute_loss(trainer.model, _inputs(keep_mask_BT=keep))
     assert rows_seen == [3]  # 3 kept of 5 valid tokens reach the lm_head
     # bnpo at rho = 1: -(0.5 + 1.0 + 0.5) / 3
     assert loss.item() == pytest.approx(-2.0 / 3, abs=1e-6)
@@ -87,7 +93,7 @@ def test_tip_loss_sees_only_kept_tokens_and_the_lm_head_only_their_rows(
 def test_an_empty_selection_gives_a_zero_loss_with_a_graph(tmp_path, tiny_student, tiny_teacher):
     trainer = make_trainer(tmp_path, tiny_student, tiny_teacher)
     keep = torch.zeros(2, 3, dtype=torch.bool)  # e.g. Q3 found no overconfident-and-wrong token
-    loss = trainer._compute_loss(trainer.model, _inputs(opd_keep_mask=keep))
+    loss = trainer._compute_loss(trainer.model, _inputs(keep_mask_BT=keep))
     assert loss.item() == 0.0
     loss.backward()
     assert all(p.grad is None or not p.grad.any() for p in trainer.model.parameters())
@@ -96,7 +102,7 @@ def test_an_empty_selection_gives_a_zero_loss_with_a_graph(tmp_path, tiny_studen
 def test_trace_rows_get_luffy_shaping_in_the_loss(tmp_path, tiny_student, tiny_teacher):
     trainer = make_trainer(tmp_path, tiny_student, tiny_teacher, opd_trace_gamma=0.1)
     offpolicy = torch.tensor([True, False])
-    loss = trainer._compute_loss(trainer.model, _inputs(opd_offpolicy=offpolicy))
+    loss = trainer._compute_loss(trainer.model, _inputs(offpolicy_B=offpolicy))
     logprobs = _completion_logprobs(trainer.model).gather(-1, COMPLETION_IDS[..., None])[..., 0]
     probs = logprobs.exp()
     # row 0 (trace): -A * p / (p + 0.1); row 1 (on-policy, rho = 1): -A
@@ -115,8 +121,8 @@ def test_topk_jsd_divergence_term_matches_the_reference(tmp_path, tiny_student, 
         torch.randn(2, 3, 49, generator=torch.Generator().manual_seed(1)), -1
     )
     topk = teacher_lp.topk(4, -1)
-    inputs = _inputs(advantages=torch.zeros(2, 3), opd_teacher_topk_ids=topk.indices,
-                     opd_teacher_topk_logprobs=topk.values)  # fmt: skip
+    inputs = _inputs(advantages_BT=torch.zeros(2, 3), teacher_topk_ids_BTK=topk.indices,
+                     teacher_topk_logprobs_BTK=topk.values)  # fmt: skip
     loss = trainer._compute_loss(trainer.model, inputs)
     input_ids = torch.cat([PROMPT_IDS, COMPLETION_IDS], dim=1)
     logits = trainer.model(input_ids=input_ids).logits[:, 1:-1].float()
@@ -141,7 +147,7 @@ def test_vopd_full_advantage_adds_the_exact_kl(tmp_path, tiny_student, tiny_teac
     expected = (teacher.gather(-1, ids) - student.gather(-1, ids))[..., 0] + kl
     mask = output["completion_mask"].float()
     torch.testing.assert_close(output["advantages"], expected * mask, atol=1e-4, rtol=1e-4)
-    assert output["opd_keep_mask"].equal(mask.bool())
+    assert OPDBatchFields.unpack(output).keep_mask_BT.equal(mask.bool())
 
 
 def test_self_teacher_and_gopd_reference_are_frozen_initial_weights(

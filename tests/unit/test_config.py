@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import pytest
+import yaml
+from transformers import AutoModelForCausalLM
 
 from opd.cli import main
 from opd.config import OPDConfig
+from opd.teacher.local import LocalTeacher
+from opd.types import Baseline, GuardAction, TeacherMode, TipRule
 
 
 def make_config(tmp_path, **overrides) -> OPDConfig:
@@ -73,9 +77,7 @@ def test_cli_unknown_flag_names_it(capsys):
 
 
 def test_cli_wrong_type_names_the_field(capsys):
-    with pytest.raises(SystemExit) as exit_info:
-        main(["distill", "--learning_rate", "fast"])
-    assert exit_info.value.code == 2
+    assert main(["distill", "--learning_rate", "fast"]) == 2
     assert "--learning_rate" in capsys.readouterr().err
 
 
@@ -88,7 +90,7 @@ def test_cli_impossible_combination_names_the_field(tmp_path, capsys):
 def test_cli_unknown_reward_function(tmp_path, capsys):
     args = ["distill", "--reward_funcs", "nope", "--output_dir", str(tmp_path), "--dry_run", "true"]
     assert main(args) == 2
-    assert "reward_funcs: unknown ['nope']" in capsys.readouterr().err
+    assert "reward_funcs: unknown 'nope'" in capsys.readouterr().err
 
 
 def test_cli_missing_dataset_file(tmp_path, capsys):
@@ -128,11 +130,59 @@ def test_deepspeed_without_cuda_is_refused_not_run_as_separate_copies():
         )  # fmt: skip
 
 
-def test_in_process_teacher_under_zero3_is_refused(monkeypatch):
-    """ZeRO-3 partitions the weights a local or self teacher would run on."""
+def test_in_process_teacher_under_zero3_is_refused(monkeypatch, tiny_teacher):
+    """ZeRO-3 partitions the weights a local or self teacher would run on. ZeRO-3 needs CUDA, so
+    its switch is forced and its partition marker (`ds_id`) set by hand."""
     import opd.trainer.build as build
 
     monkeypatch.setattr(build, "_zero3_enabled", lambda: True)
     args = OPDConfig(output_dir="/tmp/opd-test", report_to="none", teacher_mode="self")
     with pytest.raises(ValueError, match="ZeRO-3 partitions the weights"):
         build.check_method_capabilities(args, None, None)
+    local = OPDConfig(output_dir="/tmp/opd-test", report_to="none", teacher_model_name_or_path="t")
+    teacher = LocalTeacher(AutoModelForCausalLM.from_pretrained(tiny_teacher))
+    build.check_method_capabilities(local, teacher, None)  # loaded before ZeRO-3: whole
+    teacher.output_weight.ds_id = 0  # how ZeRO-3 marks a partitioned parameter
+    with pytest.raises(ValueError, match="ZeRO-3 partitions the weights"):
+        build.check_method_capabilities(local, teacher, None)
+
+
+def test_choice_fields_hold_enum_members_equal_to_the_strings(tmp_path):
+    config = make_config(tmp_path, opd_baseline="full", tip_rule="q3", guard_action="stop")
+    assert config.opd_baseline is Baseline.FULL and config.opd_baseline == "full"
+    assert config.tip_rule is TipRule.Q3 and config.guard_action is GuardAction.STOP
+    assert config.teacher_mode is TeacherMode.LOCAL  # the default is a member too
+    assert config.to_dict()["opd_baseline"] == "full"  # what report_to and the run folder get
+    assert repr(config.opd_baseline) == "'full'"  # messages read as before
+
+
+def test_cli_choices_parse_from_strings_and_are_saved_as_strings(tmp_path, capsys):
+    args = ["distill", "--output_dir", str(tmp_path), "--dry_run", "true", "--opd_ratio", "ppo",
+            "--opd_divergence", "forward_kl", "--teacher_top_k", "4"]  # fmt: skip
+    assert main(args) == 0
+    saved = yaml.safe_load((tmp_path / "opd_config.yaml").read_text())
+    assert saved["opd_divergence"] == "forward_kl" and saved["opd_ratio"] == "ppo"
+    assert main(["distill", "--opd_ratio", "clip"]) == 2
+    err = capsys.readouterr().err
+    assert "--opd_ratio" in err and "'plain', 'ppo', 'cispo'" in err
+
+
+@pytest.mark.parametrize(
+    ("overrides", "full", "topk", "tip_divergence"),
+    [
+        ({}, False, False, False),
+        ({"opd_baseline": "full"}, True, False, False),
+        ({"opd_baseline": "topk"}, True, True, False),  # without teacher_top_k: hidden states
+        ({"opd_baseline": "topk", "teacher_top_k": 8}, False, True, False),
+        ({"opd_divergence": "jsd", "teacher_top_k": 8}, False, True, False),
+        ({"opd_divergence": "jsd", "opd_divergence_support": "full"}, True, False, False),
+        ({"tip_rule": "entropy_sample"}, False, False, False),
+        ({"tip_rule": "entropy_sample", "tip_gamma": 1.0}, True, False, True),
+        ({"tip_rule": "q3", "teacher_top_k": 8}, False, False, True),
+    ],
+)
+def test_derived_switches(tmp_path, overrides, full, topk, tip_divergence):
+    config = make_config(tmp_path, **overrides)
+    assert config.needs_full_teacher_distribution is full
+    assert config.needs_teacher_topk is topk
+    assert config.tip_needs_divergence is tip_divergence

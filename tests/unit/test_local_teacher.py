@@ -10,6 +10,8 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from opd.teacher.local import LocalTeacher
+from opd.teacher.protocol import FullDistributionTeacher
+from opd.teacher.routed import RoutedTeacher
 from opd.teacher.wire import MIN_TEMPERATURE, SequenceScores, make_request
 from opd.types import RolloutBatch
 
@@ -152,3 +154,17 @@ def test_no_logits_over_the_prompt(teacher_model):
     assert logits_lengths == [13]
     torch.testing.assert_close(scores.sampled_logprobs_M, expected.sampled_logprobs_M)
     assert torch.equal(scores.topk_ids_MK, expected.topk_ids_MK)
+
+
+def test_only_a_single_in_process_teacher_gives_the_full_distribution(teacher_model):
+    """The trainer runs hidden states only for a `FullDistributionTeacher`: a local teacher is
+    one; a routed teacher (even over local ones) scores rows by route and is not."""
+    teacher = LocalTeacher(teacher_model)
+    assert isinstance(teacher, FullDistributionTeacher)
+    assert not isinstance(RoutedTeacher({"math": teacher}), FullDistributionTeacher)
+    batch = _batch()
+    hidden_BTH = teacher.completion_hidden_states(batch)
+    # hidden @ output_weight.T is the teacher's own logits: the full distribution, unchanged.
+    logits_TV = hidden_BTH[2] @ teacher.output_weight.T
+    expected_TV = _reference_logprobs_TV(teacher_model, [10, 11, 4], [9, 9, 9])
+    torch.testing.assert_close(torch.log_softmax(logits_TV, -1), expected_TV)

@@ -7,7 +7,8 @@ import math
 import pytest
 import torch
 
-from opd.objectives.tip import TIP_RULES, batch_quantile, kept_fraction, tip_axes, tip_keep_mask
+from opd.objectives.tip import batch_quantile, kept_fraction, tip_axes, tip_keep_mask
+from opd.types import TipRule
 
 VOCAB = 1000
 LN_V, LN_2 = math.log(VOCAB), math.log(2.0)
@@ -132,7 +133,7 @@ def test_entropy_sample_never_keeps_zero_entropy_tokens():
         assert int(kept.sum()) == 3 and not kept[0, 1] and not kept[1, 0]
 
 
-@pytest.mark.parametrize("rule", TIP_RULES)
+@pytest.mark.parametrize("rule", list(TipRule))
 def test_masked_tokens_are_never_kept(rule):
     generator = torch.Generator().manual_seed(1)
     mask_BT = torch.rand(3, 50, generator=generator) > 0.5
@@ -144,7 +145,7 @@ def test_masked_tokens_are_never_kept(rule):
     assert not (kept & ~mask_BT).any()
 
 
-@pytest.mark.parametrize("rule", TIP_RULES)
+@pytest.mark.parametrize("rule", list(TipRule))
 def test_all_masked_keeps_nothing(rule):
     kept = keep(rule, mask_BT=torch.zeros(2, 3))
     assert not kept.any()

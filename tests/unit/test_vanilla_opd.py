@@ -7,6 +7,7 @@ import torch
 from datasets import Dataset
 
 from opd.objectives.vanilla import discounted_future_sum, vanilla_opd_advantage
+from opd.types import OPDBatchFields
 
 STUDENT_OLD_BT = torch.tensor([[-1.0, -2.0, -0.5], [-0.2, -1.5, -3.0]])
 TEACHER_BT = torch.tensor([[-0.5, -2.5, -0.5], [-1.2, -1.0, -9.0]])
@@ -81,6 +82,8 @@ def test_grpo_loss_on_opd_advantages_matches_hand_computed(cpu_trainer):
         "advantages": advantages_BT,
         "num_items_in_batch": MASK_BT.sum(),
     }
+    # what phase 1 adds: every valid token kept, no off-policy trace row
+    OPDBatchFields(MASK_BT.bool(), torch.zeros(2, dtype=torch.bool)).pack_into(inputs)
     model = trainer.model.train()
     loss = trainer._compute_loss(model, inputs)
     # -(0.5 - 0.5 + 0 - 1.0 + 0.5) / 5 = 0.1

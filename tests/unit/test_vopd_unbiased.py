@@ -32,8 +32,8 @@ def _batch_gradients(student_logits, teacher_logits, generator):
             teacher_weight_VH=teacher_logits.T, baseline=baseline, baseline_top_k=TOP_K,
         )  # fmt: skip
         teacher_lp = torch.log_softmax(teacher_logits, -1)[states_N, ids_N]
-        term = opd_term(stats["logprob"][None], teacher_lp[None])
-        base = None if baseline == "none" else -stats["baseline_kl"][None]
+        term = opd_term(stats.logprob[None], teacher_lp[None])
+        base = None if baseline == "none" else -stats.baseline_kl[None]
         advantages = compose_advantage(term, torch.ones_like(term), baseline_BT=base)[0]
         logprobs = torch.log_softmax(hidden_NH @ weight.T, -1)[torch.arange(len(ids_N)), ids_N]
         policy_loss_N(logprobs, logprobs.detach(), advantages).mean().backward()

@@ -52,6 +52,11 @@ class TeacherMode(Choice):
     SELF = "self"
 
 
+# The modes whose teacher is named directly, by a model (local) or a URL (server, vllm): what
+# teacher routes and `opd teacher precompute` can use (offline reads shards; self is the student).
+DIRECT_TEACHER_MODES = (TeacherMode.LOCAL, TeacherMode.SERVER, TeacherMode.VLLM)
+
+
 class TeacherDtype(Choice):
     """dtype of an in-process teacher (`teacher_dtype`); AUTO follows the student's precision."""
 

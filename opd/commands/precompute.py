@@ -36,7 +36,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -45,7 +45,7 @@ from opd.config import ConfigError
 from opd.shards import ShardSetWriter
 from opd.teacher.http import TeacherRequestError, TeacherStoppedError, TeacherUnavailableError
 from opd.teacher.shard_rows import list_lengths, rollout_batch_from_table, teacher_columns
-from opd.types import MIN_TEMPERATURE, TeacherScores
+from opd.types import DIRECT_TEACHER_MODES, MIN_TEMPERATURE, TeacherMode, TeacherScores
 
 PROG = "opd teacher precompute"
 DESCRIPTION = "Score a fixed rollout set with a teacher into parquet shards (offline OPD)."
@@ -99,8 +99,8 @@ class PrecomputeArguments:
         }
     )
     output_dir: str = field(metadata={"help": "Folder for the teacher-score shards + manifest."})
-    teacher_mode: Literal["local", "server", "vllm"] = field(
-        default="local",
+    teacher_mode: TeacherMode = field(
+        default=TeacherMode.LOCAL,
         metadata={
             "help": "'local': in-process transformers model; 'server': `opd teacher serve` at "
             "teacher_urls; 'vllm': a stock `vllm serve` at teacher_urls."
@@ -160,6 +160,12 @@ class PrecomputeArguments:
     )
 
     def __post_init__(self):
+        self.teacher_mode = TeacherMode(self.teacher_mode)
+        if self.teacher_mode not in DIRECT_TEACHER_MODES:
+            raise ConfigError(
+                f"teacher_mode={self.teacher_mode!r}: precompute scores with a teacher it can "
+                f"call: {', '.join(DIRECT_TEACHER_MODES)}."
+            )
         if self.teacher_mode in ("local", "vllm") and not self.teacher_model_name_or_path:
             raise ConfigError(
                 f"teacher_mode={self.teacher_mode!r} needs teacher_model_name_or_path."

@@ -15,6 +15,7 @@ from typing import Any
 from opd.config import ConfigError
 from opd.teacher.http import RetryPolicy
 from opd.teacher.protocol import TeacherScorer
+from opd.types import DIRECT_TEACHER_MODES
 
 
 def build_teacher(args: Any, student_tokenizer=None) -> TeacherScorer:
@@ -58,7 +59,7 @@ def build_teacher(args: Any, student_tokenizer=None) -> TeacherScorer:
 
 
 # Modes a route can use: its TEACHER is a model name/path (local) or a URL (server, vllm).
-ROUTED_MODES = ("local", "server", "vllm")
+ROUTED_MODES = DIRECT_TEACHER_MODES
 
 
 def _build_routed_teacher(args: Any, student_tokenizer) -> TeacherScorer:

@@ -12,6 +12,9 @@ each completion right or wrong against the gold answer; each chunk's records are
 (`metrics.py`: mean@n, pass@k, mean length, truncation rate), and a table shows the models side
 by side. Files and resumption: `results.py`; sampling: `generate.py`.
 
+vLLM's context is sized from the longest prompt + max_new_tokens (`engine_context_length`). A
+rerun resumes if no `RECORDED_SETTINGS` argument changed, and may add a teacher to a student.
+
 The demo: `opd eval --model_name_or_path demo:student --teacher_model_name_or_path demo:teacher
 --dataset_name demo:arithmetic --reward demo_accuracy --output_dir EVAL --max_new_tokens 4`.
 
@@ -55,10 +58,9 @@ RECORDED_SETTINGS = {
     "reward": "reward",  # the grader
     "k": "k",  # the pass@k fields of every results line
 }
-# Every argument that cannot change what is measured: a rerun may change it. The vLLM settings
-# below decide how the work is laid out (batch, KV cache, GPUs). On a GPU vLLM's kernels are not
-# batch-invariant, so another value can change a sample at the rounding level, as any other run
-# on another machine can; it draws from the same distribution, so the metrics stay comparable.
+# Every argument that cannot change what is measured: a rerun may change it. The vLLM ones lay
+# the work out (batch, KV cache, GPUs). On a GPU vLLM is not batch-invariant, so another value
+# can change a sample at the rounding level, as another machine can: the same distribution.
 FREE_SETTINGS = {
     "output_dir": "the evaluation being resumed",
     "chunk_size": "examples per vLLM call; each example's seeds do not depend on its chunk",
@@ -226,12 +228,8 @@ def run(args: EvalArguments, open_generator: OpenGenerator = open_vllm_generator
         records = evaluate_model(
             args, label, path, context[label], dataset, prompt_ids[label], store, open_generator
         )
-        metrics = summarize(
-            [record["correct"] for record in records],
-            [record["num_tokens"] for record in records],
-            [record["truncated"] for record in records],
-            args.k,
-        )
+        columns = ("correct", "num_tokens", "truncated")  # summarize's per-example lists
+        metrics = summarize(*([record[key] for record in records] for key in columns), args.k)
         models[label] = {
             "model": args.models()[label],
             "results": results_name(label),

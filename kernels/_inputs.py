@@ -42,6 +42,20 @@ def keep_mask(mask: Tensor | None, n: int, device: torch.device) -> Tensor:
     return mask.to(device=device, dtype=torch.bool)
 
 
+def divergence_keep(
+    student_logits: Tensor, mask: Tensor | None, kind: str, beta: float, support: str = "teacher"
+) -> Tensor:
+    """Checked options of a divergence on `[N, V]` logits, and its `[N]` keep mask."""
+    check_options(kind, beta, support)
+    return keep_mask(mask, student_logits.shape[0], student_logits.device)
+
+
+def sampled_inputs(logits: Tensor, ids: Tensor, mask: Tensor | None) -> tuple[Tensor, Tensor]:
+    """`(keep, clean ids)` of `sampled_logprob_entropy` on `[N, V]` logits."""
+    keep = keep_mask(mask, logits.shape[0], logits.device)
+    return keep, clean_ids(ids, keep)
+
+
 def clean_ids(ids: Tensor, keep: Tensor) -> Tensor:
     """int64 sampled ids with masked rows set to 0 (theirs may be padding such as -100)."""
     return torch.where(keep, ids.long(), 0)

@@ -73,6 +73,25 @@ def _div_terms(ls, lt, beta, log_beta, log1m_beta, MODE: tl.constexpr):
 
 
 @triton.jit
+def _row_start(keep_ptr, student_ptr, stride_student, teacher_ptr, stride_teacher, V):
+    """This program's row, whether it is kept, where its student and teacher logits start, and
+    how many entries to read (none on a masked row: its contents are never read)."""
+    row = tl.program_id(0).to(tl.int64)  # int64: row * stride can pass 2^31 on large batches
+    keep = tl.load(keep_ptr + row) != 0
+    s_row = student_ptr + row * stride_student
+    t_row = teacher_ptr + row * stride_teacher
+    return row, keep, s_row, t_row, tl.where(keep, V, 0)
+
+
+@triton.jit
+def _tempered_block(s_row, t_row, offs, live, temperature):
+    """float32 student and teacher logits `/ T` at `offs`, `-inf` where not `live`."""
+    zs = tl.load(s_row + offs, mask=live, other=float("-inf")).to(tl.float32) / temperature
+    zt = tl.load(t_row + offs, mask=live, other=float("-inf")).to(tl.float32) / temperature
+    return zs, zt
+
+
+@triton.jit
 def _full_divergence_fwd_kernel(
     student_ptr,
     stride_student,
@@ -91,20 +110,16 @@ def _full_divergence_fwd_kernel(
     MODE: tl.constexpr,
     BLOCK_V: tl.constexpr,
 ):
-    row = tl.program_id(0).to(tl.int64)  # int64: row * stride can pass 2^31 on large batches
-    keep = tl.load(keep_ptr + row) != 0
-    s_row = student_ptr + row * stride_student
-    t_row = teacher_ptr + row * stride_teacher
-    n_read = tl.where(keep, V, 0)  # masked rows sweep nothing: their contents are never read
+    row, keep, s_row, t_row, n_read = _row_start(
+        keep_ptr, student_ptr, stride_student, teacher_ptr, stride_teacher, V
+    )
     m_s = tl.full((), float("-inf"), tl.float32)
     m_t = tl.full((), float("-inf"), tl.float32)
     sum_s = tl.zeros((), tl.float32)
     sum_t = tl.zeros((), tl.float32)
     for start in range(0, n_read, BLOCK_V):
         offs = start + tl.arange(0, BLOCK_V)
-        in_v = offs < V
-        zs = tl.load(s_row + offs, mask=in_v, other=float("-inf")).to(tl.float32) / temperature
-        zt = tl.load(t_row + offs, mask=in_v, other=float("-inf")).to(tl.float32) / temperature
+        zs, zt = _tempered_block(s_row, t_row, offs, offs < V, temperature)
         m_s, sum_s = _online_lse(m_s, sum_s, zs)
         m_t, sum_t = _online_lse(m_t, sum_t, zt)
     # Masked rows: log 1 = 0 instead of log 0, only to keep -inf out of values discarded below.
@@ -115,9 +130,7 @@ def _full_divergence_fwd_kernel(
     tsum = tl.zeros((), tl.float32)
     for start in range(0, n_read, BLOCK_V):
         offs = start + tl.arange(0, BLOCK_V)
-        in_v = offs < V
-        zs = tl.load(s_row + offs, mask=in_v, other=float("-inf")).to(tl.float32) / temperature
-        zt = tl.load(t_row + offs, mask=in_v, other=float("-inf")).to(tl.float32) / temperature
+        zs, zt = _tempered_block(s_row, t_row, offs, offs < V, temperature)
         f, t = _div_terms(zs - lse_s, zt - lse_t, beta, log_beta, log1m_beta, MODE)
         div += tl.sum(f, axis=0)
         tsum += tl.sum(t, axis=0)
@@ -149,13 +162,11 @@ def _full_divergence_bwd_kernel(
     ACCUMULATE: tl.constexpr,
     BLOCK_V: tl.constexpr,
 ):
-    row = tl.program_id(0).to(tl.int64)
-    keep = tl.load(keep_ptr + row) != 0
-    s_row = student_ptr + row * stride_student
-    t_row = teacher_ptr + row * stride_teacher
+    row, keep, s_row, t_row, n_read = _row_start(
+        keep_ptr, student_ptr, stride_student, teacher_ptr, stride_teacher, V
+    )
     d_row = dlogits_ptr + row * stride_dlogits
     out_dtype = dlogits_ptr.dtype.element_ty
-    n_read = tl.where(keep, V, 0)
     lse_s = tl.load(student_lse_ptr + row)
     lse_t = tl.load(teacher_lse_ptr + row)
     tsum = tl.load(tsum_ptr + row)
@@ -166,8 +177,7 @@ def _full_divergence_bwd_kernel(
         offs = start + tl.arange(0, BLOCK_V)
         in_v = offs < V
         live_v = offs < n_read
-        zs = tl.load(s_row + offs, mask=live_v, other=float("-inf")).to(tl.float32) / temperature
-        zt = tl.load(t_row + offs, mask=live_v, other=float("-inf")).to(tl.float32) / temperature
+        zs, zt = _tempered_block(s_row, t_row, offs, live_v, temperature)
         ls = zs - lse_s
         _, t = _div_terms(ls, zt - lse_t, beta, log_beta, log1m_beta, MODE)
         p = tl.where(ls > float("-inf"), tl.exp(ls), 0.0)

@@ -37,13 +37,12 @@ from torch import Tensor
 from opd.kernels._inputs import (
     MIN_TAIL,
     NEG_INF,
-    check_options,
-    clean_ids,
     clean_rows,
     clean_topk,
+    divergence_keep,
     fused_inputs,
-    keep_mask,
     require_teacher,
+    sampled_inputs,
     token_stats_output,
 )
 
@@ -122,9 +121,9 @@ def sampled_logprob_entropy(
     Returns:
         `(logprob, entropy)`, each float32 `[N]`.
     """
-    keep = keep_mask(mask, logits.shape[0], logits.device)
+    keep, ids = sampled_inputs(logits, ids, mask)
     ls = _logprobs(logits, keep, temperature)
-    logprob = ls.gather(-1, clean_ids(ids, keep)[:, None]).squeeze(-1)
+    logprob = ls.gather(-1, ids[:, None]).squeeze(-1)
     entropy = -_kl_terms(ls, torch.zeros_like(ls)).sum(-1)  # -sum p (log p - 0)
     return torch.where(keep, logprob, 0.0), torch.where(keep, entropy, 0.0)
 
@@ -167,8 +166,7 @@ def topk_divergence(
     Returns:
         float32 `[N]` divergence.
     """
-    check_options(kind, beta, support)
-    keep = keep_mask(mask, student_logits.shape[0], student_logits.device)
+    keep = divergence_keep(student_logits, mask, kind, beta, support)
     ls = _logprobs(student_logits, keep, temperature)
     t_ids, t_lp = clean_topk(teacher_topk_ids, teacher_topk_logprobs, keep)
     lt, returned = _completed_teacher(t_ids, t_lp, ls.shape[-1])
@@ -204,8 +202,7 @@ def full_divergence(
     Returns:
         float32 `[N]` divergence.
     """
-    check_options(kind, beta)
-    keep = keep_mask(mask, student_logits.shape[0], student_logits.device)
+    keep = divergence_keep(student_logits, mask, kind, beta)
     ls = _logprobs(student_logits, keep, temperature)
     lt = _logprobs(teacher_logits.detach(), keep, temperature)
     return torch.where(keep, _divergence(ls, lt, kind, beta), 0.0)

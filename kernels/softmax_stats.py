@@ -100,8 +100,10 @@ def _softmax_stats_fwd_kernel(
 
 @triton.jit
 def _softmax_stats_bwd_kernel(
-    logits_ptr,
+    logits_ptr,  # the [N, V] logits and their gradient first: the sweep reads one, writes the other
     stride_logits,
+    dlogits_ptr,
+    stride_dlogits,
     cand_ptr,
     stride_cand,
     keep_ptr,
@@ -111,8 +113,6 @@ def _softmax_stats_bwd_kernel(
     g_ent_ptr,
     g_cand_ptr,
     stride_g_cand,
-    dlogits_ptr,
-    stride_dlogits,
     V,
     B,
     temperature,
@@ -236,11 +236,11 @@ def softmax_stats_bwd(
         return dlogits_NV
     g_cand_NB = g_cand_NB.float().contiguous()
     _softmax_stats_bwd_kernel[(n,)](
-        logits_NV, logits_NV.stride(0), cand_ids_NB, cand_ids_NB.stride(0),
-        keep_N.to(torch.int32), lse_N.float().contiguous(), entropy_N.float().contiguous(),
+        logits_NV, logits_NV.stride(0), dlogits_NV, dlogits_NV.stride(0),
+        cand_ids_NB, cand_ids_NB.stride(0), keep_N.to(torch.int32),
+        lse_N.float().contiguous(), entropy_N.float().contiguous(),
         g_lse_N.float().contiguous(), g_entropy_N.float().contiguous(), g_cand_NB,
-        g_cand_NB.stride(0), dlogits_NV, dlogits_NV.stride(0),
-        vocab, buckets, float(temperature), **_blocks(vocab, buckets),
+        g_cand_NB.stride(0), vocab, buckets, float(temperature), **_blocks(vocab, buckets),
     )  # fmt: skip
     return dlogits_NV
 

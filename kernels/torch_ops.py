@@ -35,13 +35,12 @@ from torch import Tensor
 
 from opd.kernels import _topk_buckets as buckets
 from opd.kernels._inputs import (
-    check_options,
-    clean_ids,
     clean_rows,
     clean_topk,
+    divergence_keep,
     fused_inputs,
-    keep_mask,
     loss_inputs,
+    sampled_inputs,
     token_stats_output,
 )
 
@@ -108,8 +107,7 @@ def sampled_logprob_entropy(
     chunk_rows: int | None = None,
 ) -> tuple[Tensor, Tensor]:
     """`reference.sampled_logprob_entropy`, one row chunk at a time (module docstring)."""
-    keep = keep_mask(mask, logits.shape[0], logits.device)
-    safe_ids = clean_ids(ids, keep)
+    keep, safe_ids = sampled_inputs(logits, ids, mask)
     opts = ("reverse_kl", 0.5, float(temperature), True)
     rows = _rows_per_chunk(logits.shape[-1], chunk_rows)
     lp, ent, _ = _LogitsTokenStats.apply(
@@ -151,8 +149,7 @@ def topk_divergence(
     The teacher support runs the chunked statistics code; the "student" and "union" supports
     (which rank the student's own top-k per chunk) run `_support_rows` per chunk.
     """
-    check_options(kind, beta, support)
-    keep = keep_mask(mask, student_logits.shape[0], student_logits.device)
+    keep = divergence_keep(student_logits, mask, kind, beta, support)
     rows = _rows_per_chunk(student_logits.shape[-1], chunk_rows)
     if support != "teacher":
         fn = partial(
@@ -181,8 +178,7 @@ def full_divergence(
     chunk_rows: int | None = None,
 ) -> Tensor:
     """`reference.full_divergence`, one row chunk at a time (module docstring)."""
-    check_options(kind, beta)
-    keep = keep_mask(mask, student_logits.shape[0], student_logits.device)
+    keep = divergence_keep(student_logits, mask, kind, beta)
     ids = torch.zeros(student_logits.shape[0], dtype=torch.long, device=student_logits.device)
     opts = (kind, beta, float(temperature), True)
     rows = _rows_per_chunk(student_logits.shape[-1], chunk_rows)

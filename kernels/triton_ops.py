@@ -17,18 +17,12 @@ imports triton). Test: `TRITON_INTERPRET=1 pytest -q tests/kernels -k triton`.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 from torch import Tensor
 
-from opd.kernels._inputs import (
-    check_options,
-    clean_ids,
-    clean_topk,
-    fused_inputs,
-    keep_mask,
-    loss_inputs,
-    token_stats_output,
-)
+from opd.kernels import _inputs
 from opd.kernels._topk_buckets import support_candidates, support_divergence, topk_grad
 from opd.kernels.full_divergence_kernel import (
     FullDivergenceFunction,
@@ -46,20 +40,11 @@ def sampled_logprob_entropy(
     mask: Tensor | None = None,
     chunk_rows: int | None = None,
 ) -> tuple[Tensor, Tensor]:
-    """Log-prob of the sampled token and entropy of the student, per row (see the reference).
+    """`opd.kernels.reference.sampled_logprob_entropy` with one `softmax_stats` sweep per row.
 
-    Args:
-        logits: `[N, V]` student logits, any float dtype.
-        ids: `[N]` int64 sampled token ids (ignored on masked rows).
-        temperature: divides the logits.
-        mask: optional `[N]` bool, True = keep; masked rows give 0 and receive 0 gradient.
-        chunk_rows: accepted for the torch path's sake and ignored (one program per row).
-
-    Returns:
-        `(logprob, entropy)`, each float32 `[N]`.
+    `chunk_rows` is accepted for the torch path's sake and ignored (one program per row).
     """
-    keep = keep_mask(mask, logits.shape[0], logits.device)
-    safe_ids = clean_ids(ids, keep)
+    keep, safe_ids = _inputs.sampled_inputs(logits, ids, mask)
     lse, entropy, z_cand = softmax_stats(
         logits, safe_ids[:, None], temperature=temperature, keep_N=keep
     )
@@ -80,27 +65,13 @@ def topk_divergence(
     student_top_k: int | None = None,
     chunk_rows: int | None = None,
 ) -> Tensor:
-    """Student/teacher divergence on a top-k support, per row (see the reference).
+    """`opd.kernels.reference.topk_divergence`: one `softmax_stats` sweep gathers the support's
+    logits, then the `O(N K)` bucket maths of `_topk_buckets.py`.
 
-    Args:
-        student_logits: `[N, V]` student logits.
-        teacher_topk_ids: `[N, K]` int64 teacher top-k ids.
-        teacher_topk_logprobs: `[N, K]` teacher log-probs of those ids (`-inf` = padding).
-        kind: "reverse_kl", "forward_kl" or "jsd".
-        beta: JSD weight (`0` = forward KL, `1` = reverse KL).
-        support: "teacher", "student" or "union".
-        tail: add the tail bucket (True) or renormalise on the support (False).
-        temperature: divides the student logits.
-        mask: optional `[N]` bool, True = keep.
-        student_top_k: k of the student support (default `K`).
-        chunk_rows: accepted for the torch path's sake and ignored (one program per row).
-
-    Returns:
-        float32 `[N]` divergence.
+    `chunk_rows` is accepted for the torch path's sake and ignored (one program per row).
     """
-    check_options(kind, beta, support)
-    keep = keep_mask(mask, student_logits.shape[0], student_logits.device)
-    t_ids, t_lp = clean_topk(teacher_topk_ids, teacher_topk_logprobs, keep)
+    keep = _inputs.divergence_keep(student_logits, mask, kind, beta, support)
+    t_ids, t_lp = _inputs.clean_topk(teacher_topk_ids, teacher_topk_logprobs, keep)
     # The raw logits rank the student's ids as log_softmax(z / T) does, without an [N, V]
     # float32 copy.
     cand, live = support_candidates(student_logits, t_ids, t_lp, support, student_top_k)
@@ -121,22 +92,11 @@ def full_divergence(
     mask: Tensor | None = None,
     chunk_rows: int | None = None,
 ) -> Tensor:
-    """Student/teacher divergence over the full vocabulary, per row (see the reference).
+    """`opd.kernels.reference.full_divergence` with the `full_divergence_kernel.py` sweeps.
 
-    Args:
-        student_logits: `[N, V]` student logits.
-        teacher_logits: `[N, V]` teacher logits (constant; `-inf` entries allowed).
-        kind: "reverse_kl", "forward_kl" or "jsd".
-        beta: JSD weight (`0` = forward KL, `1` = reverse KL).
-        temperature: divides both sets of logits.
-        mask: optional `[N]` bool, True = keep.
-        chunk_rows: accepted for the torch path's sake and ignored (one program per row).
-
-    Returns:
-        float32 `[N]` divergence.
+    `chunk_rows` is accepted for the torch path's sake and ignored (one program per row).
     """
-    check_options(kind, beta)
-    keep = keep_mask(mask, student_logits.shape[0], student_logits.device)
+    keep = _inputs.divergence_keep(student_logits, mask, kind, beta)
     div = FullDivergenceFunction.apply(
         student_logits, teacher_logits.detach(), kind, float(beta), float(temperature), keep
     )
@@ -191,9 +151,22 @@ def _rows(x: Tensor | None, keep_r: Tensor, r: slice) -> Tensor | None:
     return None if x is None else torch.where(keep_r[:, None], x[r].float(), 0.0)
 
 
-def _chunk(t_mode: str, inputs: tuple, r: slice, cv: int):
-    """Row chunk `r` of `inputs = (x, w, th, tw, ids, t_ids, t_lp, keep)`:
-    `(x_r, keep_r, z_r, zt_r, cand, t_lp_r)` with the chunk's student and teacher logits."""
+class _FusedTensors(NamedTuple):
+    """The tensors a fused function reads (saved as they are for the backward)."""
+
+    x: Tensor  # [N, H] student hidden states
+    w: Tensor  # [V, H] student lm_head weight
+    th: Tensor | None  # [N, H_t] teacher hidden states (full-vocabulary teacher only)
+    tw: Tensor | None  # [V, H_t] teacher lm_head weight (full-vocabulary teacher only)
+    ids: Tensor | None  # [N] clean sampled ids (None in the loss, which has no logprob)
+    t_ids: Tensor | None  # [N, K] clean teacher top-k ids (top-k teacher only)
+    t_lp: Tensor | None  # [N, K] their log-probs
+    keep: Tensor  # [N] bool keep mask
+
+
+def _chunk(t_mode: str, inputs: _FusedTensors, r: slice, cv: int):
+    """Row chunk `r` of `inputs`: `(x_r, keep_r, z_r, zt_r, cand, t_lp_r)` with the chunk's
+    student and teacher logits."""
     x, w, th, tw, ids, t_ids, t_lp, keep = inputs
     keep_r = keep[r]
     x_r = _rows(x, keep_r, r)
@@ -247,7 +220,7 @@ class _FusedLinearTokenStats(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, w, ids, keep, th, tw, t_ids, t_lp, t_mode, opts, chunk_rows):
         n_ids, cv = 1, opts[-1]
-        inputs = (x, w, th, tw, ids, t_ids, t_lp, keep)
+        inputs = _FusedTensors(x, w, th, tw, ids, t_ids, t_lp, keep)
         outs, states = [], []
         for r0 in range(0, x.shape[0], chunk_rows):
             r = slice(r0, r0 + chunk_rows)
@@ -257,14 +230,15 @@ class _FusedLinearTokenStats(torch.autograd.Function):
             states.append(state)
         lp, ent, div = (torch.cat([o[i] for o in outs]) for i in range(3))
         state = [torch.cat([s[i] for s in states]) for i in range(6)]
-        ctx.save_for_backward(x, w, ids, keep, th, tw, t_ids, t_lp, *state)
+        ctx.save_for_backward(*inputs, *state)
         ctx.t_mode, ctx.opts, ctx.chunk_rows = t_mode, opts, chunk_rows
         return tuple(torch.where(keep, o, 0.0) for o in (lp, ent, div))
 
     @staticmethod
     def backward(ctx, g_lp, g_ent, g_div):
-        x, w, ids, keep, th, tw, t_ids, t_lp, *state = ctx.saved_tensors
-        cv, inputs = ctx.opts[-1], (x, w, th, tw, ids, t_ids, t_lp, keep)
+        n_inputs = len(_FusedTensors._fields)
+        inputs, state = _FusedTensors(*ctx.saved_tensors[:n_inputs]), ctx.saved_tensors[n_inputs:]
+        x, w, keep, cv = inputs.x, inputs.w, inputs.keep, ctx.opts[-1]
         grads = [torch.where(keep, g.float(), 0.0) for g in (g_lp, g_ent, g_div)]
         grad_x = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
         grad_w = torch.zeros(w.shape, dtype=torch.float32, device=w.device)
@@ -284,7 +258,7 @@ class _FusedLinearDivergenceLoss(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, w, weight, keep, th, tw, t_ids, t_lp, t_mode, opts, chunk_rows):
-        cv, inputs = opts[-1], (x, w, th, tw, None, t_ids, t_lp, keep)
+        cv, inputs = opts[-1], _FusedTensors(x, w, th, tw, None, t_ids, t_lp, keep)
         weight = torch.where(keep, weight.float(), 0.0)
         grad_x = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
         grad_w = torch.zeros(w.shape, dtype=torch.float32, device=w.device)
@@ -327,33 +301,19 @@ def fused_linear_token_stats(
     chunk_rows: int | None = 1024,
     chunk_vocab: int | None = 8192,
 ) -> dict[str, Tensor]:
-    """Logprob, entropy and divergence from hidden states, one row chunk of logits at a time.
+    """`opd.kernels.reference.fused_linear_token_stats`, one row chunk of logits at a time.
 
     Same values and gradients as the reference. Peak memory: about three `[chunk_rows, V]`
     float32 blocks (student logits, their gradient, teacher logits) plus a float32 `[V, H]`
     weight-gradient accumulator and `O(N K)` saved state.
 
     Args:
-        student_hidden: `[N, H]` student final hidden states (receives gradient).
-        student_weight: `[V, H]` student lm_head weight (receives gradient).
-        ids: `[N]` int64 sampled token ids.
-        teacher_hidden: optional `[N, H_t]` teacher hidden states (full-vocabulary divergence).
-        teacher_weight: `[V, H_t]` teacher lm_head weight, with `teacher_hidden`.
-        teacher_topk_ids: optional `[N, K]` teacher top-k ids (top-k divergence).
-        teacher_topk_logprobs: `[N, K]` their log-probs (`-inf` = padding), used as given.
-        kind: "reverse_kl", "forward_kl" or "jsd".
-        beta: JSD weight (`0` = forward KL, `1` = reverse KL).
-        temperature: divides student and teacher logits.
-        mask: optional `[N]` bool, True = keep.
-        tail: top-k only: tail bucket (True) or renormalise on the support (False).
         chunk_rows: rows per chunk of logits (None: about 256 MiB of float32 logits).
         chunk_vocab: weight rows upcast to float32 at a time when the weights are not float32.
-
-    Returns:
-        dict of float32 `[N]` tensors: `logprob`, `entropy`, and `divergence` if a teacher is given.
+        The other arguments: as the reference.
     """
     teacher = (teacher_hidden, teacher_weight, teacher_topk_ids, teacher_topk_logprobs)
-    keep, safe_ids, (t_mode, th, tw, t_ids, t_lp) = fused_inputs(
+    keep, safe_ids, (t_mode, th, tw, t_ids, t_lp) = _inputs.fused_inputs(
         student_hidden, ids, mask, kind, beta, teacher
     )
     rows, cv = _chunk_sizes(student_weight.shape[0], chunk_rows, chunk_vocab)
@@ -361,7 +321,7 @@ def fused_linear_token_stats(
     lp, ent, div = _FusedLinearTokenStats.apply(
         student_hidden, student_weight, safe_ids, keep, th, tw, t_ids, t_lp, t_mode, opts, rows
     )
-    return token_stats_output(lp, ent, div, t_mode)
+    return _inputs.token_stats_output(lp, ent, div, t_mode)
 
 
 def fused_linear_divergence_loss(
@@ -380,19 +340,13 @@ def fused_linear_divergence_loss(
     tail: bool = True,
     chunk_rows: int | None = 1024,
 ) -> tuple[Tensor, Tensor]:
-    """`sum_r weight_r D_r` from hidden states (see the reference), gradient formed in the forward.
+    """`opd.kernels.reference.fused_linear_divergence_loss`, its gradient formed in the forward.
 
-    Args:
-        student_hidden, student_weight, teacher_*, kind, beta, temperature, mask, tail:
-            as `fused_linear_token_stats` (a teacher is required).
-        weight: optional `[N]` per-row weights (constant), default 1.
-        chunk_rows: rows per chunk of logits (None: about 256 MiB of float32 logits).
-
-    Returns:
-        `(loss, divergence)`: float32 scalar (differentiable) and `[N]` divergence (detached).
+    `chunk_rows`: rows per chunk of logits (None: about 256 MiB of float32 logits); the other
+    arguments as the reference.
     """
     teacher = (teacher_hidden, teacher_weight, teacher_topk_ids, teacher_topk_logprobs)
-    keep, weight, (t_mode, th, tw, t_ids, t_lp) = loss_inputs(
+    keep, weight, (t_mode, th, tw, t_ids, t_lp) = _inputs.loss_inputs(
         student_hidden, weight, mask, kind, beta, teacher
     )
     rows, cv = _chunk_sizes(student_weight.shape[0], chunk_rows, None)

@@ -100,26 +100,28 @@ def test_interpret_mode_without_triton_is_torch(
 # --- OPD_KERNELS forcing --------------------------------------------------------------------
 
 
-def test_env_forces_torch_even_on_cuda(monkeypatch: pytest.MonkeyPatch, with_triton: None) -> None:
-    monkeypatch.setenv("OPD_KERNELS", "torch")
-    assert use_triton(CUDA_TENSOR) is False  # type: ignore[arg-type]  # stand-in
-
-
-def test_env_forces_torch_over_interpret_mode(
-    monkeypatch: pytest.MonkeyPatch, with_triton: None, cpu_tensor: torch.Tensor
+@pytest.mark.parametrize(
+    ("env", "device", "expected"),
+    [
+        ({"OPD_KERNELS": "torch"}, "cuda", False),
+        ({"OPD_KERNELS": "torch", "TRITON_INTERPRET": "1"}, "cpu", False),
+        ({"OPD_KERNELS": "triton"}, "cuda", True),
+        ({"OPD_KERNELS": "triton", "TRITON_INTERPRET": "1"}, "cpu", True),
+    ],
+    ids=["torch-even-on-cuda", "torch-over-interpret-mode", "triton-on-cuda", "triton-interpret"],
+)
+def test_env_forces_one_where_it_can_run(
+    monkeypatch: pytest.MonkeyPatch,
+    with_triton: None,
+    cpu_tensor: torch.Tensor,
+    env: dict[str, str],
+    device: str,
+    expected: bool,
 ) -> None:
-    monkeypatch.setenv("OPD_KERNELS", "torch")
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
-    assert use_triton(cpu_tensor) is False
-
-
-def test_env_forces_triton_where_it_can_run(
-    monkeypatch: pytest.MonkeyPatch, with_triton: None, cpu_tensor: torch.Tensor
-) -> None:
-    monkeypatch.setenv("OPD_KERNELS", "triton")
-    assert use_triton(CUDA_TENSOR) is True  # type: ignore[arg-type]  # stand-in
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
-    assert use_triton(cpu_tensor) is True
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    tensor = CUDA_TENSOR if device == "cuda" else cpu_tensor  # stand-in for a CUDA tensor
+    assert use_triton(tensor) is expected  # type: ignore[arg-type]
 
 
 def test_env_forcing_triton_on_cpu_raises_and_says_how_to_fix(

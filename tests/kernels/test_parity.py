@@ -18,6 +18,7 @@ Three kinds of checks, all on CPU in a few seconds:
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import pytest
 import torch
@@ -265,48 +266,82 @@ def test_topk_jsd_beta_limits_are_the_kls(ops, beta: float) -> None:
 FUSED_TEACHERS = ["none", "full_reverse_kl", "full_forward_kl", "full_jsd", "topk_jsd"]
 
 
-@pytest.mark.parametrize(("dtype", "atol", "rtol"), DTYPES)
-@pytest.mark.parametrize("teacher", FUSED_TEACHERS)
-def test_fused_linear_token_stats_matches_unfused(ops, dtype, atol, rtol, teacher) -> None:
-    gen = torch.Generator().manual_seed(1)
+class FusedInputs(NamedTuple):
+    """Inputs of the fused functions: the tested leaves, the student's hidden states `xl [N, H]`
+    (NaN in masked rows) and lm_head `wl [V, H]`; their float64 copies `x64` (masked rows 0),
+    `w64` and logits `z64`; a float32 teacher `xt [N, 64]`, `wt [V, 64]` and its top-K (row 1
+    padded with `-inf`, ids -1)."""
+
+    xl: torch.Tensor
+    wl: torch.Tensor
+    x64: torch.Tensor
+    w64: torch.Tensor
+    z64: torch.Tensor
+    xt: torch.Tensor
+    wt: torch.Tensor
+    t_ids: torch.Tensor
+    t_lps: torch.Tensor
+
+
+def make_fused_inputs(dtype: torch.dtype, gen: torch.Generator, keep: torch.Tensor) -> FusedInputs:
     x = (torch.randn(N, H, generator=gen) / 4).to(dtype)
     w = (torch.randn(V, H, generator=gen) / 2).to(dtype)
     xt, wt = torch.randn(N, 64, generator=gen) / 4, torch.randn(V, 64, generator=gen) / 2
-    _, _, ids, keep, _, _ = make_inputs(torch.float32)
     x[MASKED] = torch.nan
     t_lps, t_ids = torch.log_softmax(xt @ wt.T / TEMP, -1).topk(K, -1)
     t_lps[1, 2:], t_ids[1, 2:] = -math.inf, -1
-    kind = teacher.split("_", 1)[-1]
-    kw = {"teacher_hidden": xt, "teacher_weight": wt} if teacher.startswith("full") else {}
-    if teacher.startswith("topk"):
-        kw = {"teacher_topk_ids": t_ids, "teacher_topk_logprobs": t_lps}
     xl, wl = x.clone().requires_grad_(True), w.clone().requires_grad_(True)
-    out = ops.fused_linear_token_stats(
-        xl, wl, ids, kind=kind if teacher != "none" else "reverse_kl", beta=0.4,
-        temperature=TEMP, mask=keep, **ops.fused_options, **kw,
-    )  # fmt: skip
     x64 = torch.where(keep[:, None], x.double(), 0.0).requires_grad_(True)
     w64 = w.double().requires_grad_(True)
-    z64 = x64 @ w64.T
-    want = dict(zip(("logprob", "entropy"), ref_stats(z64, ids, keep), strict=True))
+    return FusedInputs(xl, wl, x64, w64, x64 @ w64.T, xt, wt, t_ids, t_lps)
+
+
+def fused_teacher(teacher: str, inputs: FusedInputs, keep: torch.Tensor, kind: str):
+    """`teacher` ("full_*" or "topk_*"): the fused functions' teacher arguments and the float64
+    reference divergence (beta 0.4)."""
     if teacher.startswith("full"):
-        want["divergence"] = ref_full(z64, xt.double() @ wt.double().T, keep, kind, 0.4)
-    if teacher.startswith("topk"):
-        want["divergence"] = ref_topk(z64, t_ids, t_lps, keep, kind, 0.4)
-    assert set(out) == set(want)
-    g = {name: torch.randn(N) for name in want}
-    loss = sum((out[name] * g[name]).sum() for name in want)
-    loss64 = sum((want[name] * g[name].double()).sum() for name in want)
-    grads, grads64 = torch.autograd.grad(loss, (xl, wl)), torch.autograd.grad(loss64, (x64, w64))
-    for name in want:
-        torch.testing.assert_close(out[name], want[name].float(), atol=atol, rtol=rtol)
-        assert (out[name][~keep] == 0).all()
+        zt64 = inputs.xt.double() @ inputs.wt.double().T
+        kw = {"teacher_hidden": inputs.xt, "teacher_weight": inputs.wt}
+        return kw, ref_full(inputs.z64, zt64, keep, kind, 0.4)
+    kw = {"teacher_topk_ids": inputs.t_ids, "teacher_topk_logprobs": inputs.t_lps}
+    return kw, ref_topk(inputs.z64, inputs.t_ids, inputs.t_lps, keep, kind, 0.4)
+
+
+def check_fused_grads(inputs: FusedInputs, loss, loss64, keep, dtype, atol, rtol) -> None:
+    """Gradients w.r.t. hidden states and weight equal the float64 ones, in the input dtype;
+    masked rows' hidden-state gradient exactly 0."""
+    grads = torch.autograd.grad(loss, (inputs.xl, inputs.wl))
+    grads64 = torch.autograd.grad(loss64, (inputs.x64, inputs.w64))
     assert (grads[0][~keep] == 0).all()
+    assert grads[0].dtype == dtype and grads[1].dtype == dtype
     torch.testing.assert_close(
         grads[0].float()[keep], grads64[0].float()[keep], atol=atol, rtol=rtol
     )
     torch.testing.assert_close(grads[1].float(), grads64[1].float(), atol=atol, rtol=rtol)
-    assert grads[0].dtype == dtype and grads[1].dtype == dtype
+
+
+@pytest.mark.parametrize(("dtype", "atol", "rtol"), DTYPES)
+@pytest.mark.parametrize("teacher", FUSED_TEACHERS)
+def test_fused_linear_token_stats_matches_unfused(ops, dtype, atol, rtol, teacher) -> None:
+    _, _, ids, keep, _, _ = make_inputs(torch.float32)
+    inputs = make_fused_inputs(dtype, torch.Generator().manual_seed(1), keep)
+    kind = teacher.split("_", 1)[-1]
+    want = dict(zip(("logprob", "entropy"), ref_stats(inputs.z64, ids, keep), strict=True))
+    kw = {}
+    if teacher != "none":
+        kw, want["divergence"] = fused_teacher(teacher, inputs, keep, kind)
+    out = ops.fused_linear_token_stats(
+        inputs.xl, inputs.wl, ids, kind=kind if teacher != "none" else "reverse_kl", beta=0.4,
+        temperature=TEMP, mask=keep, **ops.fused_options, **kw,
+    )  # fmt: skip
+    assert set(out) == set(want)
+    g = {name: torch.randn(N) for name in want}
+    loss = sum((out[name] * g[name]).sum() for name in want)
+    loss64 = sum((want[name] * g[name].double()).sum() for name in want)
+    for name in want:
+        torch.testing.assert_close(out[name], want[name].float(), atol=atol, rtol=rtol)
+        assert (out[name][~keep] == 0).all()
+    check_fused_grads(inputs, loss, loss64, keep, dtype, atol, rtol)
 
 
 @pytest.mark.parametrize(("dtype", "atol", "rtol"), DTYPES)
@@ -314,44 +349,22 @@ def test_fused_linear_token_stats_matches_unfused(ops, dtype, atol, rtol, teache
 def test_fused_linear_divergence_loss_matches_unfused(ops, dtype, atol, rtol, teacher) -> None:
     """The scalar loss `sum_r w_r D_r` and its gradients (computed in the forward, then scaled
     by a `grad_output` != 1) equal the float64 computation."""
-    gen = torch.Generator().manual_seed(2)
-    x = (torch.randn(N, H, generator=gen) / 4).to(dtype)
-    w = (torch.randn(V, H, generator=gen) / 2).to(dtype)
-    xt, wt = torch.randn(N, 64, generator=gen) / 4, torch.randn(V, 64, generator=gen) / 2
     _, _, _, keep, _, _ = make_inputs(torch.float32)
-    x[MASKED] = torch.nan
-    t_lps, t_ids = torch.log_softmax(xt @ wt.T / TEMP, -1).topk(K, -1)
-    t_lps[1, 2:], t_ids[1, 2:] = -math.inf, -1
+    gen = torch.Generator().manual_seed(2)
+    inputs = make_fused_inputs(dtype, gen, keep)
     weight = torch.rand(N, generator=gen) + 0.5
     kind = teacher.split("_", 1)[-1]
-    if teacher.startswith("full"):
-        kw = {"teacher_hidden": xt, "teacher_weight": wt}
-    else:
-        kw = {"teacher_topk_ids": t_ids, "teacher_topk_logprobs": t_lps}
-    xl, wl = x.clone().requires_grad_(True), w.clone().requires_grad_(True)
+    kw, div64 = fused_teacher(teacher, inputs, keep, kind)
     options = {"chunk_rows": 8} if ops.fused_options else {}
     loss, div = ops.fused_linear_divergence_loss(
-        xl, wl, weight=weight, kind=kind, beta=0.4, temperature=TEMP, mask=keep, **options, **kw
-    )
-    x64 = torch.where(keep[:, None], x.double(), 0.0).requires_grad_(True)
-    w64 = w.double().requires_grad_(True)
-    z64 = x64 @ w64.T
-    if teacher.startswith("full"):
-        div64 = ref_full(z64, xt.double() @ wt.double().T, keep, kind, 0.4)
-    else:
-        div64 = ref_topk(z64, t_ids, t_lps, keep, kind, 0.4)
+        inputs.xl, inputs.wl, weight=weight, kind=kind, beta=0.4, temperature=TEMP, mask=keep,
+        **options, **kw,
+    )  # fmt: skip
     loss64 = (div64 * weight.double()).sum()
     assert loss.shape == () and loss.dtype == torch.float32 and not div.requires_grad
     torch.testing.assert_close(div, div64.float(), atol=atol, rtol=rtol)
     torch.testing.assert_close(loss, loss64.float(), atol=atol * N, rtol=rtol)
-    grads = torch.autograd.grad(loss * 0.7, (xl, wl))
-    grads64 = torch.autograd.grad(loss64 * 0.7, (x64, w64))
-    assert (grads[0][~keep] == 0).all()
-    assert grads[0].dtype == dtype and grads[1].dtype == dtype
-    torch.testing.assert_close(
-        grads[0].float()[keep], grads64[0].float()[keep], atol=atol, rtol=rtol
-    )
-    torch.testing.assert_close(grads[1].float(), grads64[1].float(), atol=atol, rtol=rtol)
+    check_fused_grads(inputs, loss * 0.7, loss64 * 0.7, keep, dtype, atol, rtol)
 
 
 def test_all_rows_masked_give_zeros_and_zero_gradients(ops) -> None:

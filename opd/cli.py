@@ -7,7 +7,8 @@
     opd eval --model_name_or_path M --dataset_name D --output_dir OUT  (--teacher_...: side by side)
     opd report RUN_DIR [--output_dir DIR]                     (default DIR: RUN_DIR/report)
 
-Each command is a module of `opd.commands` with its arguments dataclass(es) and `run(...)`.
+Each command is a module of `opd.commands` with its `<Module>Arguments` dataclass (distill adds
+the trainer's) and `run(...)`.
 `opd distill` is parsed the TRL way (`TrlParser`: YAML values become defaults, flags override
 them); the others with transformers' `HfArgumentParser` (`--a_b` and `--a-b`, `--help`). Unknown
 keys and wrong types fail with a message that names the field.
@@ -26,28 +27,37 @@ import dataclasses
 import sys
 from collections.abc import Callable
 from importlib import import_module, resources
-from typing import Any
+from typing import Any, NamedTuple
 
 DESCRIPTION = "opd: on-policy distillation of language models (vLLM + teacher + TRL)."
-# Command name -> (module of opd.commands, its arguments dataclass names, one-line help).
+
+
+class Command(NamedTuple):
+    """One `opd` command, known without importing it (the top-level help stays fast)."""
+
+    module: str  # in opd.commands
+    help: str  # one line, for `opd --help`
+    extra_types: tuple[str, ...] = ()  # dataclasses parsed after `<Module>Arguments`
+
+    def argument_types(self) -> tuple[str, ...]:
+        """The names of the arguments dataclasses, in parsing order."""
+        return (f"{self.module.capitalize()}Arguments", *self.extra_types)
+
+
 COMMANDS = {
-    "distill": ("distill", ("DistillArguments", "OPDConfig", "StudentModelConfig"),
-                "Train a student on its own samples, scored per token by a teacher (default: "
-                "the embedded CPU demo)."),
-    "rollout": ("rollout", ("RolloutArguments",),
-                "Sample completions for a prompt dataset with the student (vLLM), once, to "
-                "shards."),
-    "teacher serve": ("serve", ("ServeArguments",),
-                      "Serve a teacher's per-token scores over HTTP (transformers or vLLM "
-                      "backend)."),
-    "teacher precompute": ("precompute", ("PrecomputeArguments",),
-                           "Score a rollout set with a teacher and write parquet shards (offline "
-                           "OPD)."),
-    "eval": ("eval", ("EvalArguments",),
-             "Sample and grade a dataset with vLLM: mean@n, pass@k, length, truncation (student "
-             "and teacher side by side)."),
-    "report": ("report", ("ReportArguments",),
-               "Plot a run's logged metrics as PNGs plus one HTML page (RUN_DIR/report)."),
+    "distill": Command("distill", "Train a student on its own samples, scored per token by a "
+                       "teacher (default: the embedded CPU demo).",
+                       extra_types=("OPDConfig", "StudentModelConfig")),
+    "rollout": Command("rollout", "Sample completions for a prompt dataset with the student "
+                       "(vLLM), once, to shards."),
+    "teacher serve": Command("serve", "Serve a teacher's per-token scores over HTTP "
+                             "(transformers or vLLM backend)."),
+    "teacher precompute": Command("precompute", "Score a rollout set with a teacher and write "
+                                  "parquet shards (offline OPD)."),
+    "eval": Command("eval", "Sample and grade a dataset with vLLM: mean@n, pass@k, length, "
+                    "truncation (student and teacher side by side)."),
+    "report": Command("report", "Plot a run's logged metrics as PNGs plus one HTML page "
+                      "(RUN_DIR/report)."),
 }  # fmt: skip
 BAD_INPUT, TEACHER_STOPPED = 2, 1
 
@@ -82,7 +92,7 @@ def run_command(name: str, argv: list[str]) -> int:
     teacher_errors = (TeacherUnavailableError, TeacherRequestError, TeacherStoppedError)
     prog = f"opd {name}"
     quiet_known_warnings()
-    command = import_module(f"opd.commands.{COMMANDS[name][0]}")
+    command = import_module(f"opd.commands.{COMMANDS[name].module}")
     try:
         parsed = parse(name, command, argv)
     except SystemExit as exit_:  # --help (0), or argparse's own usage error (2, printed)
@@ -103,8 +113,9 @@ def run_command(name: str, argv: list[str]) -> int:
 
 def parse(name: str, command, argv: list[str]) -> tuple[Any, ...]:
     """The command's arguments dataclasses, filled from `argv` (and a recipe for distill)."""
-    types = tuple(_argument_type(command, type_name) for type_name in COMMANDS[name][1])
-    description = getattr(command, "DESCRIPTION", COMMANDS[name][2])
+    known = COMMANDS[name]
+    types = tuple(_argument_type(command, type_name) for type_name in known.argument_types())
+    description = getattr(command, "DESCRIPTION", known.help)
     positional = getattr(command, "POSITIONAL", None)
     if positional and argv and not argv[0].startswith("-"):  # `opd report RUN_DIR`
         argv = [f"--{positional}", *argv]
@@ -142,7 +153,7 @@ def _argument_type(command, type_name: str) -> type:
 
 def top_level_help() -> str:
     lines = [DESCRIPTION, "", "usage: opd <command> [options]", "", "commands:"]
-    lines += [f"  {name:19} {help_text}" for name, (_, _, help_text) in COMMANDS.items()]
+    lines += [f"  {name:19} {command.help}" for name, command in COMMANDS.items()]
     lines += ["", "Run `opd <command> --help` for the fields of a command."]
     return "\n".join(lines)
 

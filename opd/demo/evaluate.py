@@ -40,22 +40,24 @@ def completion_mask(completion_ids_BT: torch.Tensor, eos_id: int) -> torch.Tenso
 
 
 @torch.no_grad()
-def generate_greedy(
+def generate_completions(
     model: PreTrainedModel,
     prompt_ids_BP: torch.Tensor,
     prompt_mask_BP: torch.Tensor,
     max_new_tokens: int,
     eos_id: int,
     pad_id: int,
+    **sampling,
 ) -> torch.Tensor:
-    """Greedy completions `[B, T]` (T <= max_new_tokens), padded with `pad_id` after EOS."""
+    """Completions `[B, T]` (T <= max_new_tokens), padded with `pad_id` after EOS: greedy, or
+    sampled with `generate`'s sampling options (`do_sample=True`, ...)."""
     out_BL = model.generate(
         input_ids=prompt_ids_BP,
         attention_mask=prompt_mask_BP,
         max_new_tokens=max_new_tokens,
-        do_sample=False,
         eos_token_id=eos_id,
         pad_token_id=pad_id,
+        **({"do_sample": False} | sampling),
     )
     return out_BL[:, prompt_ids_BP.shape[1] :]
 
@@ -69,18 +71,11 @@ def sample_completions(
     max_new_tokens: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Student samples at temperature 1 over the full vocabulary: ids and mask, both `[B, T]`."""
-    out_BL = student.generate(
-        input_ids=prompt_ids_BP,
-        attention_mask=prompt_mask_BP,
-        max_new_tokens=max_new_tokens,
-        do_sample=True,
-        temperature=1.0,
-        top_k=0,
-        top_p=1.0,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
+    ids = (tokenizer.eos_token_id, tokenizer.pad_token_id)
+    full_vocabulary = {"do_sample": True, "temperature": 1.0, "top_k": 0, "top_p": 1.0}
+    completion_ids_BT = generate_completions(
+        student, prompt_ids_BP, prompt_mask_BP, max_new_tokens, *ids, **full_vocabulary
     )
-    completion_ids_BT = out_BL[:, prompt_ids_BP.shape[1] :]
     return completion_ids_BT, completion_mask(completion_ids_BT, tokenizer.eos_token_id)
 
 
@@ -114,7 +109,7 @@ def _greedy_correct(
     model, tokenizer, prompt_ids_BP, prompt_mask_BP, answers: list[str], max_new_tokens: int
 ) -> tuple[float, torch.Tensor]:
     """Number of correct greedy completions, and the completions `[B, T]`."""
-    completion_ids_BT = generate_greedy(
+    completion_ids_BT = generate_completions(
         model,
         prompt_ids_BP,
         prompt_mask_BP,

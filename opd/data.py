@@ -3,7 +3,8 @@ files or hub data.
 
 Contract: a `datasets.Dataset` with a `prompt` column (text, or a list of chat messages that TRL
 renders with the chat template); any other columns (e.g. `answer`) reach the reward functions.
-The prompts are shaped here, in one place for every command, by a `PromptFormat` (the
+The `dataset_*` arguments of those commands are one dataclass, `PromptDataArguments`, and the
+prompts are shaped here, in one place for every command, by its `PromptFormat` (the
 `dataset_prompt_template`, `dataset_system_prompt` and `dataset_chat_template` fields), so
 distill, rollout and eval see identical prompts.
 
@@ -14,17 +15,22 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from datasets import Dataset, load_dataset
+from opd.config import ConfigError, help_field
 
-from opd.config import ConfigError
+if TYPE_CHECKING:  # `datasets` loads only with the prompts, not for `--help` or parsing
+    from datasets import Dataset
 
 DEMO_DATASET = "demo:arithmetic"
 WORD_PROBLEMS = "demo:word_problems"  # the real-model recipe's task (opd/demo/word_problems.py)
 DEMO_DATASETS = (DEMO_DATASET, WORD_PROBLEMS)
 LOCAL_FORMATS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
 PROMPT_PLACEHOLDER = "{prompt}"
+DATASET_NAME_HELP = (
+    "Prompts: a .jsonl/.json/.parquet/.csv file, a hub name, or a task opd generates "
+    "('demo:arithmetic', 'demo:word_problems'; their 'test' split is held out)."
+)
 
 Prompt = str | list[dict[str, Any]]
 
@@ -113,6 +119,8 @@ def load_prompt_dataset(
     `as_chat` turns each text prompt into a one-message conversation, which TRL renders with the
     student's chat template (what instruct and reasoning models expect).
     """
+    from datasets import load_dataset
+
     prompt_format = PromptFormat(as_chat, system_prompt, prompt_template)  # checked before loading
     if name in DEMO_DATASETS:
         return prompt_format.apply_to(load_demo_dataset(name, split))
@@ -120,6 +128,8 @@ def load_prompt_dataset(
     if path.suffix in LOCAL_FORMATS:
         if not path.is_file():
             raise ConfigError(f"dataset_name={name!r}: no such file.")
+        if path.stat().st_size == 0:  # `datasets` would fail on it with an unrelated message
+            raise ConfigError(f"dataset_name={name!r} is an empty file.")
         dataset = load_dataset(LOCAL_FORMATS[path.suffix], data_files=str(path), split="train")
     else:
         dataset = load_dataset(name, config, split=split)
@@ -151,24 +161,53 @@ def load_demo_dataset(name: str, split: str) -> Dataset:
     return load_word_problems(split)
 
 
-def prompt_format_for(args) -> PromptFormat:
-    """The `PromptFormat` of the `dataset_*` fields every command's arguments share."""
-    return PromptFormat(
-        as_chat=args.dataset_chat_template,
-        system_prompt=args.dataset_system_prompt,
-        template=args.dataset_prompt_template,
+@dataclass(kw_only=True)
+class PromptDataArguments:
+    """The `dataset_*` fields that `opd distill`, `opd rollout` and `opd eval` share: which
+    prompts, and how the model sees them (`PromptFormat`). Each command's arguments extend it
+    with its own split field (`dataset_train_split`, eval's `dataset_split`) and pass it to
+    `load_prompts`.
+
+    Keyword-only, so that a command may add required fields (`output_dir`) after these.
+    """
+
+    dataset_name: str = help_field(help=DATASET_NAME_HELP)
+    dataset_config: str | None = help_field(None, "Hub dataset config.")
+    dataset_prompt_column: str = help_field(
+        "prompt", "Column holding the prompt (text or chat messages)."
+    )
+    dataset_chat_template: bool = help_field(
+        False, "Wrap each text prompt as a user message (rendered by the chat template)."
+    )
+    dataset_system_prompt: str | None = help_field(
+        None,
+        "System message put before each prompt (makes text prompts chat messages, rendered by "
+        "the chat template).",
+    )
+    dataset_prompt_template: str | None = help_field(
+        None,
+        "Template for each prompt, with a {prompt} placeholder, e.g. "
+        "'{prompt} Put the final answer in \\boxed{}.'",
     )
 
+    def __post_init__(self):
+        self.prompt_format()  # a bad template fails at parse time, before any loading
 
-def load_prompts_for(args) -> Dataset:
-    """`load_prompt_dataset` with the `dataset_*` fields that `opd distill` and `opd rollout`
-    arguments share."""
-    return load_prompt_dataset(
-        args.dataset_name,
-        config=args.dataset_config,
-        split=args.dataset_train_split,
-        prompt_column=args.dataset_prompt_column,
-        as_chat=args.dataset_chat_template,
-        system_prompt=args.dataset_system_prompt,
-        prompt_template=args.dataset_prompt_template,
-    )
+    def prompt_format(self) -> PromptFormat:
+        return PromptFormat(
+            as_chat=self.dataset_chat_template,
+            system_prompt=self.dataset_system_prompt,
+            template=self.dataset_prompt_template,
+        )
+
+    def load_prompts(self, split: str) -> Dataset:
+        """`load_prompt_dataset` of these fields and the command's `split`."""
+        return load_prompt_dataset(
+            self.dataset_name,
+            config=self.dataset_config,
+            split=split,
+            prompt_column=self.dataset_prompt_column,
+            as_chat=self.dataset_chat_template,
+            system_prompt=self.dataset_system_prompt,
+            prompt_template=self.dataset_prompt_template,
+        )

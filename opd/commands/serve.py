@@ -29,11 +29,11 @@ import ipaddress
 import logging
 import os
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from opd.config import ConfigError
+from opd.config import ConfigError, help_field
 from opd.models import served_model_name
 from opd.teacher.http import API_KEY_ENV
 
@@ -52,79 +52,56 @@ logger = logging.getLogger(__name__)
 class ServeArguments:
     """What `opd teacher serve` loads and the limits it enforces on requests."""
 
-    model: str = field(
-        metadata={
-            "help": "The teacher: a local model folder, a hub id, demo:teacher or pypi:<name>."
-        }
+    model: str = help_field(
+        help="The teacher: a local model folder, a hub id, demo:teacher or pypi:<name>."
     )
-    backend: Literal["transformers", "vllm"] = field(
-        default="transformers",
-        metadata={"help": "'transformers': an HF forward (any device); 'vllm': vLLM's engine."},
+    backend: Literal["transformers", "vllm"] = help_field(
+        "transformers", "'transformers': an HF forward (any device); 'vllm': vLLM's engine."
     )
-    host: str = field(default="127.0.0.1", metadata={"help": "Interface to listen on."})
-    port: int = field(default=8000, metadata={"help": "TCP port to listen on."})
-    api_key: str | None = field(
-        default=None,
-        metadata={
-            "help": f"Require `Authorization: Bearer KEY` on /info and /v1/score (default: "
-            f"${API_KEY_ENV}; unset: no auth, loopback only unless --insecure_no_auth)."
-        },
+    host: str = help_field("127.0.0.1", "Interface to listen on.")
+    port: int = help_field(8000, "TCP port to listen on.")
+    api_key: str | None = help_field(
+        None,
+        f"Require `Authorization: Bearer KEY` on /info and /v1/score (default: "
+        f"${API_KEY_ENV}; unset: no auth, loopback only unless --insecure_no_auth).",
     )
-    insecure_no_auth: bool = field(
-        default=False,
-        metadata={"help": "Allow a non-loopback --host without an API key (anyone may use it)."},
+    insecure_no_auth: bool = help_field(
+        False, "Allow a non-loopback --host without an API key (anyone may use it)."
     )
-    docs: bool = field(
-        default=False,
-        metadata={"help": "Serve /docs, /redoc and /openapi.json (open: they need no key)."},
+    docs: bool = help_field(
+        False, "Serve /docs, /redoc and /openapi.json (open: they need no key)."
     )
-    device: str = field(
-        default="auto",
-        metadata={"help": "Device for the transformers backend; 'auto': cuda if available."},
+    device: str = help_field(
+        "auto", "Device for the transformers backend; 'auto': cuda if available."
     )
-    dtype: Literal["float32", "bfloat16", "float16"] = field(
-        default="float32", metadata={"help": "Weights dtype (logprobs are computed in float32)."}
+    dtype: Literal["float32", "bfloat16", "float16"] = help_field(
+        "float32", "Weights dtype (logprobs are computed in float32)."
     )
-    batch_size: int = field(
-        default=16, metadata={"help": "Sequences per forward pass (transformers backend)."}
+    batch_size: int = help_field(16, "Sequences per forward pass (transformers backend).")
+    max_top_k: int = help_field(128, "Largest top_k a request may ask.")
+    max_sequence_tokens: int | None = help_field(
+        None,
+        "Most tokens (context + completion) per sequence. Default: the teacher's "
+        "context length (vllm: its engine's max_model_len - 1); a larger value is capped "
+        "to it.",
     )
-    max_top_k: int = field(default=128, metadata={"help": "Largest top_k a request may ask."})
-    max_sequence_tokens: int | None = field(
-        default=None,
-        metadata={
-            "help": "Most tokens (context + completion) per sequence. Default: the teacher's "
-            "context length (vllm: its engine's max_model_len - 1); a larger value is capped "
-            "to it."
-        },
+    max_sequences: int = help_field(4096, "Most sequences per request.")
+    max_batch_tokens: int = help_field(
+        65536,
+        "Token budget of one backend call; for transformers it counts padding "
+        "(sequences x longest), and caps max_sequence_tokens.",
     )
-    max_sequences: int = field(default=4096, metadata={"help": "Most sequences per request."})
-    max_batch_tokens: int = field(
-        default=65536,
-        metadata={
-            "help": "Token budget of one backend call; for transformers it counts padding "
-            "(sequences x longest), and caps max_sequence_tokens."
-        },
+    max_body_bytes: int = help_field(64 * 1024 * 1024, "Largest request body accepted (bytes).")
+    max_response_bytes: int | None = help_field(
+        None,
+        "Largest answer a request may ask for (bytes, estimated before scoring; "
+        "413 above). Default: opd.teacher.wire.RequestLimits' default.",
     )
-    max_body_bytes: int = field(
-        default=64 * 1024 * 1024, metadata={"help": "Largest request body accepted (bytes)."}
+    max_header_bytes: int = help_field(
+        16384, "Largest request line + headers (bytes); larger: HTTP 431 or cut off."
     )
-    max_response_bytes: int | None = field(
-        default=None,
-        metadata={
-            "help": "Largest answer a request may ask for (bytes, estimated before scoring; "
-            "413 above). Default: opd.teacher.wire.RequestLimits' default."
-        },
-    )
-    max_header_bytes: int = field(
-        default=16384,
-        metadata={"help": "Largest request line + headers (bytes); larger: HTTP 431 or cut off."},
-    )
-    max_headers: int = field(
-        default=100, metadata={"help": "Most request headers; more: HTTP 431."}
-    )
-    log_level: str = field(
-        default="info", metadata={"help": "debug, info, warning or error (debug: one line/batch)."}
-    )
+    max_headers: int = help_field(100, "Most request headers; more: HTTP 431.")
+    log_level: str = help_field("info", "debug, info, warning or error (debug: one line/batch).")
 
 
 def run(args: ServeArguments) -> None:

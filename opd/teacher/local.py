@@ -25,11 +25,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
 from opd.teacher.consistency import check_same_tokenizer
-from opd.teacher.wire import (
-    ScoreRequest,
-    SequenceScores,
-    score_batch,
-)
+from opd.teacher.wire import ScoreRequest, SequenceScores, score_batch_with
 from opd.types import RolloutBatch, TeacherScores
 
 
@@ -86,13 +82,7 @@ class LocalTeacher:
         return int(self.model.get_output_embeddings().weight.shape[0])
 
     def score(self, batch: RolloutBatch, top_k: int = 0) -> TeacherScores:
-        return score_batch(
-            self.score_sequences,
-            batch,
-            top_k=top_k,
-            temperature=self.temperature,
-            teacher_id=self.teacher_id,
-        )
+        return score_batch_with(self, batch, top_k=top_k)
 
     @property
     def output_weight(self) -> torch.Tensor:

@@ -35,7 +35,7 @@ from opd.teacher.shard_rows import (
     sequence_scores_from_table,
     teacher_scores_from_table,
 )
-from opd.teacher.wire import ScoreRequest, SequenceScores, score_batch
+from opd.teacher.wire import ScoreRequest, SequenceScores, score_batch_with
 from opd.types import RolloutBatch, TeacherScores
 
 PRECOMPUTE = "opd teacher precompute"
@@ -128,13 +128,7 @@ class OfflineTeacher:
 
     def score(self, batch: RolloutBatch, top_k: int = 0) -> TeacherScores:
         self._check_top_k(top_k)
-        return score_batch(
-            self.score_sequences,
-            batch,
-            top_k=top_k,
-            temperature=self.temperature,
-            teacher_id=self.teacher_id,
-        )
+        return score_batch_with(self, batch, top_k=top_k)
 
     def score_sequences(self, request: ScoreRequest) -> SequenceScores:
         """The stored scores of each (teacher context, completion) of `request`."""

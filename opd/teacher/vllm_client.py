@@ -33,11 +33,7 @@ from opd.teacher.http import (
     request_with_retry,
 )
 from opd.teacher.vllm_parse import scores_from_completion_response, vocab_size_from_error
-from opd.teacher.wire import (
-    ScoreRequest,
-    SequenceScores,
-    score_batch,
-)
+from opd.teacher.wire import ScoreRequest, SequenceScores, score_batch_with
 from opd.types import RolloutBatch, TeacherScores
 
 # Letters, digits, spaces, punctuation, a newline and a tab, and non-ASCII (accents, CJK, an
@@ -101,13 +97,7 @@ class VLLMTeacher:
         self.client.close()
 
     def score(self, batch: RolloutBatch, top_k: int = 0) -> TeacherScores:
-        return score_batch(
-            self.score_sequences,
-            batch,
-            top_k=top_k,
-            temperature=self.temperature,
-            teacher_id=self.teacher_id,
-        )
+        return score_batch_with(self, batch, top_k=top_k)
 
     def score_sequences(self, request: ScoreRequest) -> SequenceScores:
         """Score `request` in chunks of `batch_size` sequences, spread over the URLs."""

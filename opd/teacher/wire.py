@@ -26,6 +26,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 from safetensors.torch import save as safetensors_save
@@ -217,6 +218,26 @@ def score_batch(
         temperature=temperature,
         top_k=top_k,
         metrics={"teacher/latency_s": time.perf_counter() - start},
+    )
+
+
+class SequenceTeacher(Protocol):
+    """A teacher that scores ragged requests itself, at one temperature, under one name."""
+
+    teacher_id: str
+    temperature: float
+
+    def score_sequences(self, request: ScoreRequest) -> SequenceScores: ...
+
+
+def score_batch_with(teacher: SequenceTeacher, batch: RolloutBatch, *, top_k: int) -> TeacherScores:
+    """`score_batch` through the teacher's own `score_sequences`: the body of its `score`."""
+    return score_batch(
+        teacher.score_sequences,
+        batch,
+        top_k=top_k,
+        temperature=teacher.temperature,
+        teacher_id=teacher.teacher_id,
     )
 
 

@@ -1,10 +1,10 @@
 """Dataset system prompt and prompt template (`opd/data.py`, `PromptFormat`): the prompt rows for
 text and chat datasets, the errors, and one set of prompt ids for distill, rollout and eval.
 
-Real parts: jsonl files in tmp_path loaded by `load_prompts_for` / `load_eval_dataset`, the tiny
-character tokenizer with a small chat template, and TRL's own `GRPOTrainer._tokenize_prompts`
-(what `opd distill` encodes with) against `encode_prompt` (what `opd rollout` and `opd eval`
-encode with).
+Real parts: jsonl files in tmp_path loaded by `PromptDataArguments.load_prompts` /
+`load_eval_dataset`, the tiny character tokenizer with a small chat template, and TRL's own
+`GRPOTrainer._tokenize_prompts` (what `opd distill` encodes with) against `encode_prompt` (what
+`opd rollout` and `opd eval` encode with).
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from opd.commands.distill import DistillArguments
 from opd.commands.eval import EvalArguments, load_eval_dataset
 from opd.commands.rollout import RolloutArguments, load_prompts, teacher_prompts
 from opd.config import ConfigError
-from opd.data import PromptFormat, load_prompts_for
+from opd.data import PromptFormat
 from opd.demo.tiny import build_char_tokenizer
 from opd.prompts import encode_prompt
 
@@ -60,6 +60,11 @@ def _dataset_fields(data: str, **fields) -> dict:
             "dataset_prompt_template": TEMPLATE, **fields}  # fmt: skip
 
 
+def _distill_prompts(**fields):
+    """The prompts `opd distill` trains on, for these `DistillArguments` fields."""
+    return DistillArguments(**fields).load_prompts("train")
+
+
 def _chat_tokenizer():
     tokenizer = build_char_tokenizer()
     tokenizer.chat_template = CHAT_TEMPLATE
@@ -68,24 +73,20 @@ def _chat_tokenizer():
 
 def test_text_prompts_get_the_template_and_become_chat_with_a_system_prompt(tmp_path):
     data = _jsonl(tmp_path / "text.jsonl", TEXT_ROWS)
-    only_template = load_prompts_for(
-        DistillArguments(**_dataset_fields(data, dataset_system_prompt=None))
-    )
+    only_template = _distill_prompts(**_dataset_fields(data, dataset_system_prompt=None))
     assert only_template["prompt"] == [
         "1+1=? put the answer in \\boxed{}.",
         "2+3=? put the answer in \\boxed{}.",
     ]
     assert only_template["answer"] == ["2", "5"]  # the other columns are kept
-    with_system = load_prompts_for(DistillArguments(**_dataset_fields(data)))
+    with_system = _distill_prompts(**_dataset_fields(data))
     assert with_system["prompt"][1] == [
         {"role": "system", "content": SYSTEM},
         {"role": "user", "content": "2+3=? put the answer in \\boxed{}."},
     ]
-    as_chat = load_prompts_for(
-        DistillArguments(
-            **_dataset_fields(data, dataset_system_prompt=None, dataset_prompt_template=None),
-            dataset_chat_template=True,
-        )
+    as_chat = _distill_prompts(
+        **_dataset_fields(data, dataset_system_prompt=None, dataset_prompt_template=None),
+        dataset_chat_template=True,
     )
     assert as_chat["prompt"][0] == [{"role": "user", "content": "1+1=?"}]
 
@@ -94,7 +95,7 @@ def test_chat_prompts_get_the_system_prompt_first_and_the_template_in_the_last_u
     tmp_path,
 ):
     data = _jsonl(tmp_path / "chat.jsonl", CHAT_ROWS)
-    dataset = load_prompts_for(DistillArguments(**_dataset_fields(data)))
+    dataset = _distill_prompts(**_dataset_fields(data))
     assert dataset["prompt"] == [
         [
             {"role": "system", "content": SYSTEM},
@@ -111,8 +112,7 @@ def test_chat_prompts_get_the_system_prompt_first_and_the_template_in_the_last_u
 
 def test_no_format_leaves_the_rows_as_loaded(tmp_path):
     data = _jsonl(tmp_path / "chat.jsonl", CHAT_ROWS)
-    plain = DistillArguments(dataset_name=data)
-    assert load_prompts_for(plain)["prompt"] == [row["prompt"] for row in CHAT_ROWS]
+    assert _distill_prompts(dataset_name=data)["prompt"] == [row["prompt"] for row in CHAT_ROWS]
 
 
 @pytest.mark.parametrize(
@@ -171,7 +171,7 @@ def test_distill_rollout_and_eval_see_the_same_prompt_ids(tmp_path, rows):
         _is_vlm=False, environment_factories=None, processing_class=tokenizer, tools=None,
         chat_template=None, chat_template_kwargs={},
     )  # fmt: skip
-    distill_prompts = list(load_prompts_for(DistillArguments(**fields))["prompt"])
+    distill_prompts = list(_distill_prompts(**fields)["prompt"])
     distill_ids = [list(ids) for ids in GRPOTrainer._tokenize_prompts(trainer, distill_prompts)[0]]
 
     rollout_args = RolloutArguments(model_name_or_path="m", output_dir="unused", **fields)

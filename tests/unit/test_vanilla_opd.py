@@ -56,13 +56,9 @@ def cpu_trainer(tiny_student, tiny_teacher, tmp_path):
     from opd import OPDConfig, OPDTrainer
 
     args = OPDConfig(
-        output_dir=str(tmp_path),
-        teacher_model_name_or_path=str(tiny_teacher),
-        report_to="none",
-        per_device_train_batch_size=2,
-        num_generations=2,
-        max_completion_length=3,
-    )
+        output_dir=str(tmp_path), teacher_model_name_or_path=str(tiny_teacher), report_to="none",
+        per_device_train_batch_size=2, num_generations=2, max_completion_length=3,
+    )  # fmt: skip
     dataset = Dataset.from_dict({"prompt": ["1+1=", "2+2="]})
     return OPDTrainer(model=str(tiny_student), args=args, train_dataset=dataset)
 

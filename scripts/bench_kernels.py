@@ -24,6 +24,7 @@ import gc
 import statistics
 import time
 from collections.abc import Callable
+from functools import partial
 
 import torch
 from peak_memory import peak_mib_above, reset_peak
@@ -133,11 +134,9 @@ def hidden_cases(
         out = kernels.fused_linear_token_stats(x, w, ids, teacher_hidden=xt, teacher_weight=wt)
         return backward(sum(stat.sum() for stat in out.values()))
 
-    def opd_loss() -> torch.Tensor:
+    def opd_loss(**teacher: torch.Tensor) -> torch.Tensor:
         weight = torch.full((n,), 1.0 / n, device=device)
-        loss, _ = kernels.fused_linear_divergence_loss(
-            x, w, teacher_hidden=xt, teacher_weight=wt, weight=weight
-        )
+        loss, _ = kernels.fused_linear_divergence_loss(x, w, weight=weight, **teacher)
         return backward(loss)
 
     def naive_topk_loss() -> torch.Tensor:
@@ -147,13 +146,6 @@ def hidden_cases(
         div = (ps * (ls - t_lp)).sum(-1) + tail_s * (tail_s.log() - tail_t.log())
         return backward(div.mean())
 
-    def opd_topk_loss() -> torch.Tensor:
-        weight = torch.full((n,), 1.0 / n, device=device)
-        loss, _ = kernels.fused_linear_divergence_loss(
-            x, w, teacher_topk_ids=t_ids, teacher_topk_logprobs=t_lp, weight=weight
-        )
-        return backward(loss)
-
     def bare_matmuls() -> torch.Tensor:
         with torch.no_grad():
             z = x @ w.T
@@ -162,7 +154,7 @@ def hidden_cases(
 
     rkl_loss = {
         "naive torch": naive_rkl_loss,
-        "opd": opd_loss,
+        "opd": partial(opd_loss, teacher_hidden=xt, teacher_weight=wt),
         "3 bare matmuls": bare_matmuls,
     }
     try:
@@ -182,7 +174,7 @@ def hidden_cases(
         "fused_linear_divergence_loss (RKL)": rkl_loss,
         f"fused_linear_divergence_loss (K={k}, RKL)": {
             "naive torch": naive_topk_loss,
-            "opd": opd_topk_loss,
+            "opd": partial(opd_loss, teacher_topk_ids=t_ids, teacher_topk_logprobs=t_lp),
         },
     }
 

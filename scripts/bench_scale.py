@@ -5,8 +5,9 @@
 
 Every layout trains the same student (a Qwen2-shaped random model, `--hidden` x `--layers`,
 AdamW) against a tiny in-process teacher on the same global batch of `--batch` completions per
-step. The rollouts are fixed (TRL's `rollout_func`): each completion depends only on its prompt
-and its index in the group, so every layout sees the same tokens. Layouts:
+step. The rollouts are fixed (TRL's `rollout_func`, built by tests/integration/mp_train.py as for
+the multi-process tests): each completion depends only on its prompt and its index in the group,
+so every layout sees the same tokens. Layouts:
 
     1 process x 2 threads        the baseline (the whole machine, one process)
     1 process x 1 thread         for reference
@@ -33,10 +34,13 @@ import sys
 import tempfile
 import time
 import zlib
+from functools import partial
 from pathlib import Path
 
 os.environ.setdefault("OPD_KERNELS", "torch")
 os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
+# tests/integration/mp_train.py: the fixed-rollout hook and FSDP2 settings the scale tests use.
+sys.path.append(str(Path(__file__).resolve().parents[1] / "tests" / "integration"))
 
 GROUP = 4  # num_generations
 LAYOUTS = {  # name: (processes, threads per process, FSDP2)
@@ -76,22 +80,6 @@ def fixed_completion(prompt: str, copy: int, vocab_size: int, max_length: int) -
     return [*ids[:-1], 2]  # ends with EOS
 
 
-def make_rollout_func(tokenizer, vocab_size: int, max_length: int):
-    def rollout_func(prompts: list, trainer) -> dict[str, list]:
-        first = trainer.accelerator.process_index * len(prompts)  # contiguous split of the batch
-        completion_ids = [
-            fixed_completion(prompt, (first + i) % GROUP, vocab_size, max_length)
-            for i, prompt in enumerate(prompts)
-        ]
-        return {
-            "prompt_ids": [tokenizer.encode(prompt) for prompt in prompts],
-            "completion_ids": completion_ids,
-            "logprobs": [[0.0] * len(ids) for ids in completion_ids],
-        }
-
-    return rollout_func
-
-
 def step_timer():
     """A TrainerCallback that records the wall time of every optimizer step."""
     from transformers import TrainerCallback
@@ -111,6 +99,7 @@ def step_timer():
 
 def build_trainer(cli: argparse.Namespace, timer):
     from datasets import Dataset
+    from mp_train import FSDP2, make_rollout_func
     from transformers import AutoConfig, AutoTokenizer
 
     from opd import OPDConfig, OPDTrainer
@@ -118,15 +107,7 @@ def build_trainer(cli: argparse.Namespace, timer):
     tokenizer = AutoTokenizer.from_pretrained(cli.student)
     # The model's vocabulary, not len(tokenizer): the reloaded char tokenizer counts one more.
     vocab_size = AutoConfig.from_pretrained(cli.student).vocab_size
-    fsdp = {}
-    if cli.fsdp:
-        fsdp = {
-            "fsdp": "full_shard",
-            "fsdp_config": {
-                "fsdp_version": 2, "reshard_after_forward": True,
-                "transformer_layer_cls_to_wrap": ["Qwen2DecoderLayer"],
-            },
-        }  # fmt: skip
+    fsdp = FSDP2 if cli.fsdp else {}
     args = OPDConfig(
         output_dir=os.path.join(cli.out, "trainer"), report_to="none", seed=0,
         teacher_model_name_or_path=cli.teacher, use_vllm=False,
@@ -140,7 +121,9 @@ def build_trainer(cli: argparse.Namespace, timer):
     return OPDTrainer(
         model=cli.student, args=args, train_dataset=Dataset.from_dict({"prompt": prompts}),
         processing_class=tokenizer, callbacks=[timer],
-        rollout_func=make_rollout_func(tokenizer, vocab_size, cli.completion),
+        rollout_func=make_rollout_func(
+            tokenizer, partial(fixed_completion, vocab_size=vocab_size, max_length=cli.completion)
+        ),
     )  # fmt: skip
 
 

@@ -271,76 +271,27 @@ def bench_offline(args, folder: Path) -> list[tuple[str, str, str]]:
     train.to_json(prompts)
     generations = 4
     rollouts, scores = folder / "rollouts", folder / "scores"
+    # Flags shared by the one-time jobs and the timed runs (the same rollout shape, one teacher).
+    shape = ["--num_generations", str(generations), "--max_completion_length", "4",
+             "--vllm_max_model_length", "32"]  # fmt: skip
+    local_teacher = ["--teacher_mode", "local", "--teacher_model_name_or_path", str(teacher)]
     start = time.perf_counter()
-    run_opd(
-        "rollout",
-        "--model_name_or_path",
-        str(student),
-        "--dataset_name",
-        str(prompts),
-        "--output_dir",
-        str(rollouts),
-        "--num_generations",
-        str(generations),
-        "--max_completion_length",
-        "4",
-        "--vllm_max_model_length",
-        "32",
-    )
+    run_opd("rollout", "--model_name_or_path", str(student), "--dataset_name", str(prompts),
+            "--output_dir", str(rollouts), *shape)  # fmt: skip
     rollout_s = time.perf_counter() - start
     start = time.perf_counter()
-    run_opd(
-        "teacher",
-        "precompute",
-        "--rollouts",
-        str(rollouts),
-        "--output_dir",
-        str(scores),
-        "--teacher_mode",
-        "local",
-        "--teacher_model_name_or_path",
-        str(teacher),
-        "--teacher_batch_size",
-        "512",
-    )
+    run_opd("teacher", "precompute", "--rollouts", str(rollouts), "--output_dir", str(scores),
+            *local_teacher, "--teacher_batch_size", "512")  # fmt: skip
     precompute_s = time.perf_counter() - start
     common = [
-        "--model_name_or_path",
-        str(student),
-        "--max_steps",
-        str(args.steps + 1),
-        "--per_device_train_batch_size",
-        str(args.prompts * generations),
-        "--num_generations",
-        str(generations),
-        "--max_completion_length",
-        "4",
-        "--vllm_max_model_length",
-        "32",
-        "--logging_steps",
-        "1",
-        "--save_strategy",
-        "no",
-        "--report_to",
-        "none",
-        "--eval_before_after",
-        "false",
-        "--teacher_batch_size",
-        "512",
-    ]
+        "--model_name_or_path", str(student), "--max_steps", str(args.steps + 1),
+        "--per_device_train_batch_size", str(args.prompts * generations), *shape,
+        "--logging_steps", "1", "--save_strategy", "no", "--report_to", "none",
+        "--eval_before_after", "false", "--teacher_batch_size", "512",
+    ]  # fmt: skip
     online = step_seconds(
         folder / "online",
-        [
-            *common,
-            "--teacher_mode",
-            "local",
-            "--teacher_model_name_or_path",
-            str(teacher),
-            "--dataset_name",
-            str(prompts),
-            "--use_vllm",
-            "true",
-        ],
+        [*common, *local_teacher, "--dataset_name", str(prompts), "--use_vllm", "true"],
     )
     offline = step_seconds(
         folder / "offline", [*common, "--teacher_mode", "offline", "--teacher_shards", str(scores)]

@@ -1,4 +1,5 @@
-"""Shared fixtures: tiny models built locally (no downloads), a small prompt file.
+"""Shared fixtures: tiny models built locally (no downloads), a small prompt file, servers on
+loopback (in a thread or a subprocess).
 
 Every model here is a real transformers model (Qwen2 architecture, head size 64 so vLLM's CPU
 attention accepts it) saved to disk, so transformers and vLLM load it like any checkpoint.
@@ -8,7 +9,10 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
+import subprocess
+import sys
 import threading
 import time
 from contextlib import contextmanager
@@ -27,6 +31,11 @@ if not torch.cuda.is_available():
     os.environ.setdefault("OPD_KERNELS", "torch")
 
 from opd.demo.tiny import save_tiny  # after the environment above
+
+# The helper modules in tests/integration (e.g. `sync_probe`) are imported by the scripts the
+# tests launch from there, where that folder is sys.path[0]; the same names import here (and in
+# scripts/gpu_check.sh's run of tests/gpu). Appended: it never shadows an installed package.
+sys.path.append(str(Path(__file__).parent / "integration"))
 
 
 @pytest.fixture(scope="session")
@@ -111,3 +120,58 @@ def _wait_healthy(url: str, process, log_path: Path, timeout_s: float = 300) -> 
 def wait_healthy():
     """`wait_healthy(url, process, log_path)`: block until a server subprocess answers /health."""
     return _wait_healthy
+
+
+def _stop_process_group(process: subprocess.Popen) -> None:
+    """SIGTERM to the process's whole group (engine children too), SIGKILL after 30 s."""
+    if process.poll() is not None:
+        return
+    os.killpg(process.pid, signal.SIGTERM)
+    try:
+        process.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait(timeout=30)
+
+
+@contextmanager
+def _serve_subprocess(command: list[str], port: int, log_path: Path, env: dict | None = None):
+    """Run a server `command` that listens on loopback `port` in its own process group, its
+    output in `log_path`; yields its URL once `/health` answers, and stops the group at the end."""
+    with open(log_path, "w") as log:
+        process = subprocess.Popen(
+            command, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True
+        )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        _wait_healthy(url, process, log_path)
+        yield url
+    finally:
+        _stop_process_group(process)
+
+
+@pytest.fixture(scope="session")
+def serve_subprocess():
+    """`with serve_subprocess(command, port, log_path, env=None) as url:` a server subprocess
+    (e.g. `opd teacher serve`, vLLM's OpenAI server), healthy inside the block, killed after."""
+    return _serve_subprocess
+
+
+@pytest.fixture(scope="module")
+def teacher_backend(tiny_teacher):
+    """`opd teacher serve`'s transformers backend of the tiny teacher (batch size 4)."""
+    from opd.commands.serve import ServeArguments, build_backend
+
+    return build_backend(ServeArguments(model=str(tiny_teacher), batch_size=4))
+
+
+@pytest.fixture(scope="session")
+def serve_teacher(serve_in_thread):
+    """`with serve_teacher(args, backend) as url:` `opd teacher serve`'s own app and uvicorn
+    configuration for `ServeArguments` `args`, on loopback (a thread)."""
+    from opd.commands.serve import build_app, build_uvicorn_config
+
+    def serve(args, backend):
+        return serve_in_thread(build_uvicorn_config(args, build_app(args, backend)))
+
+    return serve

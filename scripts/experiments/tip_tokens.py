@@ -126,6 +126,13 @@ def last_error_line(log_text: str) -> str:
     return (errors or lines or ["(empty log)"])[-1][:160]
 
 
+def print_header(columns: list[tuple[str, str]]) -> None:
+    """A table's header line from `(name, format spec)` pairs, and a rule as long under it."""
+    header = "".join(f"{name:{spec}}" for name, spec in columns)
+    print(header)
+    print("-" * len(header))
+
+
 def print_training_table(runs: list[dict], args) -> None:
     q_h, q_j = args.q3_quantiles.split(",")
     print(
@@ -134,12 +141,9 @@ def print_training_table(runs: list[dict], args) -> None:
         f"JSD >= q{q_j}; kept: mean opd/kept_fraction over the logged steps)"
         f"{' ' + args.distill_args if args.distill_args else ''}\n"
     )
-    header = (
-        f"{'tip_rule':16s}{'kept':>7s}{'acc before':>12s}{'acc after':>11s}{'RKL before':>12s}"
-        f"{'RKL after':>11s}{'s/step':>8s}{'wall s':>8s}{'peak RSS MB':>13s}"
-    )
-    print(header)
-    print("-" * len(header))
+    print_header([("tip_rule", "16s"), ("kept", ">7s"), ("acc before", ">12s"),
+                  ("acc after", ">11s"), ("RKL before", ">12s"), ("RKL after", ">11s"),
+                  ("s/step", ">8s"), ("wall s", ">8s"), ("peak RSS MB", ">13s")])  # fmt: skip
     for run in runs:
         if "error" in run:
             print(
@@ -259,12 +263,8 @@ def print_memory_table(cases: list[dict], args) -> None:
         f"L={args.layers}, {args.batch} x {args.tokens} completion tokens "
         f"(+{args.prompt_tokens} prompt), {args.device}, peak above model+inputs ({where})\n"
     )
-    header = (
-        f"{'case':22s}{'kept tokens':>13s}{'peak MB':>10s}{'vs opd 100%':>13s}"
-        f"{'vs naive':>10s}{'time s':>8s}"
-    )
-    print(header)
-    print("-" * len(header))
+    print_header([("case", "22s"), ("kept tokens", ">13s"), ("peak MB", ">10s"),
+                  ("vs opd 100%", ">13s"), ("vs naive", ">10s"), ("time s", ">8s")])  # fmt: skip
     for case in cases:
         peak = case["peak_mb"]
         vs_all = f"{peak / all_tokens:.2f}" if all_tokens else "-"

@@ -4,25 +4,22 @@ Run by scripts/gpu_check.sh; deselected on CPU machines. On CPU this path cannot
 weights through vLLM's NCCL weight-transfer engine, and `VLLMClient.init_communicator` raises
 `NotImplementedError` for a non-CUDA trainer device (README, "vLLM at scale"). NCCL also refuses two
 ranks on one GPU, so the server gets GPU 1 and the trainer GPU 0. The server runs on loopback and
-is killed with its engine process at the end.
+is killed with its engine process at the end. The probe and the 1-step settings are the CPU weight
+sync test's (tests/integration/sync_probe.py, importable here through tests/conftest.py).
 """
 
 from __future__ import annotations
 
 import importlib.metadata
 import os
-import signal
-import subprocess
 import sys
 
 import pytest
 import torch
 from datasets import IterableDataset
+from sync_probe import COMPLETION_IDS, ONE_STEP_CONFIG, PROMPT_IDS, trainer_logprobs
 
 pytestmark = pytest.mark.gpu
-
-PROMPT_IDS = [4, 5, 13, 6, 7, 16]  # "12+34="
-COMPLETION_IDS = [8, 10, 2, 5, 9]
 
 
 def _needs_two_gpus_and_cuda_vllm() -> None:
@@ -38,7 +35,7 @@ def _needs_two_gpus_and_cuda_vllm() -> None:
 
 
 @pytest.fixture
-def server_url(tiny_student, tmp_path, free_port, wait_healthy):
+def server_url(tiny_student, tmp_path, free_port, serve_subprocess):
     """`trl vllm-serve` of the student on GPU 1, loopback only, killed at the end."""
     _needs_two_gpus_and_cuda_vllm()
     port, log_path = free_port(), tmp_path / "server.log"
@@ -47,20 +44,8 @@ def server_url(tiny_student, tmp_path, free_port, wait_healthy):
                "--dtype", "float32", "--max_model_len", "64", "--enforce_eager",
                "--gpu_memory_utilization", "0.2"]  # fmt: skip
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": "1"}
-    with open(log_path, "w") as log:
-        process = subprocess.Popen(
-            command, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True
-        )
-    try:
-        wait_healthy(f"http://127.0.0.1:{port}", process, log_path)
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        os.killpg(process.pid, signal.SIGTERM)
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait(timeout=30)
+    with serve_subprocess(command, port, log_path, env) as url:
+        yield url
 
 
 def _server_logprobs(url: str) -> list[float]:
@@ -73,15 +58,6 @@ def _server_logprobs(url: str) -> list[float]:
     return [entry[str(token)]["logprob"] for entry, token in pairs]
 
 
-def _trainer_logprobs(model) -> list[float]:
-    ids = torch.tensor([PROMPT_IDS + COMPLETION_IDS], device=model.device)
-    with torch.no_grad():
-        logprobs = torch.log_softmax(model(input_ids=ids).logits[0].float(), dim=-1).cpu()
-    start = len(PROMPT_IDS) - 1
-    rows = logprobs[start : start + len(COMPLETION_IDS)]
-    return rows.gather(-1, torch.tensor(COMPLETION_IDS)[:, None])[:, 0].tolist()
-
-
 def test_server_follows_the_trainer_after_a_step(
     server_url, tiny_student, tiny_teacher, tmp_path, free_port
 ):
@@ -91,25 +67,19 @@ def test_server_follows_the_trainer_after_a_step(
     args = OPDConfig(
         output_dir=str(tmp_path),
         teacher_model_name_or_path=str(tiny_teacher),
-        report_to="none",
         bf16=False,  # fp32 on both sides, so the logprobs compare tightly
         use_vllm=True,
         vllm_mode="server",
         vllm_server_host=host,
         vllm_server_port=int(port),
         vllm_group_port=free_port(),
-        max_steps=1,
-        per_device_train_batch_size=8,
-        num_generations=4,
-        max_completion_length=6,
-        learning_rate=1e-2,  # large, so one step visibly moves the logprobs
-        save_strategy="no",
+        **ONE_STEP_CONFIG,
     )
     dataset = IterableDataset.from_generator(lambda: ({"prompt": f"{a}+{a}="} for a in range(16)))
     trainer = OPDTrainer(model=str(tiny_student), args=args, train_dataset=dataset)
     before = _server_logprobs(server_url)
     trainer.train()
     trainer.vllm_generation.sync_weights()  # what TRL runs before the next generation
-    after, expected = _server_logprobs(server_url), _trainer_logprobs(trainer.model)
+    after, expected = _server_logprobs(server_url), trainer_logprobs(trainer.model)
     assert max(abs(a - b) for a, b in zip(after, expected, strict=True)) < 1e-3
     assert max(abs(a - b) for a, b in zip(after, before, strict=True)) > 1e-2

@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import os
 import zlib
+from functools import partial
 
 os.environ.setdefault("OPD_KERNELS", "torch")
 os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
@@ -47,6 +48,13 @@ METHODS: dict[str, dict] = {
     },
 }  # fmt: skip
 NEEDS_REWARDS = ("scope", "uni_opd")
+FSDP2 = {  # a fully sharded FSDP2 run (also scripts/bench_scale.py's)
+    "fsdp": "full_shard",
+    "fsdp_config": {
+        "fsdp_version": 2, "reshard_after_forward": True,
+        "transformer_layer_cls_to_wrap": ["Qwen2DecoderLayer"],
+    },
+}  # fmt: skip
 
 
 def fixed_completion(prompt: str, copy: int, vocab_size: int) -> list[int]:
@@ -59,11 +67,15 @@ def fixed_completion(prompt: str, copy: int, vocab_size: int) -> list[int]:
     return [*ids[:-1], 2] if copy != 1 else ids  # copy 1 is truncated (no EOS)
 
 
-def make_rollout_func(tokenizer, vocab_size: int):
+def make_rollout_func(tokenizer, completion_for):
+    """TRL's `rollout_func` for fixed rollouts: each row's completion is
+    `completion_for(prompt, copy)`, `copy` its index in its group, whichever process holds it
+    (also scripts/bench_scale.py's)."""
+
     def rollout_func(prompts: list, trainer) -> dict[str, list]:
         first = trainer.accelerator.process_index * len(prompts)  # contiguous split of the batch
         completion_ids = [
-            fixed_completion(prompt, (first + i) % GROUP, vocab_size)
+            completion_for(prompt, (first + i) % trainer.num_generations)
             for i, prompt in enumerate(prompts)
         ]
         return {
@@ -101,13 +113,7 @@ def train_one(name: str, cli: argparse.Namespace) -> None:
             },
         }  # fmt: skip
     if cli.fsdp:
-        fsdp = {
-            "fsdp": "full_shard",
-            "fsdp_config": {
-                "fsdp_version": 2, "reshard_after_forward": True,
-                "transformer_layer_cls_to_wrap": ["Qwen2DecoderLayer"],
-            },
-        }  # fmt: skip
+        fsdp = FSDP2
     args = OPDConfig(
         output_dir=os.path.join(cli.out, name), report_to="none", seed=0,
         teacher_model_name_or_path=cli.teacher, use_vllm=False,
@@ -128,7 +134,9 @@ def train_one(name: str, cli: argparse.Namespace) -> None:
     trainer = OPDTrainer(
         model=cli.student, args=args, train_dataset=dataset, processing_class=tokenizer,
         reward_funcs=[starts_with_digit] if name in NEEDS_REWARDS else None,
-        rollout_func=make_rollout_func(tokenizer, student_vocab_size),
+        rollout_func=make_rollout_func(
+            tokenizer, partial(fixed_completion, vocab_size=student_vocab_size)
+        ),
         teacher=teacher,
     )  # fmt: skip
     trainer.train()

@@ -190,16 +190,26 @@ def no_report(monkeypatch):
     monkeypatch.setattr("opd.report.write.write_report_after_run", lambda output_dir: None)
 
 
+def _killed_run(student: Path, teacher: Path, scores: Path, tmp_path: Path, processes: int):
+    """A run of `processes` processes into `tmp_path/killed`, SIGKILLed when the checkpoint of
+    a seeded random step appears; returns its arguments, that folder, `tmp_path/reference` (for
+    the uninterrupted run) and the step of the latest checkpoint it finished."""
+    kill_step = _kill_step(processes)
+    args = _distill_args(student, teacher, scores, processes=processes)
+    killed, reference = tmp_path / "killed", tmp_path / "reference"
+    _run_and_kill([*_launcher(processes), "-m", "opd.cli", *args, "--output_dir", str(killed)],
+                  killed, kill_step)  # fmt: skip
+    complete = _complete_after_kill(killed, kill_step, processes)
+    return args, killed, reference, kill_step if complete else kill_step - 1
+
+
 @pytest.mark.slow
 def test_killed_run_resumes_to_the_same_weights(
     tiny_student, tiny_teacher, scores, tmp_path, one_thread, no_report
 ):
-    kill_step = _kill_step(1)
-    args = _distill_args(tiny_student, tiny_teacher, scores, processes=1)
-    killed, reference = tmp_path / "killed", tmp_path / "reference"
-    _run_and_kill([*_launcher(1), "-m", "opd.cli", *args, "--output_dir", str(killed)],
-                  killed, kill_step)  # fmt: skip
-    latest_complete = kill_step if _complete_after_kill(killed, kill_step, 1) else kill_step - 1
+    args, killed, reference, latest_complete = _killed_run(
+        tiny_student, tiny_teacher, scores, tmp_path, processes=1
+    )
     assert main([*args, "--output_dir", str(killed), "--resume_from_checkpoint", "true"]) == 0
     assert main([*args, "--output_dir", str(reference)]) == 0
     _assert_resumed_from_latest_complete(killed, latest_complete)
@@ -208,12 +218,9 @@ def test_killed_run_resumes_to_the_same_weights(
 
 @pytest.mark.slow
 def test_killed_torchrun_resumes_to_the_same_weights(tiny_student, tiny_teacher, scores, tmp_path):
-    kill_step = _kill_step(2)
-    args = _distill_args(tiny_student, tiny_teacher, scores, processes=2)
-    killed, reference = tmp_path / "killed", tmp_path / "reference"
-    _run_and_kill([*_launcher(2), "-m", "opd.cli", *args, "--output_dir", str(killed)],
-                  killed, kill_step)  # fmt: skip
-    latest_complete = kill_step if _complete_after_kill(killed, kill_step, 2) else kill_step - 1
+    args, killed, reference, latest_complete = _killed_run(
+        tiny_student, tiny_teacher, scores, tmp_path, processes=2
+    )
     runs = [
         [*args, "--output_dir", str(killed), "--resume_from_checkpoint", "true"],
         [*args, "--output_dir", str(reference)],

@@ -2,7 +2,7 @@
 and the server goes on answering a good request bit-exactly as before.
 
 One server for the module: `opd teacher serve`'s own app and uvicorn configuration
-(`build_app`, `build_uvicorn_config`) on loopback in a thread, with the tiny teacher. Besides the
+(tests/conftest.py's `serve_teacher`) on loopback in a thread, with the tiny teacher. Besides the
 hand-written corpus (bad bodies, auth, methods, content types, paths, header floods), a
 hypothesis fuzz test posts arbitrary and almost-right bodies, and the remaining tests check the
 header-size limit's latency cost, the response-size limit (refused before the model runs), the
@@ -31,14 +31,7 @@ from hypothesis import strategies as st
 from safetensors.torch import save as safetensors_save
 
 from opd.cli import command_runner
-from opd.commands.serve import (
-    ServeArguments,
-    build_app,
-    build_backend,
-    build_uvicorn_config,
-    check_arguments,
-    served_model_name,
-)
+from opd.commands.serve import ServeArguments, build_backend, check_arguments, served_model_name
 from opd.teacher.local import LocalTeacher
 from opd.teacher.wire import CONTENT_TYPE, decode_scores, encode_request, make_request
 
@@ -54,9 +47,6 @@ MAX_HEADER_BYTES = 16384
 AUTH = {"Authorization": f"Bearer {API_KEY}", "Content-Type": CONTENT_TYPE}
 GOOD_REQUEST = make_request([[4, 13, 5], [6, 7]], [[8, 9, 10], [11]], top_k=4, temperature=0.7)
 GOOD_BODY = encode_request(GOOD_REQUEST)
-
-serve_main = command_runner("teacher serve")
-
 
 # ------------------------------------------------------------------------------------------------
 # The server
@@ -82,16 +72,10 @@ def _serve_arguments(model, **overrides) -> ServeArguments:
 
 
 @pytest.fixture(scope="module")
-def backend(tiny_teacher):
-    return build_backend(_serve_arguments(tiny_teacher))
-
-
-@pytest.fixture(scope="module")
-def served(tiny_teacher, backend, serve_in_thread):
+def served(tiny_teacher, teacher_backend, serve_teacher):
     """(url, the good request's answer): the reference every later answer must equal exactly."""
     args = _serve_arguments(tiny_teacher)
-    app = build_app(args, backend)
-    with serve_in_thread(build_uvicorn_config(args, app)) as url, httpx.Client() as client:
+    with serve_teacher(args, teacher_backend) as url, httpx.Client() as client:
         response = client.post(f"{url}/v1/score", content=GOOD_BODY, headers=AUTH)
         assert response.status_code == 200, response.text
         yield url, response.content
@@ -724,6 +708,9 @@ def test_demo_teacher_resolves_as_in_distill():
     assert served_model_name(str(teacher_path)) == "demo:teacher"
 
 
+serve_main = command_runner("teacher serve")
+
+
 @pytest.mark.parametrize("host", ["0.0.0.0", "::", "192.168.1.7", "gpu1.example.com"])
 def test_serve_refuses_a_non_loopback_host_without_a_key(host, monkeypatch, capsys, tiny_teacher):
     monkeypatch.delenv("OPD_TEACHER_API_KEY", raising=False)
@@ -747,9 +734,8 @@ def test_serve_allows_loopback_without_a_key(host, monkeypatch, tiny_teacher):
     assert check_arguments(ServeArguments(model=str(tiny_teacher), host=host)) is None
 
 
-def test_docs_are_served_only_when_asked(tiny_teacher, backend, serve_in_thread):
+def test_docs_are_served_only_when_asked(tiny_teacher, teacher_backend, serve_teacher):
     """`--docs` opens them (the corpus checks they are 404 by default)."""
-    args = _serve_arguments(tiny_teacher, docs=True)
-    with serve_in_thread(build_uvicorn_config(args, build_app(args, backend))) as url:
+    with serve_teacher(_serve_arguments(tiny_teacher, docs=True), teacher_backend) as url:
         assert httpx.get(f"{url}/docs").status_code == 200
         assert "/v1/score" in httpx.get(f"{url}/openapi.json").json()["paths"]

@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import re
-import subprocess
 import sys
 import threading
 import time
@@ -30,7 +29,6 @@ from opd.commands.serve import (
     ServeArguments,
     build_app,
     build_backend,
-    build_uvicorn_config,
     max_sequence_tokens,
     transformers_context_length,
 )
@@ -85,20 +83,15 @@ def _serve_arguments(model, **overrides) -> ServeArguments:
 
 
 @pytest.fixture(scope="module")
-def backend(tiny_teacher):
-    return build_backend(_serve_arguments(tiny_teacher))
-
-
-@pytest.fixture(scope="module")
-def server_url(tiny_teacher, backend, serve_in_thread):
+def server_url(tiny_teacher, teacher_backend, serve_teacher):
     """The app `opd teacher serve` builds, run with the uvicorn configuration it runs with."""
     args = _serve_arguments(tiny_teacher, port=0, log_level="warning")
-    with serve_in_thread(build_uvicorn_config(args, build_app(args, backend))) as url:
+    with serve_teacher(args, teacher_backend) as url:
         yield url
 
 
 @pytest.fixture(scope="module")
-def cli_server_url(tiny_teacher, tmp_path_factory, free_port, wait_healthy):
+def cli_server_url(tiny_teacher, tmp_path_factory, free_port, serve_subprocess):
     """`python -m opd.cli teacher serve` in a subprocess (the real entry point, dashed flags)."""
     port = free_port()
     log_path = tmp_path_factory.mktemp("cli_server") / "server.log"
@@ -107,15 +100,8 @@ def cli_server_url(tiny_teacher, tmp_path_factory, free_port, wait_healthy):
         "--port", str(port), "--api-key", API_KEY, "--max-top-k", "8",
         "--max_sequence_tokens", "64", "--log_level", "warning",
     ]  # fmt: skip
-    with open(log_path, "w") as log:
-        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        wait_healthy(url, process, log_path)
+    with serve_subprocess(command, port, log_path) as url:
         yield url, log_path
-    finally:
-        process.terminate()
-        process.wait(timeout=30)
 
 
 @pytest.fixture(scope="module")
@@ -279,11 +265,11 @@ def test_a_padding_backend_gets_calls_within_the_budget_and_the_same_scores(refe
         _assert_scores_equal(result, reference.score_sequences(request))
 
 
-def test_max_sequence_tokens_defaults_to_the_teachers_context(tiny_teacher, backend):
+def test_max_sequence_tokens_defaults_to_the_teachers_context(tiny_teacher, teacher_backend):
     def limit(**overrides) -> int:
-        return max_sequence_tokens(_serve_arguments(tiny_teacher, **overrides), backend)
+        return max_sequence_tokens(_serve_arguments(tiny_teacher, **overrides), teacher_backend)
 
-    assert backend.model.config.max_position_embeddings == 128
+    assert teacher_backend.model.config.max_position_embeddings == 128
     assert limit(max_sequence_tokens=None) == 128
     assert limit(max_sequence_tokens=32768) == 128  # capped to the context
     assert limit(max_sequence_tokens=64) == 64
@@ -422,7 +408,7 @@ BACKEND_ERRORS = {
 
 @pytest.mark.parametrize("case", list(BACKEND_ERRORS))
 def test_backend_failure_fails_one_request_and_the_server_keeps_serving(
-    backend, tiny_teacher, reference, case, serve_in_thread
+    teacher_backend, tiny_teacher, reference, case, serve_in_thread
 ):
     """A fake backend here: the real one cannot be made to fail on demand."""
     error, status, message = BACKEND_ERRORS[case]
@@ -440,7 +426,7 @@ def test_backend_failure_fails_one_request_and_the_server_keeps_serving(
                 raise error
             return self.inner.score_sequences(request)
 
-    app = build_app(_serve_arguments(tiny_teacher), FailsOnce(backend))
+    app = build_app(_serve_arguments(tiny_teacher), FailsOnce(teacher_backend))
     request = _random_request(seed=2)
     with serve_in_thread(app) as url:
         failed = _post(url, encode_request(request))
@@ -502,7 +488,7 @@ def test_unreachable_url_fails_within_the_budget(free_port):
 
 
 def test_a_server_that_comes_back_within_the_budget_is_used(
-    backend, tiny_teacher, reference, serve_in_thread, free_port
+    teacher_backend, tiny_teacher, reference, serve_in_thread, free_port
 ):
     port = free_port()
     batch = _batch()
@@ -515,7 +501,7 @@ def test_a_server_that_comes_back_within_the_budget_is_used(
     client = threading.Thread(target=score)
     client.start()
     time.sleep(1.0)  # the client is retrying against a closed port by now
-    with serve_in_thread(build_app(_serve_arguments(tiny_teacher), backend), port=port):
+    with serve_in_thread(build_app(_serve_arguments(tiny_teacher), teacher_backend), port=port):
         client.join(timeout=30)
     assert "scores" in results
     _assert_batch_scores_equal(results["scores"], reference.score(batch, top_k=2))
@@ -533,8 +519,12 @@ def test_serve_main_help_lists_both_flag_spellings(capsys):
     assert "--api_key" in out and "--api-key" in out and "--max_top_k" in out
 
 
-def test_api_key_falls_back_to_the_environment(tiny_teacher, backend, monkeypatch, serve_in_thread):
+def test_api_key_falls_back_to_the_environment(
+    tiny_teacher, teacher_backend, monkeypatch, serve_in_thread
+):
     monkeypatch.setenv("OPD_TEACHER_API_KEY", "from-env")
-    with serve_in_thread(build_app(_serve_arguments(tiny_teacher, api_key=None), backend)) as url:
+    with serve_in_thread(
+        build_app(_serve_arguments(tiny_teacher, api_key=None), teacher_backend)
+    ) as url:
         assert _post(url, _body(), api_key=None).status_code == 401
         assert _post(url, _body(), api_key="from-env").status_code == 200

@@ -3,7 +3,7 @@
 - `VLLMSequenceScorer` (the in-process vLLM engine behind `opd teacher serve --backend vllm`)
   is served by the real CLI in a subprocess and queried with `ServerTeacher`.
 - `VLLMTeacher` talks to a stock `python -m vllm.entrypoints.openai.api_server` subprocess, one
-  per module, killed (process group) at the end.
+  per module, killed (process group, so its engine-core child too) at the end.
 
 Both must equal `LocalTeacher` (transformers, fp32) on the tiny teacher: sampled and top-k
 logprobs within `ATOL`, top-k ids equal wherever the reference has no near-tie.
@@ -16,8 +16,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
-import subprocess
 import sys
 
 import httpx
@@ -66,15 +64,24 @@ def reference(tiny_teacher) -> LocalTeacher:
     return LocalTeacher.from_pretrained(str(tiny_teacher))
 
 
-def _assert_topk_close(ids_K, logprobs_K, reference_ids_K, reference_logprobs_K, where: str):
-    """Values within ATOL; ids equal at every slot whose reference value has no near-tie."""
-    torch.testing.assert_close(logprobs_K, reference_logprobs_K, atol=ATOL, rtol=0, msg=where)
-    # A neighbour within 2 * ATOL may legitimately swap places between the two engines.
-    values = reference_logprobs_K.tolist()
-    for slot, value in enumerate(values):
-        neighbours = values[max(slot - 1, 0) : slot] + values[slot + 1 : slot + 2]
-        if value != -float("inf") and all(abs(value - n) > 2 * ATOL for n in neighbours):
-            assert ids_K[slot] == reference_ids_K[slot], f"{where}, slot {slot}"
+def _assert_topk_close(scores, expected, mask_BT, top_k: int) -> None:
+    """At every scored position: top-k values within ATOL; ids equal at every slot whose
+    reference value has no near-tie."""
+    for row, position in mask_BT.nonzero().tolist():
+        where = f"top_k={top_k}, row {row}, position {position}"
+        ids_K, logprobs_K = (
+            scores.topk_ids_BTK[row, position],
+            scores.topk_logprobs_BTK[row, position],
+        )
+        reference_ids_K = expected.topk_ids_BTK[row, position]
+        reference_logprobs_K = expected.topk_logprobs_BTK[row, position]
+        torch.testing.assert_close(logprobs_K, reference_logprobs_K, atol=ATOL, rtol=0, msg=where)
+        # A neighbour within 2 * ATOL may legitimately swap places between the two engines.
+        values = reference_logprobs_K.tolist()
+        for slot, value in enumerate(values):
+            neighbours = values[max(slot - 1, 0) : slot] + values[slot + 1 : slot + 2]
+            if value != -float("inf") and all(abs(value - n) > 2 * ATOL for n in neighbours):
+                assert ids_K[slot] == reference_ids_K[slot], f"{where}, slot {slot}"
 
 
 # ------------------------------------------------------------------------------------------------
@@ -85,23 +92,15 @@ SERVED_TOP_KS = (0, TOP_K, 60)  # 60 > the tiny vocabulary (49): padded like Loc
 
 
 @pytest.fixture(scope="module")
-def served_vllm_url(tiny_teacher, tmp_path_factory, free_port, wait_healthy):
+def served_vllm_url(tiny_teacher, tmp_path_factory, free_port, serve_subprocess):
     """`opd teacher serve --backend vllm` on loopback (the engine runs in the server process)."""
     port = free_port()
     log_path = tmp_path_factory.mktemp("vllm_backend") / "server.log"
     command = [sys.executable, "-m", "opd.cli", "teacher", "serve", "--model", str(tiny_teacher),
                "--backend", "vllm", "--port", str(port), "--log_level", "warning"]  # fmt: skip
     env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"}
-    with open(log_path, "w") as log:
-        process = subprocess.Popen(
-            command, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True
-        )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        wait_healthy(url, process, log_path)
+    with serve_subprocess(command, port, log_path, env) as url:
         yield url
-    finally:
-        _stop(process)
 
 
 @pytest.mark.parametrize("top_k", SERVED_TOP_KS)
@@ -119,14 +118,7 @@ def test_vllm_backend_scores_equal_transformers(served_vllm_url, reference, top_
         assert scores.topk_ids_BTK is None
         return
     assert scores.topk_ids_BTK.shape == (5, 8, top_k)
-    for row, position in batch.completion_mask_BT.nonzero().tolist():
-        _assert_topk_close(
-            scores.topk_ids_BTK[row, position],
-            scores.topk_logprobs_BTK[row, position],
-            expected.topk_ids_BTK[row, position],
-            expected.topk_logprobs_BTK[row, position],
-            where=f"top_k={top_k}, row {row}, position {position}",
-        )
+    _assert_topk_close(scores, expected, batch.completion_mask_BT, top_k)
 
 
 def test_vllm_backend_refuses_temperature_other_than_one(served_vllm_url):
@@ -141,7 +133,7 @@ def test_vllm_backend_refuses_temperature_other_than_one(served_vllm_url):
 
 
 @pytest.fixture(scope="module")
-def vllm_url(tiny_teacher, tmp_path_factory, free_port, wait_healthy):
+def vllm_url(tiny_teacher, tmp_path_factory, free_port, serve_subprocess):
     """A stock vLLM OpenAI server on loopback, killed with its engine process at the end."""
     port = free_port()
     folder = tmp_path_factory.mktemp("vllm_server")
@@ -156,28 +148,8 @@ def vllm_url(tiny_teacher, tmp_path_factory, free_port, wait_healthy):
     ]  # fmt: skip
     env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"}
     env.setdefault("OMP_NUM_THREADS", str(torch.get_num_threads()))
-    with open(log_path, "w") as log:
-        # Its own process group, so the engine-core child dies with it.
-        process = subprocess.Popen(
-            command, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True
-        )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        wait_healthy(url, process, log_path)
+    with serve_subprocess(command, port, log_path, env) as url:
         yield url
-    finally:
-        _stop(process)
-
-
-def _stop(process: subprocess.Popen) -> None:
-    if process.poll() is not None:
-        return
-    os.killpg(process.pid, signal.SIGTERM)
-    try:
-        process.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-        process.wait(timeout=30)
 
 
 @pytest.fixture(scope="module")
@@ -209,14 +181,7 @@ def test_client_scores_equal_transformers(teacher, reference, tiny_teacher, top_
     assert teacher.vocab_size == 49
     assert scores.topk_ids_BTK.shape == (5, 8, top_k)
     mask_BT = batch.completion_mask_BT.bool()
-    for row, position in mask_BT.nonzero().tolist():
-        _assert_topk_close(
-            scores.topk_ids_BTK[row, position],
-            scores.topk_logprobs_BTK[row, position],
-            expected.topk_ids_BTK[row, position],
-            expected.topk_logprobs_BTK[row, position],
-            where=f"top_k={top_k}, row {row}, position {position}",
-        )
+    _assert_topk_close(scores, expected, mask_BT, top_k)
     sampled = torch.where(mask_BT, scores.sampled_logprobs_BT - expected.sampled_logprobs_BT, 0)
     finite = torch.isfinite(expected.topk_logprobs_BTK)
     topk_error = (scores.topk_logprobs_BTK - expected.topk_logprobs_BTK)[finite].abs().max()

@@ -42,7 +42,8 @@ def test_each_rank_engine_follows_the_trainer_after_a_step(tiny_student, tiny_te
 def _rank_report(trainer, before: list[float]) -> dict:
     """What this rank's engine and trainer score once the step's weights are synced."""
     import torch.distributed as dist
-    from test_vllm_weight_sync import _trainer_logprobs, _vllm_logprobs
+    from sync_probe import trainer_logprobs
+    from test_vllm_weight_sync import _vllm_logprobs
     from vllm.distributed import parallel_state
 
     trainer.vllm_generation.sync_weights()  # what TRL runs before the next generation
@@ -53,7 +54,7 @@ def _rank_report(trainer, before: list[float]) -> dict:
         "vllm_tp_size": parallel_state.get_tensor_model_parallel_world_size(),
         "vllm_before": before,
         "vllm_after": _vllm_logprobs(llm),
-        "trainer_after": _trainer_logprobs(trainer.accelerator.unwrap_model(trainer.model)),
+        "trainer_after": trainer_logprobs(trainer.accelerator.unwrap_model(trainer.model)),
     }
 
 

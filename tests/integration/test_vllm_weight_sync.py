@@ -11,9 +11,6 @@ import json
 import subprocess
 import sys
 
-PROMPT_IDS = [4, 5, 13, 6, 7, 16]  # "12+34="
-COMPLETION_IDS = [8, 10, 2, 5, 9]
-
 
 def test_vllm_logprobs_follow_the_trainer_after_a_step(tiny_student, tiny_teacher, tmp_path):
     result = subprocess.run(
@@ -33,6 +30,7 @@ def test_vllm_logprobs_follow_the_trainer_after_a_step(tiny_student, tiny_teache
 
 
 def _vllm_logprobs(llm) -> list[float]:
+    from sync_probe import COMPLETION_IDS, PROMPT_IDS
     from vllm import SamplingParams
 
     params = SamplingParams(max_tokens=1, prompt_logprobs=0, temperature=1.0)
@@ -43,37 +41,21 @@ def _vllm_logprobs(llm) -> list[float]:
     return [entry[token].logprob for entry, token in zip(positions, COMPLETION_IDS, strict=True)]
 
 
-def _trainer_logprobs(model) -> list[float]:
-    import torch
-
-    ids = torch.tensor([PROMPT_IDS + COMPLETION_IDS])
-    with torch.no_grad():
-        logprobs = torch.log_softmax(model(input_ids=ids).logits[0].float(), dim=-1)
-    start = len(PROMPT_IDS) - 1
-    rows = logprobs[start : start + len(COMPLETION_IDS)]
-    return rows.gather(-1, torch.tensor(COMPLETION_IDS)[:, None])[:, 0].tolist()
-
-
 def build_colocate_trainer(student: str, teacher: str, output_dir: str):
     """A 1-step trainer with a colocated vLLM engine (also used per rank by
     test_vllm_multiprocess.py)."""
     from datasets import Dataset
+    from sync_probe import ONE_STEP_CONFIG
 
     from opd import OPDConfig, OPDTrainer
 
     args = OPDConfig(
         output_dir=output_dir,
         teacher_model_name_or_path=teacher,
-        report_to="none",
         use_vllm=True,
         vllm_mode="colocate",
         vllm_max_model_length=64,
-        max_steps=1,
-        per_device_train_batch_size=8,
-        num_generations=4,
-        max_completion_length=6,
-        learning_rate=1e-2,  # large, so one step visibly moves the logprobs
-        save_strategy="no",
+        **ONE_STEP_CONFIG,
     )
     dataset = Dataset.from_dict({"prompt": [f"{a}+{a}=" for a in range(8)]})
     return OPDTrainer(model=student, args=args, train_dataset=dataset)
@@ -81,6 +63,8 @@ def build_colocate_trainer(student: str, teacher: str, output_dir: str):
 
 def _child(student: str, teacher: str, output_dir: str) -> None:
     import time
+
+    from sync_probe import trainer_logprobs
 
     trainer = build_colocate_trainer(student, teacher, output_dir)
     llm = trainer.vllm_generation.llm
@@ -92,7 +76,7 @@ def _child(student: str, teacher: str, output_dir: str) -> None:
     report = {
         "vllm_before": before,
         "vllm_after": _vllm_logprobs(llm),
-        "trainer_after": _trainer_logprobs(trainer.model),
+        "trainer_after": trainer_logprobs(trainer.model),
         "sync_seconds": sync_seconds,
     }
     print(json.dumps(report))

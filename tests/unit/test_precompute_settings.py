@@ -73,13 +73,6 @@ def _args(rows: Path, teacher: Path, output_dir: Path, **changes) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def scored(text_rows, tiny_teacher, tmp_path_factory) -> Path:
-    output_dir = tmp_path_factory.mktemp("scored") / "set"
-    assert precompute_main(_args(text_rows, tiny_teacher, output_dir)) == 0
-    return output_dir
-
-
-@pytest.fixture(scope="module")
 def other_tokenizer(tiny_teacher, tmp_path_factory) -> Path:
     """The teacher's tokenizer (so it passes the tokenizer check) with a BOS before every text:
     other prompt ids."""
@@ -104,6 +97,14 @@ def _error_line(stderr: str) -> str:
 def _files(folder: Path) -> dict[str, bytes]:
     names = [MANIFEST_NAME] + [shard_name(i) for i in range(NUM_SHARDS)]
     return {name: (folder / name).read_bytes() for name in names}
+
+
+@pytest.fixture(scope="module")
+def scored(text_rows, tiny_teacher, tmp_path_factory) -> Path:
+    """A finished run with `_args`' settings, the one the tests below resume or copy."""
+    output_dir = tmp_path_factory.mktemp("scored") / "set"
+    assert precompute_main(_args(text_rows, tiny_teacher, output_dir)) == 0
+    return output_dir
 
 
 # ------------------------------------------------------------------------------------------------

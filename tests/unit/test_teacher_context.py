@@ -12,18 +12,18 @@ from opd.teacher.context import teacher_prompt, teacher_prompt_ids
 from opd.trainer.methods import MethodMixin
 
 TEMPLATE = "{prompt} hint: {context}"
-# A minimal chat template over the tiny tokenizer's alphabet (it ships none); the `think` kwarg
-# shows that chat_template_kwargs reach the template.
-CHAT_TEMPLATE = (
-    "{% for m in messages %}#{{ m.role }}: {{ m.content }}.{% endfor %}"
-    "{% if add_generation_prompt %}#assistant:{% if think %} think{% endif %}{% endif %}"
-)
 CHAT = [
     {"role": "system", "content": "be brief"},
     {"role": "user", "content": "1+1=?"},
     {"role": "assistant", "content": "2"},
     {"role": "user", "content": "2+2=?"},
 ]
+# A minimal chat template over the tiny tokenizer's alphabet (it ships none); the `think` kwarg
+# shows that chat_template_kwargs reach the template.
+CHAT_TEMPLATE = (
+    "{% for m in messages %}#{{ m.role }}: {{ m.content }}.{% endfor %}"
+    "{% if add_generation_prompt %}#assistant:{% if think %} think{% endif %}{% endif %}"
+)
 
 
 def _tokenizer(chat: bool = False):
@@ -36,6 +36,18 @@ def _tokenizer(chat: bool = False):
 def _char_ids(tokenizer, text: str) -> list[int]:
     """The char tokenizer's ids spelled out one character at a time (independent of encode)."""
     return tokenizer.convert_tokens_to_ids(list(text))
+
+
+def _trainer(tokenizer, **render):
+    """A namespace standing in for the trainer: what `privileged_prompt_ids` and TRL's
+    `GRPOTrainer._tokenize_prompts` read (a real trainer needs a model, data and rewards)."""
+    return SimpleNamespace(
+        args=SimpleNamespace(teacher_context_column="solution", teacher_context_template=TEMPLATE),
+        processing_class=tokenizer,
+        _is_vlm=False,
+        environment_factories=None,
+        **{"tools": None, "chat_template": None, "chat_template_kwargs": {}, **render},
+    )
 
 
 def test_string_prompt_is_filled():
@@ -95,23 +107,13 @@ def test_chat_prompt_ids_are_the_rendered_chat(think):
 
 @pytest.mark.parametrize("chat", [False, True])
 def test_ids_equal_trl_tokenizing_the_teacher_prompt(chat):
-    """Against TRL's own `GRPOTrainer._tokenize_prompts` on the expected teacher prompts.
-
-    A namespace stands in for the trainer (building a real one needs a model, a dataset and
-    reward functions); it carries exactly the attributes that method reads. If a TRL upgrade
-    changes how prompts are tokenized, this test fails.
-    """
+    """Against TRL's own `GRPOTrainer._tokenize_prompts` on the expected teacher prompts (the
+    trainer is `_trainer`'s namespace). If a TRL upgrade changes how prompts are tokenized, this
+    test fails."""
     tokenizer = _tokenizer(chat=chat)
     prompts = [CHAT, CHAT] if chat else ["2+2=?", "3*3=?"]
     kwargs = {"think": True} if chat else {}
-    trainer = SimpleNamespace(
-        _is_vlm=False,
-        environment_factories=None,
-        processing_class=tokenizer,
-        tools=None,
-        chat_template=None,
-        chat_template_kwargs=kwargs,
-    )
+    trainer = _trainer(tokenizer, chat_template_kwargs=kwargs)
     expected = [teacher_prompt(p, c, TEMPLATE) for p, c in zip(prompts, ["4", "9"], strict=True)]
     trl_ids, _, _ = GRPOTrainer._tokenize_prompts(trainer, expected)
     ids = teacher_prompt_ids(prompts, ["4", "9"], TEMPLATE, tokenizer, chat_template_kwargs=kwargs)
@@ -126,24 +128,8 @@ def test_prompts_and_contexts_must_pair_up():
 
 # The trainer's own template (GRPOConfig has no field for it; TRL sets it for tool training): it
 # renders the tools and the `think` kwarg, so each of the three render inputs changes the ids.
-TRAINER_TEMPLATE = (
-    "{% if tools %}#tools: {{ tools | length }}.{% endif %}"
-    "{% for m in messages %}#{{ m.role }}: {{ m.content }}.{% endfor %}"
-    "{% if add_generation_prompt %}#assistant:{% if think %} think{% endif %}{% endif %}"
-)
+TRAINER_TEMPLATE = "{% if tools %}#tools: {{ tools | length }}.{% endif %}" + CHAT_TEMPLATE
 TOOL = {"type": "function", "function": {"name": "add", "description": "a", "parameters": {}}}
-
-
-def _trainer(tokenizer, **render):
-    """A namespace standing in for the trainer: what `privileged_prompt_ids` and TRL's
-    `GRPOTrainer._tokenize_prompts` read (a real trainer needs a model, data and rewards)."""
-    return SimpleNamespace(
-        args=SimpleNamespace(teacher_context_column="solution", teacher_context_template=TEMPLATE),
-        processing_class=tokenizer,
-        _is_vlm=False,
-        environment_factories=None,
-        **{"tools": None, "chat_template": None, "chat_template_kwargs": {}, **render},
-    )
 
 
 @pytest.mark.parametrize(

@@ -175,3 +175,11 @@ def serve_teacher(serve_in_thread):
         return serve_in_thread(build_uvicorn_config(args, build_app(args, backend)))
 
     return serve
+
+
+def pytest_collection_modifyitems(config, items):
+    """Files with a test marked `slow` run first (stable otherwise), so that under xdist's
+    `--dist loadfile` the long files start early and the run does not end on one worker with a
+    long file while the other idles (longest-first scheduling: measured tail of 6 min before)."""
+    slow_files = {item.path for item in items if item.get_closest_marker("slow")}
+    items.sort(key=lambda item: item.path not in slow_files)

@@ -10,7 +10,10 @@ import json
 import subprocess
 import sys
 
+import pytest
 
+
+@pytest.mark.slow
 def test_embedded_demo_runs_and_prints_the_table(tmp_path):
     output_dir = tmp_path / "demo"
     command = [

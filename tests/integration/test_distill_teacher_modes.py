@@ -81,6 +81,7 @@ def _weights(output_dir: Path) -> dict[str, torch.Tensor]:
     return load_file(output_dir / "model.safetensors")
 
 
+@pytest.mark.slow
 def test_distill_survives_a_teacher_restart(tiny_student, prompt_file, server, tmp_path):
     """Kill the server mid-run and restart it: training continues, identical to an unbroken run."""
     server.start()
@@ -115,6 +116,7 @@ def test_distill_survives_a_teacher_restart(tiny_student, prompt_file, server, t
         torch.testing.assert_close(_weights(broken)[name], tensor, atol=1e-6, rtol=0)
 
 
+@pytest.mark.slow
 def test_distill_stops_with_a_clear_error_and_resumes(tiny_student, prompt_file, server, tmp_path):
     """A teacher that stays down past the retry budget: checkpoint, clear error; resume works."""
     server.start()
@@ -148,6 +150,7 @@ def test_distill_stops_with_a_clear_error_and_resumes(tiny_student, prompt_file,
     assert saved == list(range(1, stopped_at + 1))
 
 
+@pytest.mark.slow
 def test_distill_offline_on_precomputed_shards(tiny_student, tiny_teacher, prompt_file, tmp_path):
     """`opd rollout`, `opd teacher precompute`, then `opd distill --teacher_mode offline`."""
     rollouts, scores, output_dir = tmp_path / "rollouts", tmp_path / "scores", tmp_path / "run"

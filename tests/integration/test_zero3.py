@@ -16,9 +16,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 WORKER = Path(__file__).with_name("zero3_worker.py")
 
 
+@pytest.mark.slow
 def test_zero3_lm_head_trains_like_one_unsharded_process(tmp_path):
     # One thread per rank on a 2-core box; DS_ACCELERATOR=cpu: no GPU is looked for.
     env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu"}

@@ -237,16 +237,14 @@ def print_table(cli, rows: dict[str, dict]) -> None:
 
 
 def run_driver(cli: argparse.Namespace) -> None:
-    from opd.demo.tiny import save_tiny
+    from opd.demo.tiny import TinyShape, save_tiny
 
     start = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="bench_scale_") as tmp:
         folder = Path(tmp)
-        student = save_tiny(
-            folder / "student", hidden_size=cli.hidden, num_layers=cli.layers,
-            num_heads=cli.hidden // 64, intermediate_size=cli.hidden * 3, seed=0,
-        )  # fmt: skip
-        teacher = save_tiny(folder / "teacher", hidden_size=192, num_heads=3, seed=1)
+        shape = TinyShape(cli.hidden, cli.layers, cli.hidden // 64, cli.hidden * 3)
+        student = save_tiny(folder / "student", shape, seed=0)
+        teacher = save_tiny(folder / "teacher", TinyShape(hidden_size=192, num_heads=3), seed=1)
         rows = {}
         for name in LAYOUTS:
             rows[name] = summarise(run_layout(cli, folder, name, student, teacher))

@@ -60,16 +60,11 @@ def free_port() -> int:
 
 def bench_model(args, folder: Path) -> Path:
     """A random Qwen2-shaped teacher with a `--vocab` vocabulary (char tokenizer for /info)."""
-    from opd.demo.tiny import build_char_tokenizer, build_tiny_model
+    from opd.demo.tiny import TinyShape, build_char_tokenizer, build_tiny_model
 
-    model = build_tiny_model(
-        args.vocab,
-        hidden_size=args.hidden,
-        num_layers=args.layers,
-        num_heads=args.hidden // 64,
-        intermediate_size=args.hidden * 3,
-        max_positions=args.prompt_tokens + args.completion_tokens + 8,
-    )
+    max_positions = args.prompt_tokens + args.completion_tokens + 8
+    shape = TinyShape(args.hidden, args.layers, args.hidden // 64, args.hidden * 3, max_positions)
+    model = build_tiny_model(args.vocab, shape)
     model.save_pretrained(folder)
     build_char_tokenizer().save_pretrained(folder)
     return folder

@@ -30,7 +30,7 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
     os.environ.setdefault("OPD_KERNELS", "torch")
 
-from opd.demo.tiny import save_tiny  # after the environment above
+from opd.demo.tiny import TinyShape, save_tiny  # after the environment above
 
 # The helper modules in tests/integration (e.g. `sync_probe`) are imported by the scripts the
 # tests launch from there, where that folder is sys.path[0]; the same names import here (and in
@@ -45,7 +45,9 @@ def tiny_student(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_teacher(tmp_path_factory) -> Path:
-    return save_tiny(tmp_path_factory.mktemp("teacher"), hidden_size=192, num_heads=3, seed=1)
+    return save_tiny(
+        tmp_path_factory.mktemp("teacher"), TinyShape(hidden_size=192, num_heads=3), seed=1
+    )
 
 
 @pytest.fixture(scope="session")

@@ -38,7 +38,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from opd.demo import task
 from opd.demo.evaluate import greedy_accuracy
-from opd.demo.tiny import build_char_tokenizer, build_tiny_model
+from opd.demo.tiny import TinyShape, build_char_tokenizer, build_tiny_model
 
 # Bump when the task or the training code changes in a way the settings below do not capture.
 TASK_VERSION = "add-2digit-1digit-v1"
@@ -51,44 +51,21 @@ MARKER = "opd_demo.json"
 class TinySFTConfig:
     """Model shape and SFT schedule of one demo model."""
 
-    hidden_size: int
-    num_layers: int
-    num_heads: int
-    intermediate_size: int
+    shape: TinyShape
     steps: int
-    batch_size: int
-    learning_rate: float
     warmup_steps: int
     seed: int
+    batch_size: int = 64
+    learning_rate: float = 1e-3
 
 
 # Measured (scripts/experiments/demo_opd_check.py): the teacher reaches 97-100% held-out greedy
 # accuracy; lr 3e-3 stalls below 15%. No label smoothing: it bounds the teacher's log-probs
 # but the student then spends its OPD steps matching the smoothing floor, not the digits.
-TEACHER_SFT = TinySFTConfig(
-    hidden_size=256,
-    num_layers=3,
-    num_heads=4,
-    intermediate_size=512,
-    steps=400,
-    batch_size=64,
-    learning_rate=1e-3,
-    warmup_steps=30,
-    seed=1,
-)
+TEACHER_SFT = TinySFTConfig(TinyShape(256, 3, 4, 512), steps=400, warmup_steps=30, seed=1)
 # Stopped mid-way up its learning curve: ~37% held-out accuracy (150 steps: ~11%, 250: ~54%).
 # A student with more to learn than this does not get past ~60% in 100 vanilla OPD steps.
-STUDENT_SFT = TinySFTConfig(
-    hidden_size=128,
-    num_layers=2,
-    num_heads=2,
-    intermediate_size=256,
-    steps=210,
-    batch_size=64,
-    learning_rate=1e-3,
-    warmup_steps=10,
-    seed=2,
-)
+STUDENT_SFT = TinySFTConfig(TinyShape(128, 2, 2, 256), steps=210, warmup_steps=10, seed=2)
 
 
 def settings_hash() -> str:
@@ -156,14 +133,7 @@ def train_sft(
     config: TinySFTConfig, tokenizer: PreTrainedTokenizerBase, train: Dataset, log: Callable
 ) -> PreTrainedModel:
     """Build a tiny model of `config`'s shape and train it with SFT on `train`."""
-    model = build_tiny_model(
-        len(tokenizer),
-        hidden_size=config.hidden_size,
-        num_layers=config.num_layers,
-        num_heads=config.num_heads,
-        intermediate_size=config.intermediate_size,
-        seed=config.seed,
-    )
+    model = build_tiny_model(len(tokenizer), config.shape, seed=config.seed)
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     input_ids_NL, labels_NL = encode_sft_examples(tokenizer, train)

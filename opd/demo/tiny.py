@@ -10,6 +10,7 @@ Run `python -m opd.demo.tiny /tmp/tiny` to write a random-weight model and token
 from __future__ import annotations
 
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
@@ -36,28 +37,32 @@ def build_char_tokenizer(alphabet: str = ALPHABET) -> PreTrainedTokenizerFast:
     )
 
 
+@dataclass(frozen=True)
+class TinyShape:
+    """Shape of a tiny Qwen2 model. Head size = hidden_size / num_heads: keep it >= 64."""
+
+    hidden_size: int = 128
+    num_layers: int = 2
+    num_heads: int = 2
+    intermediate_size: int = 256
+    max_positions: int = 128
+
+
 def build_tiny_model(
-    vocab_size: int,
-    *,
-    hidden_size: int = 128,
-    num_layers: int = 2,
-    num_heads: int = 2,
-    intermediate_size: int = 256,
-    max_positions: int = 128,
-    seed: int = 0,
+    vocab_size: int, shape: TinyShape = TinyShape(), *, seed: int = 0
 ) -> Qwen2ForCausalLM:
-    """A randomly initialised Qwen2 causal LM; head size = hidden_size / num_heads (keep >= 64)."""
+    """A randomly initialised Qwen2 causal LM of `shape` (tied embeddings, float32, sdpa)."""
     import torch
 
-    assert hidden_size // num_heads >= 64, "vLLM's CPU attention needs head size >= 64"
+    assert shape.hidden_size // shape.num_heads >= 64, "vLLM's CPU attention needs head size >= 64"
     config = Qwen2Config(
         vocab_size=vocab_size,
-        hidden_size=hidden_size,
-        num_hidden_layers=num_layers,
-        num_attention_heads=num_heads,
-        num_key_value_heads=num_heads,
-        intermediate_size=intermediate_size,
-        max_position_embeddings=max_positions,
+        hidden_size=shape.hidden_size,
+        num_hidden_layers=shape.num_layers,
+        num_attention_heads=shape.num_heads,
+        num_key_value_heads=shape.num_heads,
+        intermediate_size=shape.intermediate_size,
+        max_position_embeddings=shape.max_positions,
         tie_word_embeddings=True,
         bos_token_id=1,
         eos_token_id=2,
@@ -69,11 +74,11 @@ def build_tiny_model(
     return Qwen2ForCausalLM(config)
 
 
-def save_tiny(path: str | Path, **model_kwargs) -> Path:
+def save_tiny(path: str | Path, shape: TinyShape = TinyShape(), *, seed: int = 0) -> Path:
     """Write a tokenizer and a random tiny model to `path` (loadable by transformers and vLLM)."""
     path = Path(path)
     tokenizer = build_char_tokenizer()
-    model = build_tiny_model(len(tokenizer), **model_kwargs)
+    model = build_tiny_model(len(tokenizer), shape, seed=seed)
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)

@@ -212,15 +212,13 @@ def run_loss_step(model, path: str, inputs) -> float:
 
 def loss_case_child(name: str, args) -> dict:
     """Measure one case in this (fresh) process: peak MB above the model and inputs, seconds."""
-    from opd.demo.tiny import build_tiny_model
+    from opd.demo.tiny import TinyShape, build_tiny_model
 
     path, keep_share = LOSS_CASES[name]
     device = torch.device(args.device)
-    model = build_tiny_model(
-        args.vocab, hidden_size=args.hidden, num_layers=args.layers,
-        num_heads=args.hidden // 64, intermediate_size=4 * args.hidden,
-        max_positions=args.prompt_tokens + args.tokens, seed=args.seed,
-    ).to(device)  # fmt: skip
+    max_positions = args.prompt_tokens + args.tokens
+    shape = TinyShape(args.hidden, args.layers, args.hidden // 64, 4 * args.hidden, max_positions)
+    model = build_tiny_model(args.vocab, shape, seed=args.seed).to(device)
     warm_up = build_case_inputs(args, device, 1, 64, keep_share)
     run_loss_step(model, path, warm_up)  # first-call allocations, thread pools, lazy imports
     model.zero_grad(set_to_none=True)

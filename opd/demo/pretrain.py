@@ -168,7 +168,8 @@ def _train_into_cache(
     final_dir = cache_dir / role
     tokenizer = build_char_tokenizer()
     train, held_out = splits
-    log(f"[opd demo] training the {role} ({config.num_layers} layers, hidden {config.hidden_size})")
+    shape = config.shape
+    log(f"[opd demo] training the {role} ({shape.num_layers} layers, hidden {shape.hidden_size})")
     start = time.perf_counter()
     model = train_sft(config, tokenizer, train, log)
     seconds = time.perf_counter() - start

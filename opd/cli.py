@@ -82,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def run_command(name: str, argv: list[str]) -> int:
     """Parse `argv` for command `name` and run it, under the one exit-code policy."""
-    from opd.config import ConfigError
+    from opd.arguments import ConfigError
     from opd.teacher.http import (
         TeacherRequestError,
         TeacherStoppedError,

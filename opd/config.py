@@ -13,12 +13,13 @@ import dataclasses
 import functools
 import json
 import math
-from dataclasses import MISSING, dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from trl import GRPOConfig
 
+from opd.arguments import ConfigError, check_at_least_one, help_field
 from opd.types import (
     MIN_TEMPERATURE,
     Baseline,
@@ -36,18 +37,6 @@ from opd.types import (
 
 # from_pretrained's device_map strategies (any other string must name a torch device).
 DEVICE_MAP_STRATEGIES = ("auto", "balanced", "balanced_low_0", "sequential")
-
-
-class ConfigError(ValueError):
-    """A user-fixable problem with the configuration, the data or the models; the message says
-    what to change. The CLI prints it without a traceback."""
-
-
-def help_field(default: Any = MISSING, help: str = "", **kwargs: Any) -> Any:
-    """A dataclass field with its `--help` text: TRL's `field(default=..., metadata={"help":
-    ...})`, which `HfArgumentParser` and `TrlParser` read, in one short call. No default (and no
-    `default_factory`): a required field."""
-    return field(default=default, metadata={"help": help}, **kwargs)
 
 
 NUMERIC_METHOD_FIELDS = (
@@ -588,14 +577,6 @@ def _choice(name: str, value: Any, choices: type[Choice]) -> Choice:
         return choices(value)
     except ValueError:
         raise ValueError(f"{name}={value!r} is not one of {', '.join(choices)}.") from None
-
-
-def check_at_least_one(settings: Any, *names: str) -> None:
-    """Each named count of `settings` is >= 1 (None: not set, allowed)."""
-    for name in names:
-        value = getattr(settings, name)
-        if value is not None and value < 1:
-            raise ConfigError(f"{name} must be >= 1, got {value}.")
 
 
 def _check_number(name: str, value: Any) -> None:

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from opd.config import ConfigError, help_field
+from opd.arguments import ConfigError, help_field
 
 if TYPE_CHECKING:  # `datasets` loads only with the prompts, not for `--help` or parsing
     from datasets import Dataset

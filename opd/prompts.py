@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from opd.config import ConfigError
+from opd.arguments import ConfigError
 
 
 def load_tokenizer(name_or_path: str):

@@ -41,7 +41,7 @@ from collections.abc import Callable, Sequence
 
 from math_verify import ExprExtractionConfig, LatexExtractionConfig, parse, verify
 
-from opd.config import ConfigError
+from opd.arguments import ConfigError
 
 for _name in ("math_verify.parser", "math_verify.grader"):  # see the module docstring
     logging.getLogger(_name).setLevel(logging.ERROR)

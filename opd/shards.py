@@ -42,7 +42,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from opd.config import ConfigError
+from opd.arguments import ConfigError
 from opd.shard_seal import read_sealed_parquet, sealed_parquet
 
 FORMAT = "opd-shards"

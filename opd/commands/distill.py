@@ -26,13 +26,8 @@ from typing import Any
 
 from trl import ModelConfig
 
-from opd.config import (
-    ConfigError,
-    OPDConfig,
-    help_field,
-    resolved_config_dict,
-    write_resolved_config,
-)
+from opd.arguments import ConfigError, help_field
+from opd.config import OPDConfig, resolved_config_dict, write_resolved_config
 from opd.data import DATASET_NAME_HELP, DEMO_DATASET, PromptDataArguments
 from opd.models import DEMO_STUDENT, resolve_model_names
 

@@ -27,7 +27,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from opd.config import ConfigError, check_at_least_one, help_field
+from opd.arguments import ConfigError, check_at_least_one, help_field
 from opd.data import PromptDataArguments
 from opd.evaluation.generate import OpenGenerator, open_vllm_generator
 from opd.evaluation.metrics import format_table, summarize

@@ -40,7 +40,8 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from opd.config import ConfigError, TeacherArguments, check_at_least_one, help_field
+from opd.arguments import ConfigError, check_at_least_one, help_field
+from opd.config import TeacherArguments
 from opd.shards import ShardSetWriter
 from opd.teacher.http import TeacherRequestError, TeacherStoppedError, TeacherUnavailableError
 from opd.teacher.shard_rows import list_lengths, rollout_batch_from_table, teacher_columns

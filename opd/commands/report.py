@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from opd.config import ConfigError, help_field
+from opd.arguments import ConfigError, help_field
 
 PROG = "opd report"
 DESCRIPTION = (

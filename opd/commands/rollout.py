@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from opd.config import ConfigError, check_at_least_one, help_field
+from opd.arguments import ConfigError, check_at_least_one, help_field
 from opd.data import PromptDataArguments
 from opd.prompts import encode_prompt, load_tokenizer
 from opd.rollout.engine import (

@@ -33,7 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from opd.config import ConfigError, help_field
+from opd.arguments import ConfigError, help_field
 from opd.models import served_model_name
 from opd.teacher.http import API_KEY_ENV
 

@@ -26,7 +26,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from opd.config import ConfigError
+from opd.arguments import ConfigError
 from opd.evaluation.generate import GeneratedSample
 from opd.evaluation.metrics import example_pass_at_k
 from opd.shards import atomic_write_bytes, plan_differences

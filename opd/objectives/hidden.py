@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from opd.config import ConfigError
+from opd.arguments import ConfigError
 
 # Architectures whose logits are not `hidden @ lm_head.T`: recomputing them from hidden states
 # would silently give another distribution.

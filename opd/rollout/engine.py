@@ -21,7 +21,7 @@ import os
 import re
 from typing import Any
 
-from opd.config import ConfigError
+from opd.arguments import ConfigError
 
 # The fitted context is rounded up to a multiple of this: a whole number of KV-cache blocks
 # (vLLM's hold 16 to 256 tokens), and the same engine for prompts a few tokens apart.

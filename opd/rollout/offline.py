@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from datasets import Dataset
 
-from opd.config import ConfigError
+from opd.arguments import ConfigError
 from opd.types import TeacherScores
 
 GROUP_COLUMN = "opd_group"

@@ -12,7 +12,7 @@ from __future__ import annotations
 import copy
 from typing import Any
 
-from opd.config import ConfigError
+from opd.arguments import ConfigError
 from opd.teacher.http import RetryPolicy
 from opd.teacher.protocol import TeacherScorer
 from opd.types import DIRECT_TEACHER_MODES

@@ -23,7 +23,7 @@ from typing import Any
 import httpx
 import torch
 
-from opd.config import ConfigError
+from opd.arguments import ConfigError
 from opd.teacher.consistency import compare_fingerprints, tokenizer_fingerprint
 from opd.teacher.http import RetryPolicy, auth_headers, request_with_retry
 from opd.teacher.wire import (

@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from opd.config import ConfigError
+from opd.arguments import ConfigError
 from opd.models import served_model_name
 from opd.shards import load_shard_set
 from opd.teacher.consistency import compare_fingerprints, tokenizer_fingerprint

@@ -23,7 +23,7 @@ from typing import Any, cast
 import numpy as np
 import pyarrow as pa
 
-from opd.config import ConfigError
+from opd.arguments import ConfigError
 from opd.models import resolve_model_name
 from opd.shards import ROLLOUT_COLUMNS, TEACHER_COLUMNS, file_sha256, load_shard_set
 from opd.teacher.consistency import compare_fingerprints, tokenizer_fingerprint

@@ -16,7 +16,7 @@ import dataclasses
 
 import torch
 
-from opd.config import ConfigError
+from opd.arguments import ConfigError
 from opd.teacher.protocol import TeacherScorer
 from opd.types import RolloutBatch, TeacherScores
 

@@ -25,7 +25,7 @@ from typing import Any
 
 import httpx
 
-from opd.config import ConfigError
+from opd.arguments import ConfigError
 from opd.teacher.http import (
     RetryPolicy,
     TeacherRequestError,

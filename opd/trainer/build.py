@@ -11,7 +11,8 @@ import dataclasses
 
 from trl import GRPOConfig
 
-from opd.config import ConfigError, OPDConfig
+from opd.arguments import ConfigError
+from opd.config import OPDConfig
 from opd.teacher.local import LocalTeacher, detached_copy
 from opd.teacher.protocol import FullDistributionTeacher, TeacherScorer
 from opd.trainer.trl_seams import add_fused_lm_head, router_aux_loss_enabled

@@ -35,7 +35,7 @@ from pathlib import Path
 
 import torch
 
-from opd.config import ConfigError
+from opd.arguments import ConfigError
 from opd.trainer.trl_seams import (
     REPEAT_SAMPLER_PARAMS,
     RepeatSampler,

@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 from torch.distributed.tensor import DTensor
 
-from opd.config import ConfigError
+from opd.arguments import ConfigError
 
 
 def enable_fsdp_on_cpu(trainer) -> None:

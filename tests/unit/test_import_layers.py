@@ -17,8 +17,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 # Module-name prefix -> layer. The longest matching prefix wins.
 LAYERS = {
-    "opd.types": 0, "opd.kernels": 0, "opd.teacher.wire_header": 0, "opd.shard_seal": 0,
-    "opd.trainer.trl_seams": 0,
+    "opd.types": 0, "opd.arguments": 0, "opd.kernels": 0, "opd.teacher.wire_header": 0,
+    "opd.shard_seal": 0, "opd.trainer.trl_seams": 0,
     "opd.config": 1, "opd.guards": 1, "opd.rewards": 1, "opd.demo": 1,
     "opd.models": 2, "opd.data": 2, "opd.prompts": 2, "opd.shards": 2, "opd.objectives": 2,
     "opd.report": 2,

@@ -56,8 +56,10 @@ from opd.trainer.methods import MethodMixin
 from opd.trainer.metrics import MetricsMixin
 from opd.trainer.resume import (
     EpochSeededRepeatSampler,
+    capture_rng_state,
     load_generation_buffer,
     resolve_checkpoint,
+    restore_rng_state,
     save_resume_state,
 )
 from opd.trainer.sharding import enable_fsdp_on_cpu, full_lm_head_weight
@@ -188,7 +190,8 @@ class OPDTrainer(LossMixin, MethodMixin, MetricsMixin, GRPOTrainer):
     def _generate_and_score_completions(self, inputs: list[dict[str, Any]]) -> dict[str, Any]:
         if self.offline is not None:
             self.offline.select(inputs, process_index=self.accelerator.process_index)
-        step = self.step_state = StepState(inputs=inputs)  # filled by `_generate` and rewards
+        # filled by `_generate` and rewards
+        step = self.step_state = StepState(inputs=inputs, rng_state=capture_rng_state())
         output = super()._generate_and_score_completions(inputs)
         step.mask_BT = output["completion_mask"].float()
         if "tool_mask" in output:
@@ -214,14 +217,18 @@ class OPDTrainer(LossMixin, MethodMixin, MetricsMixin, GRPOTrainer):
         """Score the batch; if the teacher stays down past its retry budget, checkpoint and stop.
 
         Generation happens before any gradient of the step, so the weights are still those of
-        the last finished step: `checkpoint-<global_step>` resumes without losing or repeating
-        a batch (`--resume_from_checkpoint`).
+        the last finished step, and the random states are put back to the step's start:
+        `checkpoint-<global_step>` resumes to the uninterrupted run's weights, without losing or
+        repeating a batch (`--resume_from_checkpoint`).
         """
         if self.offline is not None:
             return self.offline.scores(batch.completion_ids_BT.shape[1])
         try:
             return self.teacher.score(batch, top_k=self.args.teacher_top_k)
         except TeacherUnavailableError as error:
+            # The samples of this step are drawn: the checkpoint keeps the random states from
+            # before them, so the resumed run draws the same ones.
+            restore_rng_state(self.step_state.rng_state)
             checkpoint = save_checkpoint(self)
             raise TeacherUnavailableError(
                 f"{error}\nTraining stopped at step {self.state.global_step}; saved {checkpoint}. "

@@ -15,6 +15,11 @@ skips the batches already trained in the current epoch. Three things it does not
   buffered generation and step counter into the checkpoint (`opd_generation_buffer_<rank>.pt`)
   and reads them back on resume. The run's resolved config is copied in too: `opd distill`
   refuses a resume whose settings differ from it.
+- **A checkpoint written mid-step** (the teacher stayed down: `OPDTrainer._teacher_scores`).
+  The step's samples were drawn already, so the RNG states transformers would save are past
+  them, and the resumed run would sample that step differently from the uninterrupted one.
+  `capture_rng_state` is taken when each generation starts, and `restore_rng_state` puts it back
+  before that checkpoint is written.
 - **A checkpoint cut off while being written** (a killed run). Process 0 writes
   `trainer_state.json` after its own files, but other processes' RNG states (and buffers) are not
   waited for, and transformers resumes without a missing RNG file, silently. `checkpoint_problem`
@@ -28,11 +33,14 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import re
 import shutil
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import torch
 
 from opd.arguments import ConfigError
@@ -106,6 +114,23 @@ def save_generation_buffer(trainer, checkpoint: Path) -> None:
     temporary = path.with_suffix(f".tmp-{os.getpid()}")
     torch.save({"step": step, "buffered_inputs": buffered}, temporary)
     os.replace(temporary, path)  # a killed write leaves no half file under the real name
+
+
+def capture_rng_state() -> dict[str, Any]:
+    """The random states transformers saves in a checkpoint (python, numpy, torch CPU, CUDA)."""
+    state = {"python": random.getstate(), "numpy": np.random.get_state(),
+             "cpu": torch.random.get_rng_state()}  # fmt: skip
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.random.get_rng_state_all()
+    return state
+
+
+def restore_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.random.set_rng_state(state["cpu"])
+    if "cuda" in state:
+        torch.cuda.random.set_rng_state_all(state["cuda"])
 
 
 def load_generation_buffer(trainer, checkpoint: str | Path) -> None:

@@ -31,6 +31,8 @@ class StepState:
 
     inputs: list[dict[str, Any]]
     """The dataset rows of this process's slice, as TRL passed them (one per completion)."""
+    rng_state: dict[str, Any]
+    """The random states before the step sampled (what a checkpoint written mid-step keeps)."""
     offpolicy_B: list[bool] = field(default_factory=list)
     """True where the row is an off-policy trace (LUFFY/StableOPD), not a student sample."""
     rewards_BF: torch.Tensor | None = None

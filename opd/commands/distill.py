@@ -37,10 +37,11 @@ from opd.models import DEMO_STUDENT, resolve_model_names
 # uninterrupted one, so it is refused.
 RESUME_MAY_CHANGE = {
     "output_dir", "resume_from_checkpoint", "max_steps", "num_train_epochs", "report_to",
-    "run_name", "project", "disable_tqdm", "dry_run", "eval_before_after", "teacher_urls",
-    "teacher_timeout_s", "teacher_retry_budget_s", "teacher_api_key", "local_rank", "use_cpu",
-    "ddp_backend", "ddp_timeout", "dataloader_num_workers", "dataloader_pin_memory",
-    "dataloader_persistent_workers", "dataloader_prefetch_factor", "push_to_hub",
+    "run_name", "project", "disable_tqdm", "dry_run", "eval_before_after", "write_report",
+    "teacher_urls", "teacher_timeout_s", "teacher_retry_budget_s", "teacher_api_key",
+    "local_rank", "use_cpu", "ddp_backend", "ddp_timeout", "dataloader_num_workers",
+    "dataloader_pin_memory", "dataloader_persistent_workers", "dataloader_prefetch_factor",
+    "push_to_hub",
 }  # fmt: skip
 RESUME_MAY_CHANGE_PREFIXES = ("logging_", "log_", "save_", "hub_", "trackio_")
 
@@ -85,6 +86,11 @@ class DistillArguments(PromptDataArguments):
     )
     dry_run: bool = help_field(
         False, "Parse and validate the config, write it to output_dir, and exit."
+    )
+    write_report: bool = help_field(
+        True,
+        "Draw the run's plots and report/index.html when training ends (a few seconds); "
+        "`opd report <output_dir>` draws them later.",
     )
 
 
@@ -148,8 +154,9 @@ def run(
         results.update(before=before, after=after)
         if main_process:
             print(format_before_after(before, after))
-    if main_process:  # results and the plots of the run (`opd report`; never raises)
+    if main_process:  # results, then the plots of the run (`opd report`; never raises)
         (Path(config.output_dir) / "opd_results.json").write_text(json.dumps(results, indent=2))
+    if main_process and script_args.write_report:
         from opd.report.write import write_report_after_run
 
         write_report_after_run(config.output_dir)

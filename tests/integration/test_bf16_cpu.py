@@ -21,7 +21,7 @@ def test_distill_with_bf16_alone_runs_a_step_on_the_cpu(tmp_path):
     args = [
         "distill", "--bf16", "true", "--max_steps", "1", "--output_dir", str(tmp_path),
         "--use_vllm", "false", "--per_device_train_batch_size", "16",
-        "--teacher_batch_size", "16", "--eval_before_after", "false",
+        "--teacher_batch_size", "16", "--eval_before_after", "false", "--write_report", "false",
     ]  # fmt: skip
     assert main(args) == 0
     written = yaml.safe_load((tmp_path / "opd_config.yaml").read_text())

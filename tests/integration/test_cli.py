@@ -41,7 +41,8 @@ def test_help_lists_commands_and_fields(capsys):
         [sys.executable, "-m", "opd.cli", "distill", "--help"], capture_output=True, text=True
     )
     assert result.returncode == 0
-    for name in ("--teacher_model_name_or_path", "--opd_kl_coef", "--learning_rate", "--config"):
+    for name in ("--teacher_model_name_or_path", "--opd_kl_coef", "--learning_rate", "--config",
+                 "--write_report"):  # fmt: skip
         assert name in result.stdout
 
 
@@ -60,7 +61,7 @@ def test_distill_lora_student_with_vllm_saves_the_adapter(
         str(tiny_teacher), "--dataset_name", str(prompt_file), "--output_dir", str(output_dir),
         "--use_peft", "true", "--lora_r", "8", "--lora_target_modules", "all-linear",
         "--learning_rate", "5e-2", "--max_steps", "2", "--save_strategy", "steps",
-        "--save_steps", "1",
+        "--save_steps", "1", "--write_report", "false",
     ]  # fmt: skip
     result = subprocess.run(command, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-4000:]

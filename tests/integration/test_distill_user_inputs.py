@@ -4,7 +4,8 @@ model names as given (`demo:student`, not the local cache folder).
 
 Real parts: the demo's locally trained models (cached outside the repo, built on first use),
 the real CLI in this process, 1 training step with transformers generation (no vLLM: this tests
-the reward and the config, not sampling); the report's plots are skipped (~5 s).
+the reward and the config, not sampling). The report's plots are skipped (`--write_report
+false`, ~5 s); the test checks that they are, while `test_report.py` checks the default run's.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ def length_bonus(completions, **kwargs):
 """
 ONE_STEP = ["--max_steps", "1", "--use_vllm", "false", "--eval_before_after", "false",
             "--per_device_train_batch_size", "8", "--teacher_batch_size", "8",
-            "--logging_steps", "1"]  # fmt: skip
+            "--logging_steps", "1", "--write_report", "false"]  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -47,7 +48,6 @@ def my_rewards(tmp_path, monkeypatch):
     folder.mkdir()
     (folder / "my_rewards.py").write_text(textwrap.dedent(REWARDS_MODULE))
     monkeypatch.syspath_prepend(str(folder))
-    monkeypatch.setattr("opd.report.write.write_report_after_run", lambda output_dir: None)
     yield
     sys.modules.pop("my_rewards", None)
 
@@ -74,6 +74,8 @@ def test_imported_reward_is_logged_and_the_config_keeps_the_demo_names(
     assert config["teacher_model_name_or_path"] == "demo:teacher"
     assert config["reward_funcs"] == ["my_rewards.length_bonus"]
     assert config["output_dir"] == "run"  # as given
+    assert config["write_report"] is False
+    assert not (run / "report").exists()  # the run finished (opd_results.json) without plots
 
 
 @pytest.mark.usefixtures("demo_models")

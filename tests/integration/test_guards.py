@@ -21,7 +21,9 @@ from opd.cli import main
 from opd.guards import ALARM_COUNT_KEY, ALARMS_FILE, SIGNALS
 
 RECIPE = Path(__file__).parents[2] / "recipes" / "vanilla_opd-tiny.yaml"
-NO_VLLM = ["--use_vllm", "false", "--logging_steps", "1", "--save_strategy", "no"]
+# No report either: these tests read the logs and the alarms file, not the plots.
+NO_VLLM = ["--use_vllm", "false", "--logging_steps", "1", "--save_strategy", "no",
+           "--write_report", "false"]  # fmt: skip
 
 
 @pytest.fixture(scope="module")

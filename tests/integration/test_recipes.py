@@ -9,6 +9,8 @@ shards. vopd_topk-tiny scores with the real `opd teacher serve` app on loopback.
 Each run must reach step 2 and log the signal specific to its method, checked by value where the
 maths gives one: vOPD's advantage is exactly `baseline_kl - k1`, ExOPD's step-1 advantage is
 exactly `-1.25 * k1` (the reference is still the student), LUFFY's group holds 1 trace in 8.
+The runs skip the report (`--write_report false`; `test_report.py` checks it), except the
+2-process lightning_opd run, whose main process alone must write it.
 """
 
 from __future__ import annotations
@@ -299,7 +301,8 @@ def tiny_run(request, tmp_path_factory) -> Callable[[str], Steps]:
                 extra = ["--teacher_urls", request.getfixturevalue("served_demo_teacher")]
             if name == "lightning_opd":
                 extra = ["--teacher_shards", str(request.getfixturevalue("lightning_shards"))]
-            args = ["distill", "--config", str(_tiny(name)), "--output_dir", str(output_dir)]
+            args = ["distill", "--config", str(_tiny(name)), "--output_dir", str(output_dir),
+                    "--write_report", "false"]  # fmt: skip
             assert main([*args, *extra]) == 0
             done[name] = _steps(output_dir)
         return done[name]
@@ -330,7 +333,7 @@ def test_vanilla_opd_tiny_runs_two_steps_with_vllm(tmp_path):
     """In a subprocess: the colocated vLLM engine should not live inside pytest. Also the CLI's
     end-to-end check of vLLM generation: resolved config, synced sampler, saved model."""
     command = [sys.executable, "-m", "opd.cli", "distill", "--config", str(_tiny("vanilla_opd")),
-               "--output_dir", str(tmp_path)]  # fmt: skip
+               "--output_dir", str(tmp_path), "--write_report", "false"]  # fmt: skip
     result = subprocess.run(command, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-4000:]
     steps = _steps(tmp_path)
@@ -366,7 +369,8 @@ def test_lightning_opd_under_torchrun_trains_like_one_process(lightning_shards, 
         "--optim", "sgd", "--max_grad_norm", "0",
     ]  # fmt: skip
     runs = {
-        "one": [sys.executable, "-m", "opd.cli", *common, "--per_device_train_batch_size", "4"],
+        "one": [sys.executable, "-m", "opd.cli", *common, "--per_device_train_batch_size", "4",
+                "--write_report", "false"],
         "two": [sys.executable, "-m", "torch.distributed.run", "--standalone",
                 "--nproc_per_node=2", "-m", "opd.cli", *common,
                 "--per_device_train_batch_size", "2"],
@@ -386,3 +390,4 @@ def test_lightning_opd_under_torchrun_trains_like_one_process(lightning_shards, 
     one, two = (load_file(tmp_path / name / "model.safetensors") for name in runs)
     assert max((one[key] - two[key]).abs().max().item() for key in one) <= 1e-5
     assert (tmp_path / "two" / "report" / "index.html").exists()
+    assert not (tmp_path / "one" / "report").exists()  # --write_report false

@@ -37,6 +37,17 @@ from opd.demo.tiny import TinyShape, save_tiny  # after the environment above
 # scripts/gpu_check.sh's run of tests/gpu). Appended: it never shadows an installed package.
 sys.path.append(str(Path(__file__).parent / "integration"))
 
+# Each xdist worker gets its share of the cores. torch defaults to one thread per core, so two
+# workers (and the subprocesses they start) oversubscribe a 2-core machine, and OpenMP's spinning
+# threads then slow every torch step down: two concurrent runs of 60 tiny-model training steps
+# took 20 s with 2 threads each and 3.3 s with 1 thread each. Subprocesses inherit the share
+# through OMP_NUM_THREADS; a value the user set wins.
+_workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+if _workers > 1 and "OMP_NUM_THREADS" not in os.environ:
+    _threads = max(1, len(os.sched_getaffinity(0)) // _workers)
+    os.environ["OMP_NUM_THREADS"] = str(_threads)
+    torch.set_num_threads(_threads)
+
 
 @pytest.fixture(scope="session")
 def tiny_student(tmp_path_factory) -> Path:

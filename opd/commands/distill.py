@@ -154,12 +154,12 @@ def run(
         results.update(before=before, after=after)
         if main_process:
             print(format_before_after(before, after))
-    if main_process:  # results, then the plots of the run (`opd report`; never raises)
+    if main_process:  # results and the plots of the run (`opd report`; never raises)
         (Path(config.output_dir) / "opd_results.json").write_text(json.dumps(results, indent=2))
-    if main_process and script_args.write_report:
-        from opd.report.write import write_report_after_run
+        if script_args.write_report:
+            from opd.report.write import write_report_after_run
 
-        write_report_after_run(config.output_dir)
+            write_report_after_run(config.output_dir)
     return results
 
 

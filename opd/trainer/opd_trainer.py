@@ -190,7 +190,8 @@ class OPDTrainer(LossMixin, MethodMixin, MetricsMixin, GRPOTrainer):
     def _generate_and_score_completions(self, inputs: list[dict[str, Any]]) -> dict[str, Any]:
         if self.offline is not None:
             self.offline.select(inputs, process_index=self.accelerator.process_index)
-        # filled by `_generate` and rewards
+        # The step's state, filled by `_generate` and the rewards; the random states from before
+        # it samples are what a checkpoint written mid-step must keep (`_teacher_scores`).
         step = self.step_state = StepState(inputs=inputs, rng_state=capture_rng_state())
         output = super()._generate_and_score_completions(inputs)
         step.mask_BT = output["completion_mask"].float()

@@ -2,7 +2,7 @@
 
 transformers' Trainer restores the weights, the optimizer, the learning-rate schedule, the RNG
 states and the trainer state (whose log replays opd's collapse guard, `opd/guards.py`), then
-skips the batches already trained in the current epoch. Three things it does not handle:
+skips the batches already trained in the current epoch. Four things it does not handle:
 
 - **The sampler's order in later epochs.** TRL's `RepeatSampler` draws a new permutation from one
   generator each time it is iterated, so epoch `e`'s order depends on `e` earlier iterations; a

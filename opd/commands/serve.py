@@ -79,6 +79,11 @@ class ServeArguments:
     )
     batch_size: int = help_field(16, "Sequences per forward pass (transformers backend).")
     max_top_k: int = help_field(128, "Largest top_k a request may ask.")
+    max_candidates: int = help_field(
+        256,
+        "Most candidate token ids per position a request may ask logprobs of (transformers "
+        "backend; 0 refuses candidate sets; vllm cannot score them).",
+    )
     max_sequence_tokens: int | None = help_field(
         None,
         "Most tokens (context + completion) per sequence. Default: the teacher's "
@@ -137,8 +142,9 @@ def check_arguments(args: ServeArguments) -> str | None:
     for name in (*positive, *sizes):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             return f"{name} must be >= 1, got {getattr(args, name)}"
-    if args.max_top_k < 0:
-        return f"max_top_k must be >= 0, got {args.max_top_k}"
+    for name in ("max_top_k", "max_candidates"):
+        if getattr(args, name) < 0:
+            return f"{name} must be >= 0, got {getattr(args, name)}"
     has_key = bool(args.api_key or os.environ.get(API_KEY_ENV))
     if not has_key and not args.insecure_no_auth and not is_loopback(args.host):
         return (
@@ -208,6 +214,7 @@ def build_app(args: ServeArguments, backend):
     limits = RequestLimits(
         vocab_size=int(backend.vocab_size),
         max_top_k=args.max_top_k,
+        max_candidates=args.max_candidates,
         max_sequence_tokens=max_sequence_tokens(args, backend),
         max_sequences=args.max_sequences,
         **optional,

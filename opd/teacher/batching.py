@@ -1,8 +1,9 @@
 """Server-side batching of score requests: merge concurrent requests, score, split the answers.
 
 `ScoreBatcher.score(request)` queues a request; one worker task takes the oldest request plus
-the queued ones after it that fit in `max_batch_tokens` (real tokens), merges each
-`(top_k, temperature)` group into one request, runs the backend on it in one dedicated thread
+the queued ones after it that fit in `max_batch_tokens` (real tokens), merges the requests that
+ask for the same things (`ScoreRequest.group_key`: top-k, temperature, hidden states,
+candidates) into one request, runs the backend on it in one dedicated thread
 (the model is never used concurrently) and hands each request its slice of the scores.
 
 A backend that pads a call to its longest sequence (`pads_batches`: transformers'
@@ -37,47 +38,34 @@ logger = logging.getLogger(__name__)
 
 
 def merge_requests(requests: list[ScoreRequest]) -> ScoreRequest:
-    """Requests with the same `top_k` and `temperature` as one request, sequences in order."""
-    assert len({(r.top_k, r.temperature) for r in requests}) == 1, "merge one group at a time"
-    return ScoreRequest(
+    """Requests that ask for the same things (`group_key`) as one request, sequences in order."""
+    assert len({r.group_key for r in requests}) == 1, "merge one group at a time"
+    has_candidates = requests[0].candidate_ids_MC is not None
+    return requests[0].with_sequences(
         context_ids_N=torch.cat([r.context_ids_N for r in requests]),
         context_lengths_B=torch.cat([r.context_lengths_B for r in requests]),
         completion_ids_M=torch.cat([r.completion_ids_M for r in requests]),
         completion_lengths_B=torch.cat([r.completion_lengths_B for r in requests]),
-        top_k=requests[0].top_k,
-        temperature=requests[0].temperature,
+        candidate_ids_MC=torch.cat([r.candidate_ids_MC for r in requests])
+        if has_candidates
+        else None,
     )
 
 
 def split_scores(scores: SequenceScores, num_sequences: list[int]) -> list[SequenceScores]:
     """Undo `merge_requests` on the scores: one `SequenceScores` per request, in order."""
-    lengths_B = scores.completion_lengths_B
-    assert lengths_B.numel() == sum(num_sequences), "the backend lost or added sequences"
-    lengths_per_request = list(lengths_B.split(num_sequences))
-    tokens_per_request = [int(lengths.sum()) for lengths in lengths_per_request]
-
-    def split(values: torch.Tensor | None) -> list[torch.Tensor] | list[None]:
-        if values is None:
-            return [None] * len(num_sequences)
-        return list(values.split(tokens_per_request))
-
-    return [
-        SequenceScores(lengths, sampled_M, topk_ids_MK, topk_logprobs_MK)
-        for lengths, sampled_M, topk_ids_MK, topk_logprobs_MK in zip(
-            lengths_per_request,
-            scores.sampled_logprobs_M.split(tokens_per_request),
-            split(scores.topk_ids_MK),
-            split(scores.topk_logprobs_MK),
-            strict=True,
-        )
-    ]
+    assert scores.completion_lengths_B.numel() == sum(num_sequences), (
+        "the backend lost or added sequences"
+    )
+    return scores.split(num_sequences)
 
 
 def group_requests(requests: list[ScoreRequest]) -> list[list[int]]:
-    """Indices of the requests that can share a backend call (same top-k and temperature)."""
-    groups: dict[tuple[int, float], list[int]] = {}
+    """Indices of the requests that can share a backend call (same `group_key`: top-k,
+    temperature, hidden-state dtype and candidate width)."""
+    groups: dict[tuple, list[int]] = {}
     for index, request in enumerate(requests):
-        groups.setdefault((request.top_k, request.temperature), []).append(index)
+        groups.setdefault(request.group_key, []).append(index)
     return list(groups.values())
 
 
@@ -103,15 +91,19 @@ def plan_padded_calls(request: ScoreRequest, max_padded_tokens: int) -> list[lis
 def select_sequences(request: ScoreRequest, indices: list[int]) -> ScoreRequest:
     """The sequences `indices` of `request`, in that order, as a request."""
     contexts = request.context_ids_N.split(request.context_lengths_B.tolist())
-    completions = request.completion_ids_M.split(request.completion_lengths_B.tolist())
+    completion_lengths = request.completion_lengths_B.tolist()
+    completions = request.completion_ids_M.split(completion_lengths)
     index_B = torch.tensor(indices, dtype=torch.int64)
-    return ScoreRequest(
+    candidates_MC = None
+    if request.candidate_ids_MC is not None:
+        rows = request.candidate_ids_MC.split(completion_lengths)
+        candidates_MC = torch.cat([rows[i] for i in indices])
+    return request.with_sequences(
         context_ids_N=torch.cat([contexts[i] for i in indices]),
         context_lengths_B=request.context_lengths_B[index_B],
         completion_ids_M=torch.cat([completions[i] for i in indices]),
         completion_lengths_B=request.completion_lengths_B[index_B],
-        top_k=request.top_k,
-        temperature=request.temperature,
+        candidate_ids_MC=candidates_MC,
     )
 
 

@@ -29,13 +29,7 @@ def build_teacher(args: Any, student_tokenizer=None) -> TeacherScorer:
         case "local":
             return _build_local_teacher(args, student_tokenizer)
         case "server":
-            from opd.teacher.client import ServerTeacher
-
-            teacher = ServerTeacher(
-                args.teacher_urls,
-                expected_model=args.teacher_model_name_or_path,
-                **_http_kwargs(args),
-            )
+            teacher = _build_server_teacher(args)
         case "vllm":
             from opd.teacher.vllm_client import VLLMTeacher
 
@@ -112,6 +106,26 @@ def parse_teacher_routes(entries: list[str], teacher_mode: str) -> dict[str, str
             )
         routes[name] = target
     return routes
+
+
+def _build_server_teacher(args: Any) -> TeacherScorer:
+    """An `opd teacher serve` client; in hidden-state mode when the method needs the teacher's
+    full distribution (the server sends hidden states, the client applies the teacher's head)."""
+    kwargs = {"expected_model": args.teacher_model_name_or_path, **_http_kwargs(args)}
+    if getattr(args, "needs_full_teacher_distribution", False):
+        from opd.teacher.hidden_client import HiddenStateServerTeacher
+
+        teacher = HiddenStateServerTeacher(
+            args.teacher_urls,
+            hidden_dtype=str(args.teacher_hidden_dtype),
+            device=_student_device(args),
+            **kwargs,
+        )
+        teacher.hidden_info()  # a server that cannot send hidden states fails here
+        return teacher
+    from opd.teacher.client import ServerTeacher
+
+    return ServerTeacher(args.teacher_urls, **kwargs)
 
 
 def _http_kwargs(args: Any) -> dict[str, Any]:

@@ -32,6 +32,7 @@ from opd.teacher.wire import (
     ScoreRequest,
     SequenceScores,
     WireError,
+    candidate_logprobs_with,
     decode_scores,
     encode_request,
     score_batch,
@@ -110,6 +111,28 @@ class ServerTeacher:
         self._check_top_k(request.top_k)
         return self._score_chunks(request)
 
+    def score_candidates(
+        self, batch: RolloutBatch, candidate_ids_BTC: torch.Tensor, *, temperature=None
+    ) -> torch.Tensor:
+        """float32 `[B, T, C]` the teacher's logprobs at `candidate_ids_BTC` (-1 pads; -inf
+        there and at masked positions): exact values wherever the teacher ranks the ids."""
+        info = self.server_info()
+        max_candidates = int(info.get("max_candidates", 0))
+        width = int(candidate_ids_BTC.shape[-1])
+        if not max_candidates:
+            raise ConfigError(
+                f"the teacher server at {self.urls[0]} ({info.get('backend')} backend, opd "
+                f"{info.get('version')}) cannot score candidate sets: serve the teacher with "
+                "`opd teacher serve --backend transformers` of this opd version."
+            )
+        if width > max_candidates:
+            raise ConfigError(
+                f"{width} candidate ids per position is above the teacher server's "
+                f"max_candidates={max_candidates} ({self.urls[0]}/info): lower the top-k the "
+                f"method asks for, or restart the server with --max_candidates {width}."
+            )
+        return candidate_logprobs_with(self, batch, candidate_ids_BTC, temperature=temperature)
+
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
         self._http.close()
@@ -161,11 +184,12 @@ class ServerTeacher:
             headers={"Content-Type": CONTENT_TYPE},
         )
         try:
-            scores, _ = decode_scores(response.content)
+            scores, metadata = decode_scores(response.content)
         except WireError as error:
             raise WireError(
                 f"the teacher at {response.url} sent a malformed answer: {error}"
             ) from error
+        self._check_answer(chunk, metadata, str(response.url))
         if not torch.equal(scores.completion_lengths_B, chunk.completion_lengths_B):
             raise WireError(
                 f"the teacher at {response.url} answered for completion lengths "
@@ -181,6 +205,10 @@ class ServerTeacher:
                 response.content
             )
         return scores
+
+    def _check_answer(self, chunk: ScoreRequest, metadata: dict[str, str], url: str) -> None:
+        """What an answer's metadata must say besides its tensors (the hidden-state client checks
+        the output head's hash)."""
 
 
 def check_same_teacher(

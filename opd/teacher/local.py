@@ -25,7 +25,13 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
 from opd.teacher.consistency import check_same_tokenizer
-from opd.teacher.wire import ScoreRequest, SequenceScores, score_batch_with
+from opd.teacher.wire import (
+    HIDDEN_DTYPES,
+    ScoreRequest,
+    SequenceScores,
+    candidate_logprobs_with,
+    score_batch_with,
+)
 from opd.types import RolloutBatch, TeacherScores
 
 
@@ -114,17 +120,37 @@ class LocalTeacher:
                 rows.append(hidden[row, start : start + num_tokens])
         return torch.stack(rows)
 
+    @property
+    def hidden_size(self) -> int:
+        """Width of the final hidden states `score_sequences` returns when asked."""
+        return int(self.output_weight.shape[1])
+
+    # A server may pass candidate sets to this backend (`opd teacher serve`'s limits read it).
+    scores_candidates = True
+
+    def score_candidates(
+        self, batch: RolloutBatch, candidate_ids_BTC: torch.Tensor, *, temperature=None
+    ) -> torch.Tensor:
+        """float32 `[B, T, C]` the teacher's logprobs at `candidate_ids_BTC` (-1 pads; -inf
+        there and at masked positions)."""
+        return candidate_logprobs_with(self, batch, candidate_ids_BTC, temperature=temperature)
+
     @torch.no_grad()
     def score_sequences(self, request: ScoreRequest) -> SequenceScores:
-        """Score every completion token of `request` (its own temperature and top-k).
+        """Score every completion token of `request` (its own temperature and top-k, and the
+        hidden states and candidate logprobs it asks for).
 
         Sequences go through the model sorted by length, so each mini-batch pads little (a
         server batch mixes short and long requests); results come back in request order.
         """
         contexts, completions = request.contexts(), request.completions()
-        top_k = min(request.top_k, self.vocab_size)
+        candidates = (
+            None
+            if request.candidate_ids_MC is None
+            else request.candidate_ids_MC.split(request.completion_lengths_B.tolist())
+        )
         order = sorted(range(len(contexts)), key=lambda i: len(contexts[i]) + len(completions[i]))
-        per_sequence: list[tuple[torch.Tensor, ...]] = [()] * len(contexts)
+        per_sequence: list[dict[str, torch.Tensor]] = [{}] * len(contexts)
         for lo in range(0, len(order), self.batch_size):
             chunk = order[lo : lo + self.batch_size]
             input_ids, attention_mask = _pack(
@@ -137,28 +163,48 @@ class LocalTeacher:
             # `[T, V]` logits.
             first = min(len(contexts[i]) for i in chunk) - 1
             positions = torch.arange(first, input_ids.shape[1] - 1, device=input_ids.device)
-            logits = self.model(
-                input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=positions
-            ).logits
+            output = self.model(
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                logits_to_keep=positions,
+                output_hidden_states=bool(request.hidden_dtype),
+            )
             for row, i in enumerate(chunk):
-                start = len(contexts[i]) - 1 - first
-                row_logits_TV = logits[row, start : start + len(completions[i])].float()
-                logprobs_TV = torch.log_softmax(row_logits_TV / request.temperature, dim=-1)
-                ids_T = torch.tensor(completions[i], device=logprobs_TV.device)
-                sampled_T = logprobs_TV.gather(-1, ids_T[:, None])[:, 0]
-                topk = logprobs_TV.topk(top_k, dim=-1) if top_k else None
-                per_sequence[i] = (sampled_T.cpu(), *(() if topk is None else _cpu(topk)))
-        sampled = torch.cat([scores[0] for scores in per_sequence])
-        if not top_k:
-            return SequenceScores(request.completion_lengths_B.clone(), sampled)
+                start = len(contexts[i]) - 1
+                span = slice(start - first, start - first + len(completions[i]))
+                logprobs_TV = torch.log_softmax(
+                    output.logits[row, span].float() / request.temperature, dim=-1
+                )
+                scores = _token_scores(logprobs_TV, completions[i], request.top_k)
+                if request.hidden_dtype:
+                    hidden_TH = output.hidden_states[-1][row, start : start + len(completions[i])]
+                    scores["hidden_MH"] = hidden_TH.to(HIDDEN_DTYPES[request.hidden_dtype])
+                if candidates is not None:
+                    scores["candidate_logprobs_MC"] = _at_candidates(logprobs_TV, candidates[i])
+                per_sequence[i] = {name: values.cpu() for name, values in scores.items()}
         return SequenceScores(
             completion_lengths_B=request.completion_lengths_B.clone(),
-            sampled_logprobs_M=sampled,
-            topk_ids_MK=_pad_topk(torch.cat([s[2] for s in per_sequence]), request.top_k, 0),
-            topk_logprobs_MK=_pad_topk(
-                torch.cat([s[1] for s in per_sequence]), request.top_k, -torch.inf
-            ),
+            **{name: torch.cat([s[name] for s in per_sequence]) for name in per_sequence[0]},
         )
+
+
+def _token_scores(logprobs_TV: torch.Tensor, ids: list[int], top_k: int) -> dict[str, torch.Tensor]:
+    """The sampled tokens' logprobs and, with `top_k`, the top-k (padded to K with id 0 / -inf
+    when the vocabulary is smaller than K)."""
+    ids_T = torch.tensor(ids, device=logprobs_TV.device)
+    scores = {"sampled_logprobs_M": logprobs_TV.gather(-1, ids_T[:, None])[:, 0]}
+    if top_k:
+        topk = logprobs_TV.topk(min(top_k, logprobs_TV.shape[-1]), dim=-1)
+        scores["topk_ids_MK"] = _pad_topk(topk.indices, top_k, 0)
+        scores["topk_logprobs_MK"] = _pad_topk(topk.values, top_k, -torch.inf)
+    return scores
+
+
+def _at_candidates(logprobs_TV: torch.Tensor, candidate_ids_TC: torch.Tensor) -> torch.Tensor:
+    """Logprobs at each position's candidate ids; -inf where the id is -1 (padding)."""
+    candidate_ids_TC = candidate_ids_TC.to(logprobs_TV.device)
+    values_TC = logprobs_TV.gather(-1, candidate_ids_TC.clamp(min=0))
+    return values_TC.masked_fill(candidate_ids_TC < 0, -torch.inf)
 
 
 class AdapterDisabledModel:
@@ -211,11 +257,6 @@ def detached_copy(model: PreTrainedModel) -> PreTrainedModel:
     return clone
 
 
-def _cpu(topk) -> tuple[torch.Tensor, torch.Tensor]:
-    """(values, indices) of a `torch.topk` result, on the CPU."""
-    return topk.values.cpu(), topk.indices.cpu()
-
-
 def _pack(
     contexts: list[list[int]], completions: list[list[int]], device: torch.device
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -242,4 +283,4 @@ def _pad_topk(values_MK: torch.Tensor, top_k: int, fill: float) -> torch.Tensor:
     if missing <= 0:
         return values_MK
     padding = torch.full((values_MK.shape[0], missing), fill, dtype=values_MK.dtype)
-    return torch.cat([values_MK, padding], dim=1)
+    return torch.cat([values_MK, padding.to(values_MK.device)], dim=1)

@@ -46,3 +46,17 @@ class FullDistributionTeacher(TeacherScorer, Protocol):
         """`[B, T, H]` the final hidden state predicting each completion token of `batch` after
         the teacher's context."""
         ...
+
+
+@runtime_checkable
+class CandidateScorer(Protocol):
+    """A teacher that returns its logprobs at any token ids (the student's top-k, a union):
+    in-process teachers and `opd teacher serve` (transformers backend). A stock vLLM server
+    cannot: its prompt logprobs cover the sampled token and vLLM's own top-k only."""
+
+    def score_candidates(
+        self, batch: RolloutBatch, candidate_ids_BTC: torch.Tensor, *, temperature=None
+    ) -> torch.Tensor:
+        """float32 `[B, T, C]` logprobs at `candidate_ids_BTC` (-1 pads; -inf there and at
+        masked positions)."""
+        ...

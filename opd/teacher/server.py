@@ -6,7 +6,13 @@
 - `GET /info` -> model, backend, vocabulary size, tokenizer fingerprint, EOS ids, the request
   limits, the wire format, the opd version and served-traffic `stats`;
 - `POST /v1/score` -> a `ScoreRequest` safetensors blob in (`opd.teacher.wire.CONTENT_TYPE`),
-  a `SequenceScores` blob out.
+  a `SequenceScores` blob out: sampled logprobs, and as asked the top-k, the final hidden states
+  (hidden-state mode: the client applies the head) and the logprobs at candidate ids;
+- `GET /v1/output_head` -> the teacher's lm_head weight as a safetensors blob, once per client
+  (`opd.teacher.output_head`; `/info` announces its shape, dtype and sha256).
+
+What a backend can do is read from it (`backend_limits`): hidden states and candidate sets need
+the transformers backend; vLLM's answer is a 422 naming that.
 
 Every request is validated at the boundary (`decode_request`): a bad body is a 4xx naming what
 is wrong, never a crash. Concurrent requests are batched by `opd.teacher.batching.ScoreBatcher`
@@ -30,6 +36,7 @@ tests/integration/test_teacher_hostile.py`.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hmac
 import logging
 import time
@@ -43,6 +50,7 @@ from starlette.requests import ClientDisconnect
 
 from opd.teacher.batching import ScoreBatcher
 from opd.teacher.consistency import tokenizer_fingerprint
+from opd.teacher.output_head import HEAD_HASH_KEY, encode_head, head_digest, head_info
 from opd.teacher.wire import (
     CONTENT_TYPE,
     SERVER_SECONDS_HEADER,
@@ -81,6 +89,8 @@ def create_app(
     `model_name` is what `/info` and every answer call the teacher (a name, not a local path).
     """
     batcher = ScoreBatcher(backend, max_batch_tokens=max_batch_tokens, pads_batches=pads_batches)
+    limits = backend_limits(backend, limits, backend_name)
+    head = served_head(backend) if limits.hidden_size else None
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -103,6 +113,10 @@ def create_app(
     info = {
         "model": model_name,
         **_static_info(backend, backend_name, limits, max_batch_tokens, max_body_bytes),
+        "hidden_states": None
+        if head is None
+        else {"hidden_size": limits.hidden_size, "output_head": head_info(*head)},
+        "max_candidates": limits.max_candidates,
         "max_headers": max_headers,
         "max_header_bytes": max_header_bytes,
     }
@@ -114,6 +128,17 @@ def create_app(
     @app.get("/info", dependencies=[authorized])
     async def get_info() -> dict[str, Any]:
         return {**info, "stats": asdict(batcher.stats)}
+
+    @app.get("/v1/output_head", dependencies=[authorized])
+    async def output_head() -> Response:
+        if head is None:
+            raise HTTPException(
+                status_code=404,
+                detail=f"this server's backend ({info['backend']}) serves no output head: it "
+                "cannot return hidden states (serve with --backend transformers)",
+            )
+        weight_VH, digest = head
+        return Response(content=encode_head(weight_VH, digest), media_type=CONTENT_TYPE)
 
     @app.post("/v1/score", dependencies=[authorized])
     async def score(request: Request) -> Response:
@@ -133,14 +158,37 @@ def create_app(
                 status_code=500,
                 content={"detail": f"the teacher backend failed: {type(error).__name__}: {error}"},
             )
+        # Hidden states are only meaningful with the head they feed: name it in every answer.
+        head_hash = {HEAD_HASH_KEY: head[1]} if head and score_request.hidden_dtype else {}
         content = encode_scores(
-            scores, teacher_id=model_name, temperature=score_request.temperature
+            scores, teacher_id=model_name, temperature=score_request.temperature, metadata=head_hash
         )
         # Queueing + scoring + encoding: the client's round trip minus this is the HTTP cost.
         headers = {SERVER_SECONDS_HEADER: f"{time.perf_counter() - start:.6f}"}
         return Response(content=content, media_type=CONTENT_TYPE, headers=headers)
 
     return app
+
+
+def backend_limits(backend, limits: RequestLimits, backend_name: str) -> RequestLimits:
+    """`limits` with what the backend can do: hidden states (a backend with `hidden_size` and
+    `output_weight`, e.g. transformers' `LocalTeacher`) and candidate sets (`scores_candidates`);
+    vLLM's prompt logprobs give neither."""
+    hidden_size = int(getattr(backend, "hidden_size", 0) or 0)
+    scores_candidates = bool(getattr(backend, "scores_candidates", False))
+    return dataclasses.replace(
+        limits,
+        hidden_size=hidden_size if hasattr(backend, "output_weight") else 0,
+        max_candidates=limits.max_candidates if scores_candidates else 0,
+        backend_name=backend_name or type(backend).__name__,
+    )
+
+
+def served_head(backend) -> tuple[Any, str]:
+    """The backend's output head and its hash, computed once at start-up (a 152k x 4096 float32
+    head hashes in a few seconds)."""
+    weight_VH = backend.output_weight.detach()
+    return weight_VH, head_digest(weight_VH)
 
 
 class HeaderLimits:

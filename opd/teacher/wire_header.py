@@ -32,8 +32,9 @@ class WireError(ValueError):
 
 
 REQUEST_DTYPES = ("I32", "I64")
-SCORES_DTYPES = ("I32", "I64", "F32")
-_DTYPE_BYTES = {"I32": 4, "I64": 8, "F32": 4}
+# BF16: hidden states a client asked in bfloat16.
+SCORES_DTYPES = ("I32", "I64", "F32", "BF16")
+_DTYPE_BYTES = {"I32": 4, "I64": 8, "F32": 4, "BF16": 2}
 # torch's names for the safetensors dtypes torch maps, for messages; the rest are named as sent.
 _TORCH_DTYPE_NAMES = {
     "BOOL": "bool",

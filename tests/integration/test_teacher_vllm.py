@@ -121,6 +121,24 @@ def test_vllm_backend_scores_equal_transformers(served_vllm_url, reference, top_
     _assert_topk_close(scores, expected, batch.completion_mask_BT, top_k)
 
 
+def test_vllm_backend_says_it_gives_no_hidden_states_or_candidate_sets(served_vllm_url, tmp_path):
+    """vLLM's prompt logprobs cover the sampled token and vLLM's own top-k: /info says so, and
+    a hidden-state client or a candidate request fails with the fix (transformers backend)."""
+    from opd.teacher.hidden_client import HiddenStateServerTeacher
+    from opd.teacher.output_head import HeadCache
+
+    with ServerTeacher([served_vllm_url], retry=FAST_RETRY) as teacher:
+        info = teacher.server_info()
+        assert info["hidden_states"] is None and info["max_candidates"] == 0
+        with pytest.raises(ConfigError, match=r"\(vllm backend.*cannot score candidate sets"):
+            teacher.score_candidates(_batch(), torch.zeros(5, 8, 2, dtype=torch.long))
+    hidden = HiddenStateServerTeacher(
+        [served_vllm_url], retry=FAST_RETRY, head_cache=HeadCache(tmp_path)
+    )
+    with hidden, pytest.raises(ConfigError, match="does not return hidden states"):
+        hidden.hidden_info()
+
+
 def test_vllm_backend_refuses_temperature_other_than_one(served_vllm_url):
     teacher = ServerTeacher([served_vllm_url], retry=FAST_RETRY, temperature=0.7)
     with teacher, pytest.raises(TeacherRequestError, match=r"HTTP 422.*temperature 1 only"):

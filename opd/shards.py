@@ -6,12 +6,16 @@ A shard set is a folder:
     manifest.json          what the set is (kind, producer, settings) and which shards are done
     shard-00000.parquet    rows [0, S); each file loads with datasets.load_dataset("parquet", ...)
     shard-00001.parquet    rows [S, 2S); ...
+    output_head.safetensors  teacher scores with hidden states only: the teacher's lm_head [V, H]
 
 Rollout rows: `prompt_index`, `sample_index` (int64), `prompt_ids`, `teacher_prompt_ids`,
 `completion_ids` (list<int32>), `sampler_logprobs` (list<float32>, one per completion token),
 `stop_reason` (string), then the prompt dataset's own columns. Teacher-score rows add
 `teacher_logprobs` (list<float32>) and, when top_k > 0, `teacher_topk_ids` (list<list<int32>>)
 and `teacher_topk_logprobs` (list<list<float32>>, -inf padded): K values per completion token.
+With `--store_hidden_states`, `teacher_hidden_states` (list<fixed_size_list<H>>): the teacher's
+final hidden state predicting each completion token, float32 values or bfloat16 bits (uint16:
+arrow has no bfloat16), as the manifest's `hidden` section says, which also records the head.
 
 Crash safety: every file is written to `<name>.tmp-<pid>` and renamed over the target
 (`os.replace` is atomic), and the manifest is rewritten after each finished shard. A killed job
@@ -53,7 +57,10 @@ ROLLOUT_COLUMNS = (
     "prompt_index", "sample_index", "prompt_ids", "teacher_prompt_ids", "completion_ids",
     "sampler_logprobs", "stop_reason",
 )  # fmt: skip
-TEACHER_COLUMNS = ("teacher_logprobs", "teacher_topk_ids", "teacher_topk_logprobs")
+TEACHER_COLUMNS = (
+    "teacher_logprobs", "teacher_topk_ids", "teacher_topk_logprobs", "teacher_hidden_states",
+)  # fmt: skip
+OUTPUT_HEAD_NAME = "output_head.safetensors"
 # Plan keys that may change between a run and its resumption (the data did not change). They
 # stay out of the shards' embedded settings, so moving the input changes no shard's bytes.
 RELOCATABLE_KEYS = ("rollouts.path",)

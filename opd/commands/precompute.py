@@ -23,7 +23,16 @@ with one line saying how many shards are done and kept (`--debug`: the traceback
 Model names `demo:teacher` / `pypi:*` are resolved by `opd.models` for loading; the manifest
 keeps the name as given.
 
-Test: `pytest tests/integration/test_rollout_precompute.py`.
+`--store_hidden_states true` also stores the teacher's final hidden state at every completion
+token (`teacher_hidden_dtype`: float32, or bfloat16 at half the bytes) and writes its output head
+once (`output_head.safetensors`), so offline training gets the teacher's full distribution
+(`opd_baseline: full`, `opd_divergence_support: full`). The manifest's `hidden` section records
+the dtype, H, the bytes per token (of the hidden states, and of a whole shard row's per-token
+columns) and the head's shape, dtype and sha256. Teachers: local, or `opd teacher serve`
+(transformers backend); a stock vLLM server returns no hidden states.
+
+Test: `pytest tests/integration/test_rollout_precompute.py
+tests/integration/test_offline_hidden.py`.
 """
 
 from __future__ import annotations
@@ -35,6 +44,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -42,10 +52,17 @@ import pyarrow as pa
 
 from opd.arguments import ConfigError, check_at_least_one, help_field
 from opd.config import TeacherArguments
-from opd.shards import ShardSetWriter
+from opd.shards import OUTPUT_HEAD_NAME, ShardSetWriter, atomic_write_bytes
 from opd.teacher.http import TeacherRequestError, TeacherStoppedError, TeacherUnavailableError
-from opd.teacher.shard_rows import list_lengths, rollout_batch_from_table, teacher_columns
-from opd.types import DIRECT_TEACHER_MODES, TeacherMode, TeacherScores
+from opd.teacher.shard_rows import (
+    HIDDEN_COLUMN,
+    hidden_column,
+    list_lengths,
+    rollout_batch_from_table,
+    teacher_columns,
+)
+from opd.teacher.wire import HIDDEN_DTYPES
+from opd.types import DIRECT_TEACHER_MODES, HiddenDtype, TeacherMode, TeacherScores
 
 PROG = "opd teacher precompute"
 DESCRIPTION = "Score a fixed rollout set with a teacher into parquet shards (offline OPD)."
@@ -73,6 +90,9 @@ RECORDED_SETTINGS = {
     "tokenizer_name_or_path": "rollouts.token_ids",
     # Shard boundaries, and where each shard's first mini-batch starts.
     "shard_size": "shard_size",
+    # The hidden-state column, and the dtype it holds (recorded even when none is stored).
+    "store_hidden_states": "hidden.stored",
+    "teacher_hidden_dtype": "hidden.dtype",
 }
 # Every argument that cannot change a byte of the output: a resume may change it.
 FREE_SETTINGS = {
@@ -112,6 +132,12 @@ class PrecomputeArguments(TeacherArguments):
         "Rebuild a lost or corrupt manifest.json from the shards that verify (their "
         "embedded checksum and settings), then score the missing ones.",
     )
+    store_hidden_states: bool = help_field(
+        False,
+        "Also store the teacher's final hidden state at every completion token (H values in "
+        "teacher_hidden_dtype) and its output head, so that offline training can use the "
+        "teacher's full distribution (opd_baseline / opd_divergence_support: full).",
+    )
     debug: bool = help_field(False, "Show tracebacks of teacher errors (not one line).")
 
     def __post_init__(self):
@@ -127,8 +153,25 @@ class PrecomputeArguments(TeacherArguments):
             )
         if self.teacher_mode in ("server", "vllm") and not self.teacher_urls:
             raise ConfigError(f"teacher_mode={self.teacher_mode!r} needs teacher_urls.")
+        self.teacher_hidden_dtype = HiddenDtype(self.teacher_hidden_dtype)
+        if self.store_hidden_states and self.teacher_mode == "vllm":
+            raise ConfigError(
+                "store_hidden_states needs the teacher's hidden states, which a stock vLLM "
+                "server does not return: use teacher_mode local, or server with `opd teacher "
+                "serve --backend transformers`."
+            )
         self.check_teacher_scoring()
         check_at_least_one(self, "num_workers", "shard_size")
+
+    @property
+    def needs_full_teacher_distribution(self) -> bool:
+        """`build_teacher` makes a server teacher in hidden-state mode when this is true."""
+        return self.store_hidden_states
+
+    @property
+    def hidden_dtype(self) -> str:
+        """The dtype the teacher is asked its hidden states in; "" when none are stored."""
+        return str(self.teacher_hidden_dtype) if self.store_hidden_states else ""
 
 
 # ------------------------------------------------------------------------------------------------
@@ -150,6 +193,8 @@ def run(args: PrecomputeArguments) -> dict[str, Any]:
     writer = ShardSetWriter(args.output_dir, plan, rerun_hint=PROG, labels=SETTING_LABELS)
     try:
         finished = writer.start(repair=args.repair)
+        if args.store_hidden_states:  # after `start`: a new output_dir must be empty before it
+            write_output_head(args, teachers[0], plan["hidden"]["output_head"])
         todo = [i for i in range(plan["num_shards"]) if i not in finished]
         if todo:
             with teacher_errors_as_one_line(args, writer):
@@ -189,7 +234,41 @@ def precompute_plan(
             "device": teacher_device(teacher),
         },
         "rollouts": rollouts.info,
+        "hidden": hidden_plan(args, teacher),
     }
+
+
+def hidden_plan(args: PrecomputeArguments, teacher) -> dict[str, Any]:
+    """The manifest's `hidden` section: the stored hidden states' dtype and width, their bytes
+    per completion token (and those of all of a row's per-token columns: completion id, sampler
+    and teacher logprobs, top-k ids and logprobs, hidden state), and the teacher's output head."""
+    from opd.teacher.output_head import head_digest, head_info
+    from opd.teacher.precompute_input import teacher_output_head
+
+    section = {"stored": args.store_hidden_states, "dtype": str(args.teacher_hidden_dtype)}
+    if not args.store_hidden_states:
+        return section
+    head_VH = teacher_output_head(teacher)
+    hidden_size = int(head_VH.shape[1])
+    bytes_per_token = hidden_size * HIDDEN_DTYPES[args.hidden_dtype].itemsize
+    return section | {
+        "hidden_size": hidden_size,
+        "bytes_per_token": bytes_per_token,
+        "row_bytes_per_token": 4 + 4 + 4 + 8 * int(args.teacher_top_k) + bytes_per_token,
+        "output_head": head_info(head_VH, head_digest(head_VH)),
+    }
+
+
+def write_output_head(args: PrecomputeArguments, teacher, recorded: dict[str, Any]) -> None:
+    """The teacher's lm_head into the set (`output_head.safetensors`, atomically), once per run:
+    the bytes depend only on the head, so a resumed set is byte-identical too."""
+    from opd.teacher.output_head import encode_head
+    from opd.teacher.precompute_input import teacher_output_head
+
+    head_VH = teacher_output_head(teacher)
+    atomic_write_bytes(
+        Path(args.output_dir) / OUTPUT_HEAD_NAME, encode_head(head_VH, recorded["sha256"])
+    )
 
 
 @contextmanager
@@ -261,14 +340,21 @@ def score_shards(
 
 def score_shard(shard: pa.Table, teacher, args: PrecomputeArguments) -> pa.Table:
     """The shard's rows plus their teacher columns, scored in fixed mini-batches."""
+    from opd.teacher.precompute_input import scores_and_hidden
+
     parts: dict[str, list[pa.Array]] = {}
     for lo in range(0, shard.num_rows, args.teacher_batch_size):
         rows = shard.slice(lo, args.teacher_batch_size)
         batch = rollout_batch_from_table(rows)
-        scores = teacher.score(batch, args.teacher_top_k)
+        scores, hidden_BTH = scores_and_hidden(
+            teacher, batch, args.teacher_top_k, args.hidden_dtype
+        )
         check_scores(scores, args, teacher.teacher_id)
         lengths_B = list_lengths(rows["completion_ids"])
-        for name, column in teacher_columns(scores, lengths_B, args.teacher_top_k).items():
+        columns = teacher_columns(scores, lengths_B, args.teacher_top_k)
+        if hidden_BTH is not None:
+            columns[HIDDEN_COLUMN] = hidden_column(hidden_BTH, lengths_B)
+        for name, column in columns.items():
             parts.setdefault(name, []).append(column)
     for name, chunks in parts.items():
         shard = shard.append_column(name, pa.chunked_array(chunks))

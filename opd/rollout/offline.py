@@ -5,9 +5,12 @@ In `teacher_mode: offline` nothing is generated: the rollouts that `opd rollout`
 (`opd_group`); TRL's sampler repeats each prompt `num_generations` times in a row, and the k-th
 copy of a prompt in the global generation batch takes the prompt's k-th stored rollout. The
 rollouts reach TRL through its `rollout_func` hook, so TRL's padding, logging and loss run
-unchanged, and the teacher's stored scores for exactly those rows go to the objective.
+unchanged, and the teacher's stored scores for exactly those rows go to the objective (and, from
+shards with hidden states, the teacher's stored hidden states: `completion_hidden_states` of the
+`OfflineHiddenStateTeacher`, which knows the rows this class selected through `batch_for_rows`).
 
-Test: `pytest tests/integration/test_distill_teacher_modes.py -k offline`.
+Test: `pytest tests/integration/test_distill_teacher_modes.py -k offline
+tests/integration/test_offline_hidden.py`.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ ROLLOUT_COLUMNS = {
     "teacher_logprobs",
     "teacher_topk_ids",
     "teacher_topk_logprobs",
+    "teacher_hidden_states",
     "completion",
 }
 

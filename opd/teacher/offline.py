@@ -13,7 +13,14 @@ ids, completion ids up to the last unmasked token) and fails, naming the row, wh
 the shards. The set must be complete and made with the expected teacher, at least the asked
 top-k and the same temperature; anything else is refused with a `ConfigError` naming the field.
 
-Test: `pytest tests/integration/test_rollout_precompute.py -k offline`.
+A set precomputed with `--store_hidden_states` opens as an `OfflineHiddenStateTeacher`: the same
+reader that is also a `FullDistributionTeacher` (the stored output head, checked against the
+manifest's sha256, and the stored hidden states), so the full-vocabulary methods train offline.
+`OfflineTeacher(...)` picks the class from the manifest; a set without hidden states is never a
+`FullDistributionTeacher`, and asking it for hidden states names the precompute flag to rerun.
+
+Test: `pytest tests/integration/test_rollout_precompute.py -k offline
+tests/integration/test_offline_hidden.py`.
 """
 
 from __future__ import annotations
@@ -24,25 +31,54 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import torch
 
 from opd.arguments import ConfigError
 from opd.models import served_model_name
-from opd.shards import load_shard_set
+from opd.shards import OUTPUT_HEAD_NAME, load_shard_set, read_manifest
 from opd.teacher.consistency import compare_fingerprints, tokenizer_fingerprint
 from opd.teacher.shard_rows import (
+    HIDDEN_COLUMN,
+    hidden_states_from_table,
     list_lengths,
     rollout_batch_from_table,
     sequence_scores_from_table,
     teacher_scores_from_table,
 )
-from opd.teacher.wire import ScoreRequest, SequenceScores, score_batch_with
+from opd.teacher.wire import ScoreRequest, SequenceScores, score_batch_with, score_batch_with_extras
 from opd.types import RolloutBatch, TeacherScores
 
 PRECOMPUTE = "opd teacher precompute"
 
 
+def stores_hidden_states(manifest: dict[str, Any]) -> bool:
+    return bool((manifest.get("hidden") or {}).get("stored"))
+
+
+def missing_hidden_states(shards_dir: str | Path) -> str:
+    """The ConfigError message for a method that needs the teacher's full distribution from
+    shards that hold no hidden states (e.g. for `check_method_capabilities`)."""
+    return (
+        "the full-vocabulary teacher distribution (opd_baseline: full, opd_divergence_support: "
+        "full, or TIP's divergence without teacher_top_k) needs the teacher's hidden states, "
+        f"which the shards in {shards_dir} do not hold: rerun `{PRECOMPUTE} ... "
+        "--store_hidden_states true` into a new output_dir, or use the top-k forms "
+        "(opd_baseline: topk / opd_divergence_support: topk) with teacher_top_k > 0."
+    )
+
+
 class OfflineTeacher:
     """Teacher scores precomputed into a complete teacher-score shard set."""
+
+    def __new__(cls, shards_dir: str | Path | None = None, **kwargs):
+        """An `OfflineHiddenStateTeacher` when the set stores hidden states (its manifest says
+        so), else a plain `OfflineTeacher`. (None: unpickling and copying, which pass no
+        arguments.)"""
+        if cls is OfflineTeacher and shards_dir is not None:
+            manifest = read_manifest(shards_dir, kind="teacher_scores")
+            if stores_hidden_states(manifest):
+                return object.__new__(OfflineHiddenStateTeacher)
+        return super().__new__(cls)
 
     def __init__(
         self,
@@ -131,11 +167,16 @@ class OfflineTeacher:
         return score_batch_with(self, batch, top_k=top_k)
 
     def score_sequences(self, request: ScoreRequest) -> SequenceScores:
-        """The stored scores of each (teacher context, completion) of `request`."""
+        """The stored scores of each (teacher context, completion) of `request` (with the stored
+        hidden states when it asks for them)."""
+        if request.hidden_dtype and HIDDEN_COLUMN not in self._table.column_names:
+            raise ConfigError(missing_hidden_states(self.shards_dir))
         pairs = zip(request.contexts(), request.completions(), strict=True)
         rows = [self._find(context, completion, i) for i, (context, completion) in enumerate(pairs)]
         table = self._table.take(pa.array(rows, pa.int64()))
-        return sequence_scores_from_table(table, top_k=request.top_k)
+        return sequence_scores_from_table(
+            table, top_k=request.top_k, hidden_dtype=request.hidden_dtype
+        )
 
     def _check_top_k(self, top_k: int) -> int:
         if top_k > self.stored_top_k:
@@ -169,6 +210,89 @@ class OfflineTeacher:
         for row, (context, completion) in enumerate(zip(contexts, completions, strict=True)):
             index.setdefault(row_key(context, completion), row)
         return index
+
+
+class OfflineHiddenStateTeacher(OfflineTeacher):
+    """An `OfflineTeacher` over shards that store the teacher's hidden states: also a
+    `FullDistributionTeacher` (`output_weight` from `output_head.safetensors`,
+    `completion_hidden_states` from the `teacher_hidden_states` column)."""
+
+    def __init__(self, shards_dir: str | Path, **kwargs):
+        super().__init__(shards_dir, **kwargs)
+        hidden = self.manifest["hidden"]
+        self.hidden_dtype: str = hidden["dtype"]
+        self.hidden_size = int(hidden["hidden_size"])
+        self._head_VH = load_output_head(self.shards_dir, hidden["output_head"])
+        # The rows of the last `batch_for_rows` and their completion ids: the batch the trainer
+        # asks hidden states for next (Lightning OPD replays exactly those rows).
+        self._selected: tuple[list[int], torch.Tensor] | None = None
+
+    @property
+    def output_weight(self) -> torch.Tensor:
+        """The teacher's lm_head `[V, H]` as stored (its precompute dtype, on the CPU)."""
+        return self._head_VH
+
+    def batch_for_rows(
+        self, rows: list[int], top_k: int | None = None
+    ) -> tuple[RolloutBatch, TeacherScores]:
+        batch, scores = super().batch_for_rows(rows, top_k)
+        self._selected = (list(rows), batch.completion_ids_BT)
+        return batch, scores
+
+    @torch.no_grad()
+    def completion_hidden_states(self, batch: RolloutBatch) -> torch.Tensor:
+        """`[B, T, H]` the stored hidden states of `batch`'s rows (0 where masked), in the head's
+        dtype: the rows of the last `batch_for_rows` when `batch` holds their completions (the
+        trainer's batch, padded or cut to its own width), else each row looked up by its teacher
+        context and completion, as `score` does."""
+        rows = self._selected_rows(batch)
+        if rows is None:
+            _, extras = score_batch_with_extras(
+                self.score_sequences, batch, top_k=0, temperature=self.temperature,
+                teacher_id=self.teacher_id, hidden_dtype=self.hidden_dtype,
+                hidden_size=self.hidden_size,
+            )  # fmt: skip
+            return extras["hidden_BTH"].to(self._head_VH.dtype)
+        table = self._table.take(pa.array(rows, pa.int64()))
+        stored_BTH = hidden_states_from_table(table, padded=True)
+        mask_BT = batch.completion_mask_BT.cpu().bool()
+        hidden_BTH = stored_BTH.new_zeros((*mask_BT.shape, self.hidden_size))
+        width = min(stored_BTH.shape[1], mask_BT.shape[1])
+        hidden_BTH[:, :width] = stored_BTH[:, :width]
+        hidden_BTH = torch.where(mask_BT[..., None], hidden_BTH, 0)
+        return hidden_BTH.to(self._head_VH.dtype)
+
+    def _selected_rows(self, batch: RolloutBatch) -> list[int] | None:
+        """The last selected rows if `batch`'s unmasked tokens are their stored completions."""
+        if self._selected is None:
+            return None
+        rows, stored_ids_BT = self._selected
+        ids_BT, mask_BT = batch.completion_ids_BT.cpu(), batch.completion_mask_BT.cpu().bool()
+        if ids_BT.shape[0] != len(rows):
+            return None
+        width = min(ids_BT.shape[1], stored_ids_BT.shape[1])
+        if mask_BT[:, width:].any():  # tokens past the stored completions: other rows
+            return None
+        keep_BT = mask_BT[:, :width]
+        same = torch.equal(ids_BT[:, :width][keep_BT], stored_ids_BT[:, :width][keep_BT])
+        return rows if same else None
+
+
+def load_output_head(folder: Path, recorded: dict[str, Any]) -> torch.Tensor:
+    """The set's stored output head, refused unless it is the one its manifest records."""
+    from opd.teacher.output_head import decode_head
+
+    path = folder / OUTPUT_HEAD_NAME
+    fix = f"rerun `{PRECOMPUTE}` with the same arguments into {folder} to write it again"
+    if not path.is_file():
+        raise ConfigError(f"{path} is missing (the shards store hidden states); {fix}.")
+    try:
+        return decode_head(path.read_bytes(), recorded, source=str(path))
+    except ConfigError as error:
+        raise ConfigError(
+            f"{path} is not the output head that {folder / 'manifest.json'} records "
+            f"(sha256 {recorded['sha256'][:12]}...): it is corrupt or from another teacher; {fix}."
+        ) from error
 
 
 def row_key(context: np.ndarray, completion: np.ndarray) -> bytes:

@@ -7,7 +7,13 @@ A file (.jsonl/.json/.parquet) holds token ids (`prompt_ids`, `completion_ids`, 
 `opd rollout` tokenizes prompts. Either way the rows become a table with the rollout columns of
 `opd/shards.py` (missing optional columns get defaults) and the file's other columns.
 
-Test: `pytest tests/integration/test_rollout_precompute.py`.
+With `--store_hidden_states` the teachers also give their final hidden states (`scores_and_hidden`)
+and their output head (`teacher_output_head`): a local model, or `opd teacher serve` in
+hidden-state mode (`HiddenStateServerTeacher`, which `build_teacher` makes when the arguments'
+`needs_full_teacher_distribution` is true).
+
+Test: `pytest tests/integration/test_rollout_precompute.py
+tests/integration/test_offline_hidden.py`.
 """
 
 from __future__ import annotations
@@ -22,12 +28,14 @@ from typing import Any, cast
 
 import numpy as np
 import pyarrow as pa
+import torch
 
 from opd.arguments import ConfigError
 from opd.models import resolve_model_name
 from opd.shards import ROLLOUT_COLUMNS, TEACHER_COLUMNS, file_sha256, load_shard_set
 from opd.teacher.consistency import compare_fingerprints, tokenizer_fingerprint
 from opd.teacher.shard_rows import list_lengths
+from opd.teacher.wire import HIDDEN_DTYPES, score_batch_with_extras
 from opd.types import RolloutBatch, TeacherScores
 
 # ------------------------------------------------------------------------------------------------
@@ -238,6 +246,27 @@ def teacher_fingerprint(teacher) -> dict[str, Any] | None:
     return cast("dict[str, Any]", server_info()).get("tokenizer")
 
 
+def teacher_output_head(teacher) -> torch.Tensor:
+    """The teacher's lm_head `[V, H]` (a local model's, or fetched once from the server)."""
+    return getattr(teacher, "inner", teacher).output_weight.detach().cpu()
+
+
+def scores_and_hidden(
+    teacher, batch: RolloutBatch, top_k: int, hidden_dtype: str
+) -> tuple[TeacherScores, torch.Tensor | None]:
+    """The batch's scores and, with `hidden_dtype`, its `[B, T, H]` hidden states (0 where
+    masked) in that dtype, from one forward or request."""
+    if not hidden_dtype:
+        return teacher.score(batch, top_k), None
+    if isinstance(teacher, SerializedTeacher):
+        return teacher.score_with_hidden(batch, top_k, hidden_dtype)
+    # `HiddenStateServerTeacher`: `score` asks for the hidden states too and keeps them for this
+    # batch's `completion_hidden_states`, which casts them to the head's dtype: lossless, as a
+    # served model's hidden states and head share a dtype.
+    scores = teacher.score(batch, top_k)
+    return scores, teacher.completion_hidden_states(batch).to(HIDDEN_DTYPES[hidden_dtype])
+
+
 class SerializedTeacher:
     """A teacher whose `score` runs one call at a time (a local model shared by workers)."""
 
@@ -249,3 +278,20 @@ class SerializedTeacher:
     def score(self, batch: RolloutBatch, top_k: int = 0) -> TeacherScores:
         with self._lock:
             return self.inner.score(batch, top_k)
+
+    def score_with_hidden(
+        self, batch: RolloutBatch, top_k: int, hidden_dtype: str
+    ) -> tuple[TeacherScores, torch.Tensor]:
+        """`score` plus the `[B, T, H]` hidden states of the same forward (`LocalTeacher`'s
+        `score_sequences` returns both when the request asks)."""
+        with self._lock:
+            scores, extras = score_batch_with_extras(
+                self.inner.score_sequences,
+                batch,
+                top_k=top_k,
+                temperature=self.inner.temperature,
+                teacher_id=self.teacher_id,
+                hidden_dtype=hidden_dtype,
+                hidden_size=self.inner.hidden_size,
+            )
+        return scores, extras["hidden_BTH"]

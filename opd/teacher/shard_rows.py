@@ -3,9 +3,10 @@
 
 The column layout is described in `opd/shards.py`. Conversions go through numpy on the
 flat arrow buffers, never through Python lists of floats, so a shard of long completions with
-top-k scores converts in milliseconds.
+top-k scores converts in milliseconds. Hidden states are stored in their own dtype: float32
+values, or bfloat16 as its raw bits in uint16 (arrow has no bfloat16), so nothing is rounded.
 
-Test: `pytest tests/unit/test_shards.py`.
+Test: `pytest tests/unit/test_shards.py tests/integration/test_offline_hidden.py`.
 """
 
 from __future__ import annotations
@@ -14,8 +15,13 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from opd.teacher.wire import SequenceScores
+from opd.teacher.wire import HIDDEN_DTYPES, SequenceScores
 from opd.types import RolloutBatch, TeacherScores
+
+HIDDEN_COLUMN = "teacher_hidden_states"
+# Hidden-state dtype -> the arrow value type holding it (bfloat16: its bits, as uint16).
+HIDDEN_STORAGE = {"float32": pa.float32(), "bfloat16": pa.uint16()}
+STORED_HIDDEN_DTYPES = {value_type: name for name, value_type in HIDDEN_STORAGE.items()}
 
 
 def _as_array(column: pa.ChunkedArray | pa.Array) -> pa.Array:
@@ -73,15 +79,18 @@ def rollout_batch_from_table(table: pa.Table) -> RolloutBatch:
     )
 
 
-def sequence_scores_from_table(table: pa.Table, *, top_k: int) -> SequenceScores:
+def sequence_scores_from_table(
+    table: pa.Table, *, top_k: int, hidden_dtype: str = ""
+) -> SequenceScores:
     """The stored teacher scores of a teacher-score table, flat (one entry per token).
 
     `top_k` may be smaller than the stored K: the stored lists are sorted descending, so their
-    first `top_k` entries are the top `top_k`.
+    first `top_k` entries are the top `top_k`. `hidden_dtype` ("float32"/"bfloat16"): also the
+    stored hidden states, in that dtype (the table must hold them).
     """
     lengths_B = list_lengths(table["completion_ids"])
     num_tokens = int(lengths_B.sum())
-    topk = {}
+    optional = {}
     if top_k:
         for name, key, dtype in (
             ("teacher_topk_ids", "topk_ids_MK", np.int64),
@@ -90,13 +99,32 @@ def sequence_scores_from_table(table: pa.Table, *, top_k: int) -> SequenceScores
             per_token = _flat_values(table[name].combine_chunks().flatten())
             stored_k = len(per_token) // num_tokens if num_tokens else top_k
             values_MK = per_token.reshape(num_tokens, stored_k)[:, :top_k].astype(dtype)
-            topk[key] = torch.from_numpy(np.ascontiguousarray(values_MK))
+            optional[key] = torch.from_numpy(np.ascontiguousarray(values_MK))
+    if hidden_dtype:
+        optional["hidden_MH"] = hidden_states_from_table(table).to(HIDDEN_DTYPES[hidden_dtype])
     sampled_M = _flat_values(table["teacher_logprobs"]).astype(np.float32)
     return SequenceScores(
         completion_lengths_B=torch.from_numpy(lengths_B),
         sampled_logprobs_M=torch.from_numpy(sampled_M),
-        **topk,
+        **optional,
     )
+
+
+def hidden_states_from_table(table: pa.Table, *, padded: bool = False) -> torch.Tensor:
+    """The stored hidden states in their stored dtype: flat `[M, H]`, or with `padded`
+    right-padded `[B, T, H]` (0 past a row's end, T its longest completion)."""
+    tokens = _as_array(table[HIDDEN_COLUMN]).flatten()  # fixed_size_list<H>, one per token
+    dtype = STORED_HIDDEN_DTYPES[tokens.type.value_type]
+    values = tokens.flatten().to_numpy(zero_copy_only=False)
+    # numpy has no bfloat16: its bits go to torch as int16 (0 bits are 0.0 in both dtypes)
+    values_MH = values.view(np.int16 if dtype == "bfloat16" else np.float32).reshape(
+        len(tokens), tokens.type.list_size
+    )
+    if padded:
+        hidden = _padded(values_MH, list_lengths(table["completion_ids"]), 0, values_MH.dtype)
+    else:
+        hidden = torch.from_numpy(values_MH.copy())  # arrow buffers are read-only
+    return hidden.view(HIDDEN_DTYPES[dtype])
 
 
 def teacher_scores_from_table(
@@ -151,3 +179,21 @@ def teacher_columns(
             offsets = np.concatenate([[0], np.cumsum(lengths_B)]).astype(np.int32)
             columns[name] = pa.ListArray.from_arrays(pa.array(offsets), inner)
     return columns
+
+
+def hidden_column(hidden_BTH: torch.Tensor, lengths_B: np.ndarray) -> pa.Array:
+    """The `teacher_hidden_states` column: the first `lengths_B[b]` positions of each row's
+    `[T, H]` hidden states (float32 or bfloat16, stored as they are), one fixed-size list of H
+    values per token."""
+    dtype = str(hidden_BTH.dtype).removeprefix("torch.")
+    width, hidden_size = hidden_BTH.shape[1], hidden_BTH.shape[2]
+    keep_BT = torch.from_numpy(np.arange(width)[None, :] < lengths_B[:, None])
+    hidden_MH = hidden_BTH.cpu()[keep_BT].contiguous()
+    if dtype == "bfloat16":
+        values_M = hidden_MH.view(torch.int16).numpy().view(np.uint16).reshape(-1)
+    else:
+        values_M = hidden_MH.numpy().reshape(-1)
+    values = pa.array(values_M, type=HIDDEN_STORAGE[dtype])
+    tokens = pa.FixedSizeListArray.from_arrays(values, hidden_size)
+    offsets = np.concatenate([[0], np.cumsum(lengths_B)]).astype(np.int32)
+    return pa.ListArray.from_arrays(pa.array(offsets), tokens)

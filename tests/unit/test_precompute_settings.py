@@ -137,6 +137,10 @@ def _recorded_changes(text_rows, tiny_student, other_tokenizer, tmp_path) -> dic
         "teacher_batch_size": "4",
         "tokenizer_name_or_path": str(other_tokenizer),
         "shard_size": "6",
+        "store_hidden_states": "true",
+        # recorded even when no hidden states are stored (tests/integration/test_offline_hidden.py
+        # refuses it on a set that stores them)
+        "teacher_hidden_dtype": "bfloat16",
     }
 
 

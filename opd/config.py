@@ -28,6 +28,7 @@ from opd.types import (
     Divergence,
     DivergenceSupport,
     GuardAction,
+    HiddenDtype,
     Ratio,
     TeacherDtype,
     TeacherMode,
@@ -37,6 +38,28 @@ from opd.types import (
 
 # from_pretrained's device_map strategies (any other string must name a torch device).
 DEVICE_MAP_STRATEGIES = ("auto", "balanced", "balanced_low_0", "sequential")
+
+
+# Why a teacher mode cannot score a candidate set (`opd_divergence_support` student/union): the
+# message of the config check (vllm, which never can) and of `check_method_capabilities`
+# (offline shards can, when they store the teacher's hidden states).
+CANDIDATE_SCORING_GAPS = {
+    TeacherMode.VLLM: "a stock vLLM server returns prompt logprobs only for the sampled token "
+    "and its own top-k, never for ids the request names (vLLM RFC #56860)",
+    TeacherMode.OFFLINE: "offline shards hold only the teacher's own top-k, scored before the "
+    "student's top-k was known, unless `opd teacher precompute --store_hidden_states true` "
+    "also stored its hidden states",
+}
+
+
+def candidate_scoring_refusal(support: str, why: str) -> str:
+    """The ConfigError message for a candidate support whose teacher cannot score candidates."""
+    return (
+        f"opd_divergence_support={support!r} needs the teacher's exact logprobs at the "
+        f"student's top-k ids, but {why}. Serve the teacher with `opd teacher serve --backend "
+        "transformers` and set teacher_mode: server (or use teacher_mode local or self), or "
+        "use opd_divergence_support: topk (the teacher's own top-k)."
+    )
 
 
 NUMERIC_METHOD_FIELDS = (
@@ -92,6 +115,13 @@ class TeacherArguments:
     teacher_batch_size: int = help_field(
         16, "Sequences per teacher call: one forward pass or request (bounds its memory)."
     )
+    teacher_hidden_dtype: HiddenDtype = help_field(
+        HiddenDtype.FLOAT32,
+        "dtype of the teacher's final hidden states on the wire (teacher_mode server, when the "
+        "method needs the full teacher distribution: the client applies the teacher's output "
+        "head) and in shards (`opd teacher precompute --store_hidden_states`). 'bfloat16' "
+        "halves the bytes and is not exact (README, 'Teacher v2').",
+    )
 
     def check_teacher_scoring(self) -> None:
         """`teacher_top_k` and `teacher_batch_size` integers in range, and a temperature the
@@ -141,6 +171,14 @@ class OPDConfig(TeacherArguments, GRPOConfig):
         "(a JSON string on the command line), like model_init_kwargs for the student. "
         "teacher_dtype and teacher_device_map set dtype and device_map.",
     )
+    teacher_overlap: bool = help_field(
+        False,
+        "Score completions while vLLM still generates: each finished sequence goes to the "
+        "teacher at once (what finished while the teacher was busy goes as one request, at "
+        "most teacher_batch_size sequences per call), and the step waits only for what is "
+        "left. Same scores as without. For a remote teacher (teacher_mode server or vllm) "
+        "with vLLM colocate generation; it helps when completion lengths vary.",
+    )
     vllm_dtype: str | None = help_field(
         None,
         "dtype of the colocated vLLM engine. None: TRL's choice on GPU; on CPU the "
@@ -179,9 +217,14 @@ class OPDConfig(TeacherArguments, GRPOConfig):
     opd_baseline: Baseline = help_field(
         Baseline.NONE,
         "vOPD baseline V_t = -KL_t subtracted from the OPD advantage. 'full': exact "
-        "full-vocabulary KL (needs an in-process teacher: teacher_mode local or self); "
-        "'topk': KL on the student's top-k, both renormalised (any teacher; a remote one "
-        "fills ids outside its top-k with its tail mass).",
+        "full-vocabulary KL (needs the teacher's hidden states: teacher_mode local or self, "
+        "server with `opd teacher serve --backend transformers`, or offline shards precomputed "
+        "with --store_hidden_states true); 'topk': KL on "
+        "the student's top-k, both renormalised. Exact with an in-process teacher or one that "
+        "scores candidate ids (teacher_mode server with `opd teacher serve --backend "
+        "transformers`); a stock vLLM server or offline shards without hidden states return "
+        "only the teacher's own top-k, so ids outside it share its tail mass uniformly (an "
+        "estimate).",
     )
     opd_baseline_top_k: int = help_field(100, "k of the student support of the 'topk' baseline.")
     # ----- policy-gradient surrogate -----
@@ -199,8 +242,15 @@ class OPDConfig(TeacherArguments, GRPOConfig):
     opd_divergence_beta: float = help_field(0.5, "JSD beta (0: forward KL, 1: reverse KL).")
     opd_divergence_support: DivergenceSupport = help_field(
         DivergenceSupport.TOPK,
-        "'topk': the teacher's top-k (teacher_top_k) plus a tail bucket; 'full': the "
-        "full vocabulary (needs an in-process teacher: teacher_mode local or self).",
+        "'topk': the teacher's top-k (teacher_top_k) plus a tail bucket; 'student': the "
+        "student's top-k (K = teacher_top_k) plus a tail bucket; 'union': both top-k sets, "
+        "deduplicated, plus a tail bucket; 'full': the full vocabulary (needs the teacher's "
+        "hidden states: teacher_mode local or self, server with a server that returns them, or "
+        "offline shards that store them). 'student' and 'union' ask the teacher for its "
+        "exact logprobs at those ids: teacher_mode local, self, or server with `opd teacher "
+        "serve --backend transformers`, or offline shards with stored hidden states; a stock "
+        "vLLM server cannot (it returns prompt logprobs only for the sampled token and its own "
+        "top-k).",
     )
     opd_divergence_temperature: float = help_field(
         1.0, "Temperature of both distributions in the divergence."
@@ -337,8 +387,15 @@ class OPDConfig(TeacherArguments, GRPOConfig):
 
     @property
     def uses_topk_divergence(self) -> bool:
-        """The divergence term runs on the teacher's top-k plus a tail bucket."""
-        return self.uses_divergence_term and self.opd_divergence_support == DivergenceSupport.TOPK
+        """The divergence term runs on a set of ids plus a tail bucket (the top-k kernel path):
+        the teacher's top-k, the student's, or their union."""
+        return self.uses_divergence_term and self.opd_divergence_support != DivergenceSupport.FULL
+
+    @property
+    def uses_candidate_divergence(self) -> bool:
+        """The divergence term's support holds the student's top-k ids (support student or
+        union), at which the teacher must score on request (`CandidateScorer`)."""
+        return self.uses_divergence_term and self.opd_divergence_support.scores_candidates
 
     @property
     def tip_needs_divergence(self) -> bool:
@@ -358,16 +415,26 @@ class OPDConfig(TeacherArguments, GRPOConfig):
         lm_head) serves the method: the full baseline or divergence, or, without the teacher's
         top-k, TIP's divergence or the top-k baseline."""
         without_topk = self.teacher_top_k == 0
+        return self.needs_full_teacher_distribution_beyond_candidates or (
+            without_topk and self.opd_baseline == Baseline.TOPK
+        )
+
+    @property
+    def needs_full_teacher_distribution_beyond_candidates(self) -> bool:
+        """`needs_full_teacher_distribution` with a teacher that scores candidate ids, which
+        gives the top-k baseline exactly without its own top-k: the full baseline or divergence,
+        or TIP's divergence without the teacher's top-k."""
         return (
             self.opd_baseline == Baseline.FULL
             or self.uses_full_divergence
-            or (without_topk and (self.tip_needs_divergence or self.opd_baseline == Baseline.TOPK))
+            or (self.teacher_top_k == 0 and self.tip_needs_divergence)
         )
 
     @property
     def needs_teacher_topk(self) -> bool:
-        """The method reads the teacher's top-k: the top-k divergence, or the top-k baseline
-        (which an in-process teacher can serve from its full distribution instead)."""
+        """The method reads the teacher's top-k (or, for the student support, its K): a top-k
+        divergence, or the top-k baseline (which an in-process teacher or a candidate scorer
+        can serve exactly instead)."""
         return self.opd_baseline == Baseline.TOPK or self.uses_topk_divergence
 
     @property
@@ -398,6 +465,7 @@ class OPDConfig(TeacherArguments, GRPOConfig):
         self.check_teacher_scoring()
         self._check_teacher_source()
         self._check_teacher_placement()
+        self._check_teacher_overlap()
         if self.opd_kl_coef < 0 or self.opd_outcome_weight < 0:
             raise ValueError("opd_kl_coef and opd_outcome_weight must be >= 0.")
         if self.opd_kl_coef == 0 and self.opd_outcome_weight == 0 and not self.uses_divergence_term:
@@ -426,6 +494,10 @@ class OPDConfig(TeacherArguments, GRPOConfig):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}.")
         check_at_least_one(self, "opd_baseline_top_k")
+        vllm = self.teacher_mode == TeacherMode.VLLM and not self.teacher_routes
+        if self.uses_candidate_divergence and vllm:  # refused before the server is contacted
+            gap = CANDIDATE_SCORING_GAPS[TeacherMode.VLLM]
+            raise ConfigError(candidate_scoring_refusal(self.opd_divergence_support, gap))
         if bool(self.teacher_routes) != bool(self.teacher_route_column):
             raise ValueError(
                 "multi-teacher routing needs both teacher_route_column (which dataset column "
@@ -497,6 +569,38 @@ class OPDConfig(TeacherArguments, GRPOConfig):
                 "teacher_device_map instead."
             )
         self.teacher_model_init_kwargs = kwargs
+
+    def _check_teacher_overlap(self) -> None:
+        """teacher_overlap streams finished sequences from this process's vLLM engine to a
+        remote teacher: refuse the settings where it cannot (`opd/trainer/overlap.py`)."""
+        if not self.teacher_overlap:
+            return
+        if not self.use_vllm or self.vllm_mode != "colocate":
+            raise ConfigError(
+                "teacher_overlap streams from vLLM generation in this process: set use_vllm: "
+                "true and vllm_mode: colocate, or teacher_overlap: false."
+            )
+        if self.vllm_tensor_parallel_size > 1:
+            raise ConfigError(
+                "teacher_overlap streams each process's own rows and does not support "
+                "vllm_tensor_parallel_size > 1: set teacher_overlap: false."
+            )
+        if self.teacher_mode not in (TeacherMode.SERVER, TeacherMode.VLLM):
+            raise ConfigError(
+                f"teacher_overlap needs a remote teacher (teacher_mode server or vllm), not "
+                f"teacher_mode={self.teacher_mode.value!r}: an in-process teacher would compete "
+                "with vLLM for the same device, and offline has no generation to overlap."
+            )
+        if self.opd_trace_column is not None:
+            raise ConfigError(
+                "teacher_overlap cannot stream rows that opd_trace_column replaces after "
+                "generation: unset opd_trace_column or teacher_overlap."
+            )
+        if self.needs_full_teacher_distribution:
+            raise ConfigError(
+                "teacher_overlap streams the teacher's logprobs and top-k, not the hidden states "
+                "this method needs (the teacher's full distribution): set teacher_overlap: false."
+            )
 
     def _check_teacher_source(self) -> None:
         """Each teacher mode names where its teacher is; say which field is missing."""

@@ -66,6 +66,13 @@ class TeacherDtype(Choice):
     FLOAT16 = "float16"
 
 
+class HiddenDtype(Choice):
+    """dtype of a teacher's hidden states on the wire and in shards (`teacher_hidden_dtype`)."""
+
+    FLOAT32 = "float32"
+    BFLOAT16 = "bfloat16"
+
+
 class BehaviourLogprobs(Choice):
     """Where lp_old comes from (`opd_behaviour_logprobs`)."""
 
@@ -99,10 +106,22 @@ class Divergence(Choice):
 
 
 class DivergenceSupport(Choice):
-    """Where the divergence term is computed (`opd_divergence_support`)."""
+    """Where the divergence term is computed (`opd_divergence_support`): a set of ids plus a tail
+    bucket (TOPK, STUDENT, UNION), or the whole vocabulary (FULL)."""
 
     TOPK = "topk"
+    """The teacher's top-k ids, with the logprobs the teacher returned for them."""
     FULL = "full"
+    """The full vocabulary (an in-process teacher's hidden states)."""
+    STUDENT = "student"
+    """The student's top-k ids (K = teacher_top_k), scored exactly by the teacher."""
+    UNION = "union"
+    """The student's and the teacher's top-k ids, deduplicated, scored exactly by the teacher."""
+
+    @property
+    def scores_candidates(self) -> bool:
+        """The support holds ids the teacher did not choose, so it must score them on request."""
+        return self in (DivergenceSupport.STUDENT, DivergenceSupport.UNION)
 
 
 class TipRule(Choice):
@@ -355,9 +374,11 @@ class OPDBatchFields:
     teacher_hidden_BTH: torch.Tensor | None = None
     """[B, T, H] the in-process teacher's final hidden states (the full-support divergence)."""
     teacher_topk_ids_BTK: torch.Tensor | None = None
-    """int64 [B, T, K] the teacher's top-k ids (the top-k divergence term)."""
+    """int64 [B, T, K] the ids of the top-k divergence term's support: the teacher's top-k, or
+    for `opd_divergence_support` student/union the candidate set the teacher scored (no id twice
+    in a row; padding -1)."""
     teacher_topk_logprobs_BTK: torch.Tensor | None = None
-    """float32 [B, T, K] their logprobs, padded with -inf."""
+    """float32 [B, T, K] the teacher's logprobs at those ids, padded with -inf."""
 
     def __post_init__(self):
         shape_BT = tuple(self.keep_mask_BT.shape)

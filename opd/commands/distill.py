@@ -32,13 +32,15 @@ from opd.data import DATASET_NAME_HELP, DEMO_DATASET, PromptDataArguments
 from opd.models import DEMO_STUDENT, resolve_model_names
 
 # Fields a resumed run may set differently from the run that wrote the checkpoint: where it
-# writes and logs, how long it runs, how it reaches a teacher server. Any other change (learning
-# rate, seed, method, data, batch layout, ...) would make the resumed run differ from the
-# uninterrupted one, so it is refused.
+# writes and logs, how long it runs, how it reaches a teacher server (and whether it streams to
+# it during generation: same scores). Any other change (learning rate, seed, method, data,
+# batch layout, ...) would make the resumed run differ from the uninterrupted one, so it is
+# refused.
 RESUME_MAY_CHANGE = {
     "output_dir", "resume_from_checkpoint", "max_steps", "num_train_epochs", "report_to",
     "run_name", "project", "disable_tqdm", "dry_run", "eval_before_after", "write_report",
     "teacher_urls", "teacher_timeout_s", "teacher_retry_budget_s", "teacher_api_key",
+    "teacher_overlap",
     "local_rank", "use_cpu", "ddp_backend", "ddp_timeout", "dataloader_num_workers",
     "dataloader_pin_memory", "dataloader_persistent_workers", "dataloader_prefetch_factor",
     "push_to_hub",

@@ -1,11 +1,12 @@
 """`ServerTeacher`: the `TeacherScorer` that asks `opd teacher serve` servers over HTTP.
 
 `score(batch, top_k)` turns the `[B, T]` batch into a ragged `ScoreRequest` (only real tokens
-travel), cuts it into chunks of `batch_size` sequences and sends the chunks concurrently, chunk i
-starting at URL i % len(urls), so several servers share the load and one server batches the
-chunks it receives together. Each chunk is retried (`request_with_retry`): connection errors,
-timeouts and 5xx answers move to the next URL with backoff until the retry budget runs out
-(`TeacherUnavailableError`); a 4xx is raised at once (`TeacherRequestError`, the server's reason).
+travel), cuts it into chunks of `batch_size` sequences and sends the chunks concurrently: chunk i
+of call c starts at URL (c + i) % len(urls), so several servers share the load and one server
+batches the chunks it receives together. Each chunk is retried (`request_with_retry`):
+connection errors, timeouts and 5xx answers move to the next URL with backoff until the retry
+budget runs out (`TeacherUnavailableError`); a 4xx is raised at once (`TeacherRequestError`,
+the server's reason).
 
 The servers' `/info` is read once, on first use: every URL must serve the same model and
 tokenizer, the model must be `expected_model` when one is given, and requests are checked
@@ -16,6 +17,7 @@ Test: `.venv/bin/pytest tests/integration/test_teacher_server.py`.
 
 from __future__ import annotations
 
+import itertools
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 from typing import Any
@@ -64,6 +66,7 @@ class ServerTeacher:
         self._http = httpx.Client(timeout=timeout_s, headers=auth_headers(api_key))
         self._pool = ThreadPoolExecutor(max_workers=max(4, 2 * len(self.urls)))
         self._server_info: dict[str, Any] | None = None
+        self._calls = itertools.count()  # `next` is atomic under the GIL: threads may call
 
     @property
     def teacher_id(self) -> str:
@@ -111,13 +114,17 @@ class ServerTeacher:
         self._check_top_k(request.top_k)
         return self._score_chunks(request)
 
+    def max_candidates(self) -> int:
+        """Candidate ids per position the servers score (their `/info`; 0: they cannot)."""
+        return int(self.server_info().get("max_candidates", 0))
+
     def score_candidates(
         self, batch: RolloutBatch, candidate_ids_BTC: torch.Tensor, *, temperature=None
     ) -> torch.Tensor:
         """float32 `[B, T, C]` the teacher's logprobs at `candidate_ids_BTC` (-1 pads; -inf
         there and at masked positions): exact values wherever the teacher ranks the ids."""
         info = self.server_info()
-        max_candidates = int(info.get("max_candidates", 0))
+        max_candidates = self.max_candidates()
         width = int(candidate_ids_BTC.shape[-1])
         if not max_candidates:
             raise ConfigError(
@@ -161,11 +168,15 @@ class ServerTeacher:
         """
         chunk_size = min(self.batch_size, int(self.server_info()["max_sequences"]))
         chunks = request.chunks(chunk_size)
+        # Each call starts one URL further, so small calls (e.g. rows streamed while vLLM
+        # generates, `teacher_overlap`) spread over the servers too.
+        first = next(self._calls)
         if len(chunks) == 1:  # the common case: no thread hop
-            results = [self._post(chunks[0], 0, http_stats)]
+            results = [self._post(chunks[0], first, http_stats)]
         else:
             post = partial(self._post, http_stats=http_stats)
-            results = list(self._pool.map(post, chunks, range(len(chunks))))
+            indices = range(first, first + len(chunks))
+            results = list(self._pool.map(post, chunks, indices))
         return SequenceScores.concat(results)
 
     def _post(

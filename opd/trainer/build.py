@@ -8,15 +8,17 @@ Test: `pytest tests/unit/test_loss_fields.py tests/integration/test_methods.py`.
 from __future__ import annotations
 
 import dataclasses
+import warnings
 
 from trl import GRPOConfig
 
 from opd.arguments import ConfigError
-from opd.config import OPDConfig
+from opd.config import CANDIDATE_SCORING_GAPS, OPDConfig, candidate_scoring_refusal
+from opd.objectives.candidates import CandidatePlan
 from opd.teacher.local import LocalTeacher, detached_copy
-from opd.teacher.protocol import FullDistributionTeacher, TeacherScorer
+from opd.teacher.protocol import CandidateScorer, FullDistributionTeacher, TeacherScorer
 from opd.trainer.trl_seams import add_fused_lm_head, router_aux_loss_enabled
-from opd.types import Baseline, Ratio, TeacherMode
+from opd.types import Baseline, DivergenceSupport, Ratio, TeacherMode
 
 SUPPORTED_LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "cispo")
 
@@ -156,9 +158,63 @@ def uses_teacher_hidden(args: OPDConfig, teacher: TeacherScorer) -> bool:
     """Whether phase 1 runs the teacher's hidden states: when the method needs its full
     distribution, and for the top-k baseline whenever the teacher can give it (exact values on
     the student's top-k instead of the tail-bucket estimate)."""
-    return args.needs_full_teacher_distribution or (
+    return needs_full_distribution(args, teacher) or (
         args.opd_baseline == Baseline.TOPK and isinstance(teacher, FullDistributionTeacher)
     )
+
+
+def needs_full_distribution(args: OPDConfig, teacher: TeacherScorer | None) -> bool:
+    """`args.needs_full_teacher_distribution`, less the top-k baseline without teacher_top_k
+    when the teacher scores the student's top-k ids itself (`CandidateScorer`)."""
+    if isinstance(teacher, CandidateScorer):
+        return args.needs_full_teacher_distribution_beyond_candidates
+    return args.needs_full_teacher_distribution
+
+
+def build_candidate_plan(args: OPDConfig, teacher: TeacherScorer) -> CandidatePlan | None:
+    """What phase 1 asks the teacher to score at candidate ids (`opd/objectives/candidates.py`):
+    the divergence's student/union support, and the top-k baseline's student top-k when the
+    teacher scores candidates but is not in-process (an in-process teacher's hidden states give
+    the baseline exactly without a request). None: no candidate request."""
+    exact_baseline = (
+        args.opd_baseline == Baseline.TOPK
+        and isinstance(teacher, CandidateScorer)
+        and not isinstance(teacher, FullDistributionTeacher)
+        and _scores_candidates(teacher, args.opd_baseline_top_k, use="the top-k baseline")
+    )
+    divergence = args.uses_candidate_divergence
+    if not (divergence or exact_baseline):
+        return None
+    return CandidatePlan(
+        divergence_support=args.opd_divergence_support if divergence else None,
+        divergence_k=args.teacher_top_k if divergence else 0,
+        baseline_k=args.opd_baseline_top_k if exact_baseline else 0,
+    )
+
+
+def candidate_width(args: OPDConfig) -> int:
+    """Candidate ids per position the run asks for (`CandidatePlan`: the student's top M, plus
+    the teacher's top-k for the union support)."""
+    widths = [args.opd_baseline_top_k] if args.opd_baseline == Baseline.TOPK else []
+    if args.uses_candidate_divergence:
+        widths.append(args.teacher_top_k)
+    union = args.opd_divergence_support == DivergenceSupport.UNION
+    return max(widths, default=0) + (args.teacher_top_k if union else 0)
+
+
+def _scores_candidates(teacher, width: int, *, use: str) -> bool:
+    """Whether a served teacher scores `width` candidate ids per position (its /info says);
+    in-process teachers always do. Warns, once at start-up, when it does not."""
+    capacity = teacher.max_candidates() if hasattr(teacher, "max_candidates") else width
+    if capacity < width:
+        warnings.warn(
+            f"opd: the teacher server scores at most {capacity} candidate ids per position, "
+            f"{use} asks for {width}: it uses the teacher's own top-k with a uniform share of "
+            "its tail for the other ids (an estimate). Exact values: `opd teacher serve "
+            f"--backend transformers --max_candidates {width}`.",
+            stacklevel=2,
+        )
+    return capacity >= width
 
 
 def check_method_capabilities(args: OPDConfig, teacher: TeacherScorer | None, reward_funcs) -> None:
@@ -171,18 +227,28 @@ def check_method_capabilities(args: OPDConfig, teacher: TeacherScorer | None, re
             "ZeRO-3 partitions the weights it would run on; serve the teacher instead "
             "(`opd teacher serve`, teacher_mode: server) or shard the student with FSDP2."
         )
-    if args.needs_full_teacher_distribution and not in_process:
+    if needs_full_distribution(args, teacher) and not in_process:
+        if args.teacher_mode == TeacherMode.OFFLINE:
+            from opd.teacher.offline import missing_hidden_states
+
+            raise ConfigError(missing_hidden_states(args.teacher_shards))
         raise ConfigError(
             "the full-vocabulary teacher distribution (opd_baseline: full, "
             "opd_divergence_support: full, or TIP's divergence without teacher_top_k) needs an "
-            f"in-process teacher (teacher_mode local or self), not {args.teacher_mode!r}; use the "
-            "top-k form (opd_baseline: topk / opd_divergence_support: topk) with teacher_top_k > 0."
+            "in-process teacher (teacher_mode local or self) or teacher_mode server with a server "
+            "that returns hidden states (opd teacher serve --backend transformers), not "
+            f"{args.teacher_mode!r}; or use the top-k form (opd_baseline: topk / "
+            "opd_divergence_support: topk) with teacher_top_k > 0."
         )
-    if args.needs_teacher_topk and args.teacher_top_k == 0 and not in_process:
+    _check_candidate_scoring(args, teacher)
+    # An in-process teacher, or a candidate scorer for the top-k baseline, needs no top-k.
+    scores_baseline = isinstance(teacher, CandidateScorer) and not args.uses_topk_divergence
+    if args.needs_teacher_topk and args.teacher_top_k == 0 and not (in_process or scores_baseline):
         raise ConfigError("this method uses the teacher's top-k: set teacher_top_k (e.g. 20).")
     if args.uses_topk_divergence and not args.teacher_top_k:
         raise ConfigError(
-            "opd_divergence_support: topk needs the teacher's top-k: set teacher_top_k (e.g. 20)."
+            f"opd_divergence_support: {args.opd_divergence_support} needs teacher_top_k, the "
+            "size of its top-k support: set teacher_top_k (e.g. 20)."
         )
     if args.needs_correctness and reward_funcs is None:
         raise ConfigError(
@@ -190,6 +256,31 @@ def check_method_capabilities(args: OPDConfig, teacher: TeacherScorer | None, re
             "(CLI: --reward_funcs math_accuracy); the first one decides correctness."
         )
     check_loss_options(args)
+
+
+def _check_candidate_scoring(args: OPDConfig, teacher: TeacherScorer | None) -> None:
+    """The student/union divergence support needs a teacher that scores candidate ids, or its
+    hidden states (offline shards that store them); say why a stock vLLM server or top-k-only
+    shards cannot, and what to run instead."""
+    # None: teacher_mode 'self', an in-process LocalTeacher (a CandidateScorer), built later
+    if not args.uses_candidate_divergence or teacher is None:
+        return
+    if isinstance(teacher, FullDistributionTeacher):
+        return
+    if isinstance(teacher, CandidateScorer):
+        width = candidate_width(args)
+        capacity = teacher.max_candidates() if hasattr(teacher, "max_candidates") else width
+        if capacity < width:
+            why = (
+                f"the teacher server scores at most {capacity} candidate ids per position and "
+                f"this run asks for {width} (raise its --max_candidates, or lower teacher_top_k "
+                "and opd_baseline_top_k)"
+            )
+            raise ConfigError(candidate_scoring_refusal(args.opd_divergence_support, why))
+        return
+    why = CANDIDATE_SCORING_GAPS.get(args.teacher_mode) if not args.teacher_routes else None
+    why = why or f"this teacher ({type(teacher).__name__}) cannot score ids it did not choose"
+    raise ConfigError(candidate_scoring_refusal(args.opd_divergence_support, why))
 
 
 def check_loss_options(args: OPDConfig) -> None:

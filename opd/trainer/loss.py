@@ -133,7 +133,7 @@ class LossMixin:
         if args.uses_full_divergence:
             assert fields.teacher_hidden_BTH is not None, "packed in phase 1"
             teacher["teacher_hidden"] = fields.teacher_hidden_BTH[rows_N, cols_N]
-            teacher["teacher_weight"] = self.teacher.output_weight
+            teacher["teacher_weight"] = self.teacher_output_weight()
         else:
             assert fields.teacher_topk_ids_BTK is not None, "packed in phase 1"
             assert fields.teacher_topk_logprobs_BTK is not None, "packed in phase 1"

@@ -29,6 +29,7 @@ import torch
 
 from opd.config import OPDConfig
 from opd.guards import attach_collapse_guard
+from opd.objectives.candidates import CandidateScores, support_at
 from opd.objectives.compose import compose_advantage, opd_term
 from opd.objectives.hidden import (
     check_plain_lm_head,
@@ -41,6 +42,7 @@ from opd.teacher.build import build_teacher
 from opd.teacher.http import TeacherUnavailableError
 from opd.teacher.protocol import TeacherScorer
 from opd.trainer.build import (
+    build_candidate_plan,
     build_offline_rollouts,
     build_reference_model,
     build_self_teacher,
@@ -50,17 +52,19 @@ from opd.trainer.build import (
     load_student_tokenizer,
     uses_teacher_hidden,
 )
+from opd.trainer.candidate_scores import request_candidate_scores
 from opd.trainer.console import console_logging, use_compact_console
 from opd.trainer.loss import LossMixin
 from opd.trainer.methods import MethodMixin
 from opd.trainer.metrics import MetricsMixin
+from opd.trainer.overlap import build_teacher_stream, streaming_scores
 from opd.trainer.resume import (
     EpochSeededRepeatSampler,
     capture_rng_state,
     load_generation_buffer,
     resolve_checkpoint,
-    restore_rng_state,
     save_resume_state,
+    stopped_for_outage,
 )
 from opd.trainer.sharding import enable_fsdp_on_cpu, full_lm_head_weight
 from opd.trainer.step import StepState
@@ -68,7 +72,6 @@ from opd.trainer.trl_seams import (
     GRPOTrainer,
     per_token_logprobs,
     replace_colocate_sync,
-    save_checkpoint,
     save_checkpoint_as_trl,
     vllm_engine_kwargs,
 )
@@ -181,9 +184,11 @@ class OPDTrainer(LossMixin, MethodMixin, MetricsMixin, GRPOTrainer):
         if args.needs_reference_logprobs:
             self.opd_reference = build_reference_model(args, student, self.ref_model)
         self.teacher_hidden = uses_teacher_hidden(args, teacher)
+        self.candidate_plan = build_candidate_plan(args, teacher)
         self.has_rewards = has_rewards
         self.sod_step_ids = self.build_sod_step_ids()
         self.step_state: StepState | None = None  # the current generation step
+        self.teacher_stream = build_teacher_stream(self)  # teacher_overlap (overlap.py)
 
     # ----- phase 1: generate, score, build advantages -----
 
@@ -193,51 +198,62 @@ class OPDTrainer(LossMixin, MethodMixin, MetricsMixin, GRPOTrainer):
         # The step's state, filled by `_generate` and the rewards; the random states from before
         # it samples are what a checkpoint written mid-step must keep (`_teacher_scores`).
         step = self.step_state = StepState(inputs=inputs, rng_state=capture_rng_state())
-        output = super()._generate_and_score_completions(inputs)
+        with streaming_scores(self, inputs):  # teacher_overlap: scored as vLLM finishes rows
+            output = super()._generate_and_score_completions(inputs)
         step.mask_BT = output["completion_mask"].float()
         if "tool_mask" in output:
             step.mask_BT = step.mask_BT * output["tool_mask"]
         step.batch = self._rollout_batch(output, inputs)
-        step.scores = self._teacher_scores(step.batch)
+        # lp_old first: a trainer forward there runs while streamed rows are still scored
         step.student_old_BT = self._behaviour_logprobs(output)
+        step.scores = self._teacher_scores(step.batch)
+        candidates = self._candidate_scores(step, output)
         teacher_hidden_BTH = None
         if self.teacher_hidden:
             hidden_BTH = self.teacher.completion_hidden_states(step.batch)
             teacher_hidden_BTH = hidden_BTH.to(step.mask_BT.device)
-        step.stats_BT = self._student_token_stats(output, step, teacher_hidden_BTH)
+        step.stats_BT = self._student_token_stats(output, step, teacher_hidden_BTH, candidates)
         advantages_BT = self._advantages(step, output)
         keep_BT = self.keep_mask(step)
         output["advantages"] = advantages_BT
         output["num_items_in_batch"] = self.accelerator.gather(keep_BT.sum()).sum()
-        loss_fields = self._loss_fields(step, keep_BT, teacher_hidden_BTH)
+        loss_fields = self._loss_fields(step, keep_BT, teacher_hidden_BTH, candidates)
         loss_fields.pack_into(output)  # TRL splits the batch dict into micro-batches
         self.log_generation_metrics(step, output, advantages_BT, loss_fields)
         return output
 
     def _teacher_scores(self, batch: RolloutBatch) -> TeacherScores:
-        """Score the batch; if the teacher stays down past its retry budget, checkpoint and stop.
-
-        Generation happens before any gradient of the step, so the weights are still those of
-        the last finished step, and the random states are put back to the step's start:
-        `checkpoint-<global_step>` resumes to the uninterrupted run's weights, without losing or
-        repeating a batch (`--resume_from_checkpoint`).
-        """
+        """Score the batch; if the teacher stays down past its retry budget, checkpoint and stop
+        (`stopped_for_outage`: `--resume_from_checkpoint` continues as if nothing happened)."""
         if self.offline is not None:
             return self.offline.scores(batch.completion_ids_BT.shape[1])
+        scorer = self.teacher_stream or self.teacher  # the stream: rows scored while generating
         try:
-            return self.teacher.score(batch, top_k=self.args.teacher_top_k)
+            return scorer.score(batch, top_k=self.args.teacher_top_k)
         except TeacherUnavailableError as error:
-            # The samples of this step are drawn: the checkpoint keeps the random states from
-            # before them, so the resumed run draws the same ones.
-            restore_rng_state(self.step_state.rng_state)
-            checkpoint = save_checkpoint(self)
-            raise TeacherUnavailableError(
-                f"{error}\nTraining stopped at step {self.state.global_step}; saved {checkpoint}. "
-                f"Once the teacher is back: opd distill ... --resume_from_checkpoint {checkpoint}"
-            ) from error
+            raise stopped_for_outage(self, self.step_state.rng_state, error) from error
+
+    def teacher_output_weight(self) -> torch.Tensor:
+        """The full-distribution teacher's lm_head on the student's device, moved once: a served
+        or offline teacher's head arrives on the CPU, an in-process one's is used in place."""
+        weight_VH = self.teacher.output_weight
+        device = self.accelerator.device
+        if weight_VH.device == device:
+            return weight_VH
+        cached = getattr(self, "_teacher_head_on_device", None)
+        if cached is None or cached[0] is not weight_VH:
+            self._teacher_head_on_device = (weight_VH, weight_VH.to(device))
+        return self._teacher_head_on_device[1]
+
+    def _candidate_scores(self, step: StepState, output) -> CandidateScores | None:
+        """The teacher's exact logprobs at candidate ids (the student's top-k, or its union with
+        the teacher's) for the student/union divergence support and the top-k baseline; None
+        when the run needs none. Costs one more no-grad student forward: the candidates must be
+        known before the teacher is asked (`opd/trainer/candidate_scores.py`)."""
+        return request_candidate_scores(self, step, output)
 
     @torch.no_grad()
-    def _student_token_stats(self, output, step: StepState, teacher_hidden_BTH):
+    def _student_token_stats(self, output, step: StepState, teacher_hidden_BTH, candidates=None):
         """`[B, T]` entropy, KL, baseline KL, JSD and top-k mass from one no-grad pass over the
         student's logits; None when the method needs none of them and the teacher gave no
         top-k (the forward costs about a third of a training step)."""
@@ -258,16 +274,19 @@ class OPDTrainer(LossMixin, MethodMixin, MetricsMixin, GRPOTrainer):
             if not keep.any():  # only padding in this micro-batch
                 continue
             topk = teacher_topk_at(scores, rows, keep, hidden_BTH.device)
-            full = {}
+            full, exact_support = {}, {}
+            if candidates is not None and candidates.plan.baseline_k:
+                support = candidates.baseline_support_BTK()
+                exact_support = support_at(support, rows, keep, hidden_BTH.device)
             if teacher_hidden_BTH is not None:
                 full = {
                     "teacher_hidden_NH": teacher_hidden_BTH[rows][keep],
-                    "teacher_weight_VH": self.teacher.output_weight,
+                    "teacher_weight_VH": self.teacher_output_weight(),
                 }
             stats_N = completion_token_stats(
                 hidden_BTH[keep], weight_VH, output["completion_ids"][rows][keep],
                 temperature=self.temperature, teacher_topk_ids_NK=topk[0],
-                teacher_topk_logprobs_NK=topk[1], **full,
+                teacher_topk_logprobs_NK=topk[1], **full, **exact_support,
                 teacher_temperature=args.teacher_temperature, baseline=args.opd_baseline,
                 baseline_top_k=args.opd_baseline_top_k, jsd=args.tip_needs_divergence,
             )  # fmt: skip
@@ -300,7 +319,9 @@ class OPDTrainer(LossMixin, MethodMixin, MetricsMixin, GRPOTrainer):
             discount=args.opd_discount,
         )
 
-    def _loss_fields(self, step: StepState, keep_BT, teacher_hidden_BTH) -> OPDBatchFields:
+    def _loss_fields(
+        self, step: StepState, keep_BT, teacher_hidden_BTH, candidates=None
+    ) -> OPDBatchFields:
         """What the loss phase needs of this step besides TRL's keys: the kept positions, the
         trace rows, and what the divergence term compares the student with."""
         device = keep_BT.device
@@ -311,6 +332,14 @@ class OPDTrainer(LossMixin, MethodMixin, MetricsMixin, GRPOTrainer):
         )
         if self.args.uses_full_divergence:
             return dataclasses.replace(fields, teacher_hidden_BTH=teacher_hidden_BTH)
+        if self.args.uses_candidate_divergence:  # the student/union support, scored exactly
+            assert candidates is not None, "phase 1 scored the candidates"
+            ids_BTK, logprobs_BTK = candidates.divergence_support_BTK()
+            return dataclasses.replace(
+                fields,
+                teacher_topk_ids_BTK=ids_BTK.to(device),
+                teacher_topk_logprobs_BTK=logprobs_BTK.to(device),
+            )
         if self.args.uses_topk_divergence:
             return dataclasses.replace(
                 fields,

@@ -49,6 +49,7 @@ from opd.trainer.trl_seams import (
     RepeatSampler,
     generation_buffer,
     generation_cycle_length,
+    save_checkpoint,
     set_generation_buffer,
 )
 
@@ -131,6 +132,23 @@ def restore_rng_state(state: dict[str, Any]) -> None:
     torch.random.set_rng_state(state["cpu"])
     if "cuda" in state:
         torch.cuda.random.set_rng_state_all(state["cuda"])
+
+
+def stopped_for_outage(trainer, rng_state: dict[str, Any], error: Exception) -> Exception:
+    """Checkpoint the last finished step and return the error that stops the run, for a teacher
+    that stays down past its retry budget in the middle of phase 1.
+
+    Generation happens before any gradient of the step, so the weights are still those of the
+    last finished step; the random states go back to those from before the step sampled
+    (`rng_state`), so `checkpoint-<global_step>` resumes to the uninterrupted run's weights,
+    without losing or repeating a batch.
+    """
+    restore_rng_state(rng_state)
+    checkpoint = save_checkpoint(trainer)
+    return type(error)(
+        f"{error}\nTraining stopped at step {trainer.state.global_step}; saved {checkpoint}. "
+        f"Once the teacher is back: opd distill ... --resume_from_checkpoint {checkpoint}"
+    )
 
 
 def load_generation_buffer(trainer, checkpoint: str | Path) -> None:

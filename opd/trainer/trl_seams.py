@@ -3,8 +3,9 @@
 `OPDTrainer` subclasses TRL's `GRPOTrainer`. Public API (`GRPOConfig`, `GRPOTrainer(...)`,
 `train()`) is used directly; everything else that could change in a TRL release without notice
 goes through this module: the hooks opd overrides, the private methods it calls, the keys of the
-batch dict TRL passes between its phases, trainer attributes set by `GRPOTrainer.__init__`, and
-the `LLM` symbol of TRL's generation module that opd patches to pass engine arguments.
+batch dict TRL passes between its phases, trainer attributes set by `GRPOTrainer.__init__`,
+the `LLM` symbol of TRL's generation module that opd patches to pass engine arguments, and the
+vLLM engine methods that `LLM.generate` drives, which opd wraps to stream finished requests.
 
 `tests/unit/test_trl_surface.py` pins all of it against the installed TRL: an upgrade that
 renames, removes or re-signs any of these names fails that test before it breaks training.
@@ -93,6 +94,11 @@ FUSED_LM_HEAD_PARAMS = ("model", "temperature", "cast_lm_head_to_fp32")
 # `VLLMGeneration` that opd's CPU weight sync uses.
 VLLM_GENERATION_MODULE = "trl.generation.vllm_generation"
 VLLM_GENERATION_MEMBERS = ("sync_weights", "_iter_named_params", "llm")
+# vLLM's `LLMEngine` methods that `LLM.generate` drives: `LLM._add_request` adds each prompt in
+# order, `LLM._run_engine` calls `step()` until no request is unfinished. opd wraps them on the
+# colocated engine to see each request the moment it finishes (`watch_finished_requests`).
+VLLM_ENGINE_MEMBERS = ("add_request", "step", "has_unfinished_requests")
+VLLM_LLM_ENGINE_LOOP = ("_add_request", "_run_engine")
 
 
 def per_token_logprobs(trainer, model, output: dict[str, Any], input_ids, attention_mask):
@@ -174,6 +180,45 @@ def iter_sync_params(generation) -> Iterator[tuple[str, torch.Tensor]]:
 def colocated_llm(generation):
     """The in-process `vllm.LLM` TRL built for colocate mode."""
     return generation.llm
+
+
+@contextmanager
+def watch_finished_requests(
+    llm, on_finished: Callable[[int, Any], None], after_step: Callable[[bool], None]
+) -> Iterator[None]:
+    """While inside, report every request `llm.generate` finishes, at the engine step that ends it.
+
+    `on_finished(index, output)` gets vLLM's final `RequestOutput` and the request's index: the
+    order in which generate added it since the block began (its prompt's position in the call).
+    `after_step(done)` runs after each engine step; `done` once no request is left. What generate
+    returns is unchanged: the wrappers only look at the engine's outputs.
+    """
+    engine = llm.llm_engine
+    indices: dict[str, int] = {}
+    add_request, step = engine.add_request, engine.step
+
+    def add_and_index(request_id, *args, **kwargs):
+        indices.setdefault(str(request_id), len(indices))
+        return add_request(request_id, *args, **kwargs)
+
+    def step_and_report():
+        outputs = step()
+        for output in outputs:
+            if output.finished and output.request_id in indices:
+                on_finished(indices[output.request_id], output)
+        after_step(not engine.has_unfinished_requests())
+        return outputs
+
+    own = {name: vars(engine)[name] for name in ("add_request", "step") if name in vars(engine)}
+    engine.add_request, engine.step = add_and_index, step_and_report
+    try:
+        yield
+    finally:  # back to what the engine had: its class's methods, or an earlier wrapper
+        for name in ("add_request", "step"):
+            if name in own:
+                setattr(engine, name, own[name])
+            else:
+                delattr(engine, name)
 
 
 @contextmanager

@@ -317,4 +317,4 @@ def test_distill_offline_refuses_the_full_distribution_without_hidden_states(
     plain, tiny_student, tiny_teacher, tmp_path, capsys
 ):
     assert main(_distill_args(tiny_student, tiny_teacher, plain, tmp_path / "run")) == 2
-    assert "full-vocabulary teacher distribution" in capsys.readouterr().err
+    assert "--store_hidden_states true` into a new output_dir" in capsys.readouterr().err

@@ -126,9 +126,21 @@ def batch_quantile(values_N: torch.Tensor, q: float) -> torch.Tensor:
     return sorted_N[lo] + (position - lo) * (sorted_N[hi] - sorted_N[lo])
 
 
+# Values this close to a Q3 threshold (relative) count as equal to it. Tokens that tie exactly
+# in one process (e.g. the same position of a group's copies, computed in one batch) differ by an
+# ulp or two when other batch shapes compute them (2 processes x 2 rows: 0.34397417 and
+# 0.34397420 where 1 x 4 rows gave 0.34397420 four times), and a strict threshold at a tied value
+# would then keep a different set of tokens in each layout.
+_THRESHOLD_TOLERANCE = 1e-6
+
+
 def _q3(h_N: torch.Tensor, j_N: torch.Tensor, q_h: float, q_j: float) -> torch.Tensor:
-    """Low entropy (strictly below its q_h quantile) and high divergence (at or above its q_j)."""
-    return (h_N < batch_quantile(h_N, q_h)) & (j_N >= batch_quantile(j_N, q_j))
+    """Low entropy (strictly below its q_h quantile) and high divergence (at or above its q_j),
+    with values within float noise of a threshold treated as equal to it."""
+    h_threshold, j_threshold = batch_quantile(h_N, q_h), batch_quantile(j_N, q_j)
+    h_margin = _THRESHOLD_TOLERANCE * h_threshold.abs().clamp_min(1e-6)
+    j_margin = _THRESHOLD_TOLERANCE * j_threshold.abs().clamp_min(1e-6)
+    return (h_N < h_threshold - h_margin) & (j_N >= j_threshold - j_margin)
 
 
 def _sample_by_weight(

@@ -46,6 +46,12 @@ METHODS: dict[str, dict] = {
         "opd_divergence": "reverse_kl", "opd_divergence_coef": 1.0, "teacher_top_k": 4,
         "opd_divergence_support": "topk",
     },
+    # candidate sets: the student's top-k pass (a forward on every process) and the teacher's
+    # scores at the union of both top-k; the top-k baseline from the teacher's hidden states
+    "union": {
+        "opd_divergence": "reverse_kl", "opd_divergence_coef": 1.0, "teacher_top_k": 4,
+        "opd_divergence_support": "union", "opd_baseline": "topk", "opd_baseline_top_k": 6,
+    },
 }  # fmt: skip
 NEEDS_REWARDS = ("scope", "uni_opd")
 FSDP2 = {  # a fully sharded FSDP2 run (also scripts/bench_scale.py's)

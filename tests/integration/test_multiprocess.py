@@ -2,9 +2,9 @@
 
 For every method the issue names (vanilla OPD under each loss_type, vOPD, TIP's q3 and
 entropy_sample, SCOPE and Uni-OPD with groups split over processes, SOD, LUFFY traces, the
-family-B divergence term), `tests/integration/mp_train.py` trains 2 steps on fixed rollouts
-with plain SGD and no gradient clipping (both would hide a wrong loss scale) in four layouts of
-one global batch of 4:
+family-B divergence term, and the union support: candidate sets and the top-k baseline),
+`tests/integration/mp_train.py` trains 2 steps on fixed rollouts with plain SGD and no gradient
+clipping (both would hide a wrong loss scale) in four layouts of one global batch of 4:
 
     1 process x 4 rows          the reference
     2 processes x 2 rows        DDP: loss normalisation, global TIP/SCOPE decisions, metrics
@@ -31,7 +31,7 @@ import torch
 SCRIPT = Path(__file__).with_name("mp_train.py")
 METHODS = (
     "vanilla", "vanilla_grpo", "vanilla_bnpo", "vanilla_dr_grpo", "vopd", "tip_q3",
-    "tip_sample", "scope", "uni_opd", "sod", "luffy", "divergence",
+    "tip_sample", "scope", "uni_opd", "sod", "luffy", "divergence", "union",
 )  # fmt: skip
 LAYOUTS = {  # name: (processes, rows per process, accumulation steps, extra flags)
     "ddp": (2, 2, 1, []),

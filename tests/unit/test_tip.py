@@ -58,6 +58,22 @@ def test_q3_thresholds_are_configurable():
     assert torch.equal(keep("q3", entropy_quantile=0.75, divergence_quantile=0.5), expected)
 
 
+def test_q3_decides_tied_tokens_alike_when_float_noise_splits_the_tie():
+    """Tokens tied at a threshold in one layout come out an ulp apart in another (the 2-process
+    equivalence test saw 0.34397417 vs 0.34397420): both layouts keep the same tokens."""
+    j_tied = torch.tensor([[0.2, 0.34397420, 0.34397420], [0.34397420, 0.34397420, 0.1]])
+    j_split = torch.tensor([[0.2, 0.34397417, 0.34397420], [0.34397417, 0.34397420, 0.1]])
+    h_BT = torch.tensor([[0.5, 0.1, 0.1], [0.1, 0.1, 0.9]])  # 0.9-quantile 0.7: all but one
+    ones_BT = torch.ones(2, 3)
+    # the 0.8-quantile of j (position 4 of 6) is the tied value, or the upper of the split pair
+    kept = [
+        keep("q3", h_BT * LN_V, j_BT * LN_2, ones_BT, entropy_quantile=0.9, divergence_quantile=0.8)
+        for j_BT in (j_tied, j_split)
+    ]
+    assert torch.equal(kept[0], kept[1])
+    assert kept[0][0, 1:].all() and kept[0][1, :2].all()  # the four tied tokens, all kept
+
+
 def test_type_aware_is_top_entropy_union_q3():
     # n = floor(0.5 * 5) = 2 highest h: 0.8 at (0, 1), 0.6 at (1, 0); q3 = {(0, 0)}.
     expected = torch.tensor([[True, True, False], [True, False, False]])

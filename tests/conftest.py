@@ -170,6 +170,22 @@ def serve_subprocess():
     return _serve_subprocess
 
 
+def _child_report(script: str, *args) -> dict:
+    """Run `python script *args` (a test file that is also a script: vLLM engines stay out of
+    pytest's process) and return the JSON object its last stdout line holds."""
+    result = subprocess.run(
+        [sys.executable, script, *map(str, args)], capture_output=True, text=True, timeout=600
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+@pytest.fixture(scope="session")
+def child_report():
+    """`child_report(__file__, *args)`: a child process's JSON report (its last stdout line)."""
+    return _child_report
+
+
 @pytest.fixture(scope="module")
 def teacher_backend(tiny_teacher):
     """`opd teacher serve`'s transformers backend of the tiny teacher (batch size 4)."""

@@ -19,7 +19,6 @@ from __future__ import annotations
 import ast
 import importlib.util
 import json
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -152,17 +151,10 @@ def test_installed_vllm_generate_drives_the_engine_methods_the_hook_wraps():
 
 
 @pytest.fixture(scope="module")
-def report(tiny_student, tiny_teacher, tmp_path_factory) -> dict:
+def report(tiny_student, tiny_teacher, tmp_path_factory, child_report) -> dict:
     output_dir = tmp_path_factory.mktemp("overlap")
     start = time.perf_counter()
-    result = subprocess.run(
-        [sys.executable, __file__, str(tiny_student), str(tiny_teacher), str(output_dir)],
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert result.returncode == 0, result.stderr[-4000:]
-    report = json.loads(result.stdout.strip().splitlines()[-1])
+    report = child_report(__file__, tiny_student, tiny_teacher, output_dir)
     report["child_s"] = time.perf_counter() - start
     report["output_dir"] = str(output_dir)
     return report

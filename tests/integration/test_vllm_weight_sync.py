@@ -8,19 +8,13 @@ in-process engine cannot be torn down and rebuilt cleanly inside one pytest proc
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
 
 
-def test_vllm_logprobs_follow_the_trainer_after_a_step(tiny_student, tiny_teacher, tmp_path):
-    result = subprocess.run(
-        [sys.executable, __file__, str(tiny_student), str(tiny_teacher), str(tmp_path)],
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert result.returncode == 0, result.stderr[-4000:]
-    report = json.loads(result.stdout.strip().splitlines()[-1])
+def test_vllm_logprobs_follow_the_trainer_after_a_step(
+    tiny_student, tiny_teacher, tmp_path, child_report
+):
+    report = child_report(__file__, tiny_student, tiny_teacher, tmp_path)
     before, after, trainer = report["vllm_before"], report["vllm_after"], report["trainer_after"]
     # vLLM agrees with the trainer's updated weights (fp32) ...
     assert max(abs(a - b) for a, b in zip(after, trainer, strict=True)) < 1e-4

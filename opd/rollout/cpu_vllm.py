@@ -4,7 +4,8 @@ TRL's colocate mode was written for GPUs; these are the narrow seams that make v
 the same process: the engine's dtype, and environment defaults for threads, KV cache and the
 rendezvous port. Weight sync is `cpu_weight_sync.py`.
 
-Test: `pytest tests/integration/test_vllm_weight_sync.py`.
+Test: `pytest tests/integration/test_vllm_multiprocess.py
+tests/integration/test_teacher_overlap.py`.
 """
 
 from __future__ import annotations

@@ -12,7 +12,8 @@ tensors with the model's `load_weights` (which handles fused qkv / gate_up layou
 `process_weights_after_loading` again to repack. The embedding and lm_head keep their weight but
 may hold a packed copy too, so they are re-processed as well. Measured on the demo student: ~10 ms.
 
-Test: `pytest tests/integration/test_vllm_weight_sync.py`.
+Test: `pytest tests/integration/test_vllm_multiprocess.py
+tests/integration/test_teacher_overlap.py`.
 """
 
 from __future__ import annotations

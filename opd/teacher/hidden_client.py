@@ -19,15 +19,13 @@ Test: `pytest tests/integration/test_teacher_hidden.py`.
 
 from __future__ import annotations
 
-from functools import partial
-
 import torch
 
 from opd.arguments import ConfigError
 from opd.teacher.client import ServerTeacher
 from opd.teacher.http import request_with_retry
 from opd.teacher.output_head import HEAD_HASH_KEY, HeadCache, decode_head
-from opd.teacher.wire import HIDDEN_DTYPES, ScoreRequest, score_batch_with_extras
+from opd.teacher.wire import HIDDEN_DTYPES, ScoreRequest
 from opd.types import RolloutBatch, TeacherScores
 
 
@@ -85,19 +83,10 @@ class HiddenStateServerTeacher(ServerTeacher):
         return self._head_VH
 
     def score(self, batch: RolloutBatch, top_k: int = 0) -> TeacherScores:
-        self._check_top_k(top_k)
         hidden_size = int(self.hidden_info()["hidden_size"])
-        stats = {"retries": 0, "server_s": 0.0, "request_bytes": 0, "response_bytes": 0}
-        scores, extras = score_batch_with_extras(
-            partial(self._score_chunks, http_stats=stats),
-            batch,
-            top_k=top_k,
-            temperature=self.temperature,
-            teacher_id=self.teacher_id,
-            hidden_dtype=self.hidden_dtype,
-            hidden_size=hidden_size,
+        scores, extras = self._score_batch(
+            batch, top_k, hidden_dtype=self.hidden_dtype, hidden_size=hidden_size
         )
-        scores.metrics.update({f"teacher/{name}": float(value) for name, value in stats.items()})
         self._last = (batch, extras["hidden_BTH"])
         return scores
 

@@ -202,10 +202,16 @@ def candidate_width(args: OPDConfig) -> int:
     return max(widths, default=0) + (args.teacher_top_k if union else 0)
 
 
+def _candidate_capacity(teacher, width: int) -> int:
+    """Candidate ids per position the teacher scores: a served one's /info says; an in-process
+    one scores any number (`width` stands for that)."""
+    return teacher.max_candidates() if hasattr(teacher, "max_candidates") else width
+
+
 def _scores_candidates(teacher, width: int, *, use: str) -> bool:
-    """Whether a served teacher scores `width` candidate ids per position (its /info says);
-    in-process teachers always do. Warns, once at start-up, when it does not."""
-    capacity = teacher.max_candidates() if hasattr(teacher, "max_candidates") else width
+    """Whether the teacher scores `width` candidate ids per position. Warns, once at start-up,
+    when it does not."""
+    capacity = _candidate_capacity(teacher, width)
     if capacity < width:
         warnings.warn(
             f"opd: the teacher server scores at most {capacity} candidate ids per position, "
@@ -269,7 +275,7 @@ def _check_candidate_scoring(args: OPDConfig, teacher: TeacherScorer | None) -> 
         return
     if isinstance(teacher, CandidateScorer):
         width = candidate_width(args)
-        capacity = teacher.max_candidates() if hasattr(teacher, "max_candidates") else width
+        capacity = _candidate_capacity(teacher, width)
         if capacity < width:
             why = (
                 f"the teacher server scores at most {capacity} candidate ids per position and "

@@ -10,8 +10,9 @@ teacher that scores candidates but is not in-process), it:
    teacher is asked, and the statistics pass needs the answer, so this forward is extra;
 2. builds the candidate rows (`opd/objectives/candidates.py`: the student's top ids, plus the
    teacher's own top-k for the union, deduplicated, -1 padding);
-3. asks `teacher.score_candidates` (or, for a `FullDistributionTeacher` without it, reads the
-   values off its hidden states) and returns the answer as `CandidateScores`, which the
+3. reads the values off the step's teacher hidden states when phase 1 has them, else asks
+   `teacher.score_candidates` (or, for a `FullDistributionTeacher` without it, its hidden
+   states) and returns the answer as `CandidateScores`, which the
    statistics pass (baseline) and the loss fields (divergence support) read.
 
 A teacher that stays down past its retry budget checkpoints and stops the run as `_teacher_scores`
@@ -46,13 +47,17 @@ from opd.trainer.step import StepState
 
 
 @torch.no_grad()
-def request_candidate_scores(trainer, step: StepState, output) -> CandidateScores | None:
+def request_candidate_scores(
+    trainer, step: StepState, output, teacher_hidden_BTH: torch.Tensor | None = None
+) -> CandidateScores | None:
     """The teacher's logprobs at this step's candidate ids, or None when the run asks for none.
 
     Args:
         trainer: the `OPDTrainer` (its `candidate_plan`, student, teacher and arguments).
         step: the step so far: `batch`, `scores` (the teacher's top-k) and `mask_BT` are set.
         output: TRL's batch dict (prompt and completion ids and masks).
+        teacher_hidden_BTH: the step's teacher hidden states when phase 1 has them (a
+            full-distribution method): the values come from them, without another teacher call.
     """
     plan = trainer.candidate_plan
     if plan is None:
@@ -69,7 +74,7 @@ def request_candidate_scores(trainer, step: StepState, output) -> CandidateScore
         student_BTM, plan, mask_BT, scores.topk_ids_BTK, scores.topk_logprobs_BTK
     )
     try:
-        logprobs_BTC = _ask_teacher(trainer, step, ids_BTC)
+        logprobs_BTC = _ask_teacher(trainer, step, ids_BTC, teacher_hidden_BTH)
     except TeacherUnavailableError as error:
         raise stopped_for_outage(trainer, step.rng_state, error) from error
     except ConfigError as error:  # e.g. a server whose backend cannot score candidates
@@ -85,15 +90,21 @@ def request_candidate_scores(trainer, step: StepState, output) -> CandidateScore
     return scored_candidates(ids_BTC, logprobs_BTC, student_BTM.shape[-1], plan)
 
 
-def _ask_teacher(trainer, step: StepState, ids_BTC: torch.Tensor) -> torch.Tensor:
-    """The teacher's `[B, T, C]` logprobs at the candidate ids."""
+def _ask_teacher(
+    trainer, step: StepState, ids_BTC: torch.Tensor, teacher_hidden_BTH: torch.Tensor | None
+) -> torch.Tensor:
+    """The teacher's `[B, T, C]` logprobs at the candidate ids: from the step's hidden states
+    when it has them, else asked of the teacher (its own hidden states for a
+    `FullDistributionTeacher` that scores no candidates)."""
     teacher, batch = trainer.teacher, step.batch
     assert batch is not None, "the batch is generated before its candidates"
-    if isinstance(teacher, CandidateScorer):
-        return teacher.score_candidates(batch, ids_BTC.cpu())
-    assert isinstance(teacher, FullDistributionTeacher), "checked by check_method_capabilities"
+    if teacher_hidden_BTH is None:
+        if isinstance(teacher, CandidateScorer):
+            return teacher.score_candidates(batch, ids_BTC.cpu())
+        assert isinstance(teacher, FullDistributionTeacher), "checked by check_method_capabilities"
+        teacher_hidden_BTH = teacher.completion_hidden_states(batch)
     head_VH = trainer.teacher_output_weight()  # on the student's device, as the hidden states go
     return candidate_logprobs_from_hidden(
-        teacher.completion_hidden_states(batch).to(head_VH.device), head_VH, ids_BTC,
+        teacher_hidden_BTH.to(head_VH.device), head_VH, ids_BTC,
         temperature=trainer.args.teacher_temperature,
     )  # fmt: skip

@@ -207,11 +207,11 @@ class OPDTrainer(LossMixin, MethodMixin, MetricsMixin, GRPOTrainer):
         # lp_old first: a trainer forward there runs while streamed rows are still scored
         step.student_old_BT = self._behaviour_logprobs(output)
         step.scores = self._teacher_scores(step.batch)
-        candidates = self._candidate_scores(step, output)
         teacher_hidden_BTH = None
         if self.teacher_hidden:
             hidden_BTH = self.teacher.completion_hidden_states(step.batch)
             teacher_hidden_BTH = hidden_BTH.to(step.mask_BT.device)
+        candidates = self._candidate_scores(step, output, teacher_hidden_BTH)
         step.stats_BT = self._student_token_stats(output, step, teacher_hidden_BTH, candidates)
         advantages_BT = self._advantages(step, output)
         keep_BT = self.keep_mask(step)
@@ -245,12 +245,15 @@ class OPDTrainer(LossMixin, MethodMixin, MetricsMixin, GRPOTrainer):
             self._teacher_head_on_device = (weight_VH, weight_VH.to(device))
         return self._teacher_head_on_device[1]
 
-    def _candidate_scores(self, step: StepState, output) -> CandidateScores | None:
+    def _candidate_scores(
+        self, step: StepState, output, teacher_hidden_BTH=None
+    ) -> CandidateScores | None:
         """The teacher's exact logprobs at candidate ids (the student's top-k, or its union with
         the teacher's) for the student/union divergence support and the top-k baseline; None
         when the run needs none. Costs one more no-grad student forward: the candidates must be
-        known before the teacher is asked (`opd/trainer/candidate_scores.py`)."""
-        return request_candidate_scores(self, step, output)
+        known before the teacher is asked (`opd/trainer/candidate_scores.py`). With the step's
+        teacher hidden states at hand, the values come from them, not from another request."""
+        return request_candidate_scores(self, step, output, teacher_hidden_BTH)
 
     @torch.no_grad()
     def _student_token_stats(self, output, step: StepState, teacher_hidden_BTH, candidates=None):

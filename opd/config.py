@@ -25,14 +25,17 @@ from opd.types import (
     Baseline,
     BehaviourLogprobs,
     Choice,
+    DepthUnit,
     Divergence,
     DivergenceSupport,
     GuardAction,
     HiddenDtype,
+    ImitationGate,
     Ratio,
     TeacherDtype,
     TeacherMode,
     TipRule,
+    TraceGate,
     Weighting,
 )
 
@@ -232,7 +235,22 @@ class OPDConfig(TeacherArguments, GRPOConfig):
         Ratio.PLAIN,
         "Importance ratio in -rho_t * A_t: 'plain' exp(lp_s - lp_old) (no clipping, "
         "the OPD default), 'ppo' clipped with epsilon/epsilon_high, 'cispo' the detached "
-        "ratio clamped at epsilon_high times lp_s. The loss is normalised per loss_type.",
+        "ratio clamped at epsilon_high times lp_s. The loss is normalised per loss_type. "
+        "Off-policy forms (METHODS.md s.10; weights against the sampler's logprobs, so TRL's "
+        "vLLM importance correction is not applied again): 'topr', 'dispo', 'minpro', "
+        "'ctpo', 'sapo', 'bapo'; their knobs in opd_ratio_settings.",
+    )
+    opd_ratio_settings: dict[str, Any] | str | None = help_field(
+        None,
+        "Knobs of the off-policy ratio forms as a JSON object, e.g. "
+        "'{\"sapo_tau_pos\": 1.0}' (`RatioSettings` in opd/objectives/offpolicy.py lists "
+        "them with the papers' defaults).",
+    )
+    opd_lr_ess_scaling: bool = help_field(
+        False,
+        "VCPO: scale the learning rate of each generation step's updates by the effective "
+        "sample size of the importance weights of the current policy against the sampler "
+        "(the loss scale would be cancelled by Adam). Logged as opd/lr_scale.",
     )
     # ----- supervised divergence term (family B: GKD, OPSD; METHODS.md intro and s.5) -----
     opd_divergence: Divergence = help_field(
@@ -303,6 +321,52 @@ class OPDConfig(TeacherArguments, GRPOConfig):
         "never clipped.",
     )
     opd_trace_gamma: float = help_field(0.1, "LUFFY shaping gamma.")
+    opd_trace_gate: TraceGate = help_field(
+        TraceGate.ALWAYS,
+        "Which groups get the trace: 'always' (LUFFY), 'all_fail' (groups whose on-policy "
+        "rollouts all failed), 'thompson' (HAPO: a prompt's Beta success posterior, "
+        "Thompson-sampled, below opd_trace_gate_threshold). Gates read the first reward "
+        "function; per-prompt counts are saved with checkpoints.",
+    )
+    opd_trace_gate_threshold: float = help_field(
+        0.5, "thompson gate: insert when the sampled success rate is below this."
+    )
+    opd_trace_cache: bool = help_field(
+        False,
+        "BEPA: a prompt's trace is the policy's latest verified success when it has one "
+        "(else the dataset's); the cache is saved with checkpoints.",
+    )
+    # ----- imitation of expert traces as a separate stream (CHORD, DYPO; s.10) -----
+    opd_imitation_column: str | None = help_field(
+        None,
+        "Dataset column with an expert completion (text) per prompt: the loss becomes "
+        "(1 - mu) * loss + mu * weighted NLL of the expert tokens (CHORD), mu on the "
+        "opd_imitation_* schedule. The traces are not group members.",
+    )
+    opd_imitation_peak: float = help_field(0.9, "CHORD mu at the end of the warm-up.")
+    opd_imitation_valley: float = help_field(0.05, "CHORD mu after the decay.")
+    opd_imitation_warmup_steps: int = help_field(0, "Steps of linear warm-up of mu to the peak.")
+    opd_imitation_decay_steps: int = help_field(
+        200, "Steps of decay of mu from the peak to the valley."
+    )
+    opd_imitation_token_weight: str = help_field(
+        "phi", "Weight of each expert token: 'phi' p(1 - p) (CHORD-phi) or 'none' (plain NLL)."
+    )
+    opd_imitation_gate: ImitationGate = help_field(
+        ImitationGate.ALWAYS,
+        "Which prompts imitate: 'always' (CHORD) or 'all_fail' (DYPO: prompts whose group "
+        "has no success; reads the first reward function).",
+    )
+    # ----- TCOD depth curriculum (s.10) -----
+    tcod_unit: DepthUnit = help_field(
+        DepthUnit.NONE,
+        "TCOD: the OPD term covers only the first D tokens ('tokens') or steps ('steps': "
+        "spans ended by sod_step_delimiter) of each completion, D growing from tcod_start to "
+        "tcod_end over tcod_ramp_steps.",
+    )
+    tcod_start: int = help_field(4, "TCOD depth at step 0.")
+    tcod_end: int = help_field(64, "TCOD depth after the ramp.")
+    tcod_ramp_steps: int = help_field(100, "TCOD steps over which the depth grows.")
     # ----- multi-teacher routing (MOPD, METHODS.md s.9) -----
     teacher_route_column: str | None = help_field(
         None, "Dataset column naming each example's teacher."
@@ -407,7 +471,24 @@ class OPDConfig(TeacherArguments, GRPOConfig):
     @property
     def needs_student_token_stats(self) -> bool:
         """The method reads per-token statistics of the student's distribution (vOPD, TIP)."""
-        return self.opd_baseline != Baseline.NONE or self.tip_rule != TipRule.NONE
+        return self.kl_baseline != Baseline.NONE or self.tip_rule != TipRule.NONE
+
+    @property
+    def kl_baseline(self) -> Baseline:
+        """vOPD's baseline V_t = -KL_t (full or top-k) read from the student's statistics; NONE
+        for no baseline and for VCPO's min-variance one (computed from importance weights)."""
+        return Baseline.NONE if self.opd_baseline == Baseline.MIN_VARIANCE else self.opd_baseline
+
+    @property
+    def uses_offpolicy_ratio(self) -> bool:
+        """The surrogate is one of the off-policy ratio forms of METHODS.md s.10."""
+        return self.opd_ratio not in (Ratio.PLAIN, Ratio.PPO, Ratio.CISPO)
+
+    @property
+    def needs_importance_weights(self) -> bool:
+        """Phase 1 computes the current policy's importance weights against the sampler
+        (VCPO's learning-rate scale or its min-variance baseline)."""
+        return self.opd_lr_ess_scaling or self.opd_baseline == Baseline.MIN_VARIANCE
 
     @property
     def needs_full_teacher_distribution(self) -> bool:
@@ -516,6 +597,43 @@ class OPDConfig(TeacherArguments, GRPOConfig):
             or "{context}" not in self.teacher_context_template
         ):
             raise ValueError("teacher_context_template must contain {prompt} and {context}.")
+        self._check_offpolicy_fields()
+
+    def _check_offpolicy_fields(self) -> None:
+        """METHODS.md s.10: ratio-form knobs, trace gates, imitation and the TCOD curriculum."""
+        settings = _parse_json_dict("opd_ratio_settings", self.opd_ratio_settings)
+        if settings is not None and not isinstance(settings, dict):
+            raise ValueError("opd_ratio_settings must be a JSON object of RatioSettings fields.")
+        self.opd_ratio_settings = settings  # its keys: `check_trainer_args` (RatioSettings)
+        gated = self.opd_trace_gate != TraceGate.ALWAYS or self.opd_trace_cache
+        if gated and self.opd_trace_column is None:
+            raise ValueError(
+                "opd_trace_gate and opd_trace_cache gate LUFFY traces: set opd_trace_column."
+            )
+        if not 0.0 < self.opd_trace_gate_threshold <= 1.0:
+            raise ValueError(
+                f"opd_trace_gate_threshold must be in (0, 1], got {self.opd_trace_gate_threshold}."
+            )
+        for name in ("opd_imitation_peak", "opd_imitation_valley"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}.")
+        if self.opd_imitation_token_weight not in ("phi", "none"):
+            raise ValueError(
+                f"opd_imitation_token_weight={self.opd_imitation_token_weight!r} is not one of "
+                "phi, none."
+            )
+        if self.opd_imitation_gate != ImitationGate.ALWAYS and self.opd_imitation_column is None:
+            raise ValueError(
+                "opd_imitation_gate gates the imitation term: set opd_imitation_column."
+            )
+        names = ("opd_imitation_warmup_steps", "opd_imitation_decay_steps", "tcod_ramp_steps")
+        for name in (*names, "tcod_start"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}.")
+        if self.tcod_unit != DepthUnit.NONE and self.tcod_end < max(self.tcod_start, 1):
+            raise ValueError(
+                f"tcod_end ({self.tcod_end}) must be >= tcod_start ({self.tcod_start}) and >= 1."
+            )
 
     def _check_guard_fields(self) -> None:
         """Collapse guards: a threshold is off (0 or None) or in a range where it can fire."""

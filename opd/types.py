@@ -86,14 +86,25 @@ class Baseline(Choice):
     NONE = "none"
     FULL = "full"
     TOPK = "topk"
+    MIN_VARIANCE = "min_variance"
+    """VCPO's off-policy baseline: the w^2-weighted mean of the OPD reward over each group, w the
+    importance weights of the current policy against the sampler (`opd/objectives/vcpo.py`)."""
 
 
 class Ratio(Choice):
-    """Importance ratio form of the surrogate (`opd_ratio`)."""
+    """Importance ratio form of the surrogate (`opd_ratio`). PLAIN, PPO and CISPO act on flattened
+    tokens (`objectives/surrogate.py`); the off-policy forms of METHODS.md s.10 (TOPR, DISPO,
+    MINPRO, CTPO, SAPO, BAPO) need each row's prefix (`objectives/offpolicy.py`)."""
 
     PLAIN = "plain"
     PPO = "ppo"
     CISPO = "cispo"
+    TOPR = "topr"
+    DISPO = "dispo"
+    MINPRO = "minpro"
+    CTPO = "ctpo"
+    SAPO = "sapo"
+    BAPO = "bapo"
 
 
 class Divergence(Choice):
@@ -140,6 +151,31 @@ class Weighting(Choice):
     SCOPE = "scope"
     SOD = "sod"
     UNI_OPD = "uni_opd"
+
+
+class TraceGate(Choice):
+    """Which groups receive the LUFFY trace (`opd_trace_gate`, `opd/rollout/trace_gate.py`)."""
+
+    ALWAYS = "always"
+    ALL_FAIL = "all_fail"
+    """Only groups whose on-policy rollouts all failed."""
+    THOMPSON = "thompson"
+    """HAPO: groups whose prompt's Thompson-sampled success rate is below a threshold."""
+
+
+class ImitationGate(Choice):
+    """Which prompts the imitation term covers (`opd_imitation_gate`: CHORD all, DYPO gated)."""
+
+    ALWAYS = "always"
+    ALL_FAIL = "all_fail"
+
+
+class DepthUnit(Choice):
+    """TCOD's curriculum unit (`tcod_unit`): off, the first D tokens, or the first D steps."""
+
+    NONE = "none"
+    TOKENS = "tokens"
+    STEPS = "steps"
 
 
 class GuardAction(Choice):
@@ -354,6 +390,10 @@ _BATCH_KEYS = {
     "teacher_hidden_BTH": "opd_teacher_hidden",
     "teacher_topk_ids_BTK": "opd_teacher_topk_ids",
     "teacher_topk_logprobs_BTK": "opd_teacher_topk_logprobs",
+    "behaviour_logprobs_BT": "opd_behaviour_logprobs",
+    "correct_B": "opd_correct",
+    "imitation_ids_BL": "opd_imitation_ids",
+    "imitation_mask_BL": "opd_imitation_mask",
 }
 
 
@@ -379,11 +419,23 @@ class OPDBatchFields:
     in a row; padding -1)."""
     teacher_topk_logprobs_BTK: torch.Tensor | None = None
     """float32 [B, T, K] the teacher's logprobs at those ids, padded with -inf."""
+    behaviour_logprobs_BT: torch.Tensor | None = None
+    """float32 [B, T] the sampler's logprob of each token (the off-policy ratio forms' lp_old;
+    NaN where there is none: traces, or a token vLLM gave no logprob)."""
+    correct_B: torch.Tensor | None = None
+    """bool [B] the first reward function's verdict (DISPO/BAPO split by correctness)."""
+    imitation_ids_BL: torch.Tensor | None = None
+    """int64 [B, L] an expert trace after the row's prompt (CHORD's separate stream)."""
+    imitation_mask_BL: torch.Tensor | None = None
+    """float32 [B, L] 1 on the expert tokens the imitation term trains (0 on rows it skips)."""
 
     def __post_init__(self):
         shape_BT = tuple(self.keep_mask_BT.shape)
         assert len(shape_BT) == 2, f"keep_mask_BT must be [B, T], got {shape_BT}"
         assert tuple(self.offpolicy_B.shape) == shape_BT[:1], "offpolicy_B must be [B]"
+        for name in ("behaviour_logprobs_BT", "correct_B", "imitation_ids_BL", "imitation_mask_BL"):
+            values = getattr(self, name)
+            assert values is None or values.shape[0] == shape_BT[0], f"{name} is not [B, ...]"
         for name in ("teacher_hidden_BTH", "teacher_topk_ids_BTK", "teacher_topk_logprobs_BTK"):
             values = getattr(self, name)
             assert values is None or tuple(values.shape[:2]) == shape_BT, f"{name} is not [B, T, .]"

@@ -51,10 +51,17 @@ def policy_loss_N(
     else:
         raise ValueError(f"ratio={ratio!r} is not one of {', '.join(Ratio)}")
     if offpolicy_N is not None and bool(offpolicy_N.any()):
-        prob_N = torch.exp(logprobs_N)
-        shaped_N = -(prob_N / (prob_N + trace_gamma)) * advantages_N
+        shaped_N = luffy_shaped_loss_N(logprobs_N, advantages_N, gamma=trace_gamma)
         loss_N = torch.where(offpolicy_N.bool(), shaped_N, loss_N)
     return loss_N
+
+
+def luffy_shaped_loss_N(
+    logprobs_N: torch.Tensor, advantages_N: torch.Tensor, *, gamma: float
+) -> torch.Tensor:
+    """LUFFY's loss of trace tokens: `-f(p) * A`, `f(p) = p / (p + gamma)`, never clipped."""
+    prob_N = torch.exp(logprobs_N)
+    return -(prob_N / (prob_N + gamma)) * advantages_N.detach()
 
 
 def reference_kl_N(

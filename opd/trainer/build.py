@@ -15,10 +15,18 @@ from trl import GRPOConfig
 from opd.arguments import ConfigError
 from opd.config import CANDIDATE_SCORING_GAPS, OPDConfig, candidate_scoring_refusal
 from opd.objectives.candidates import CandidatePlan
+from opd.objectives.offpolicy import RatioSettings
 from opd.teacher.local import LocalTeacher, detached_copy
 from opd.teacher.protocol import CandidateScorer, FullDistributionTeacher, TeacherScorer
 from opd.trainer.trl_seams import add_fused_lm_head, router_aux_loss_enabled
-from opd.types import Baseline, DivergenceSupport, Ratio, TeacherMode
+from opd.types import (
+    Baseline,
+    DivergenceSupport,
+    ImitationGate,
+    Ratio,
+    TeacherMode,
+    TraceGate,
+)
 
 SUPPORTED_LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "cispo")
 
@@ -81,6 +89,16 @@ def check_trainer_args(args, reward_funcs) -> None:
             "opd_outcome_weight > 0 needs reward functions for the outcome rewards: pass "
             "reward_funcs (CLI: --reward_funcs NAME ...) or set opd_outcome_weight to 0."
         )
+    gated = args.opd_trace_gate != TraceGate.ALWAYS or args.opd_trace_cache
+    if reward_funcs is None and (gated or args.opd_imitation_gate != ImitationGate.ALWAYS):
+        raise ConfigError(
+            "opd_trace_gate, opd_trace_cache and opd_imitation_gate read which rollouts are "
+            "correct: pass reward_funcs (the first one is the verifier) or use the 'always' gates."
+        )
+    try:
+        RatioSettings.from_mapping(args.opd_ratio_settings)
+    except ValueError as error:
+        raise ConfigError(f"opd_ratio_settings: {error}") from None
 
 
 def load_student_tokenizer(model):

@@ -50,30 +50,41 @@ class LossMixin:
             hidden_NH, weight_VH, inputs["completion_ids"][rows_N, cols_N],
             temperature=self.temperature,
         )  # fmt: skip
-        offpolicy_N = fields.offpolicy_B[rows_N]
-        loss_N = self._policy_loss_N(inputs, token_N["logprob"], offpolicy_N, rows_N, cols_N)
+        loss_N = self._policy_loss_N(inputs, fields, token_N["logprob"], rows_N, cols_N)
         loss = self._reduce(loss_N, rows_N, inputs, mask_BT.shape[0])
         if self.args.uses_divergence_term:
             loss = loss + self._divergence_loss(
                 inputs, fields, hidden_NH, weight_VH, rows_N, cols_N
             )
+        loss = self.with_imitation(model, inputs, fields, loss, weight_VH)  # CHORD, DYPO
         # No kept token: a zero loss that still reaches every parameter (DDP waits for them all).
         loss = loss + 0.0 * (hidden_BTH.sum() + weight_VH.sum())
         self.log_loss_metrics(token_N, loss.detach())
         return loss
 
-    def _policy_loss_N(self, inputs, logprobs_N, offpolicy_N, rows_N, cols_N) -> torch.Tensor:
-        """The surrogate of each kept token (`offpolicy_N`: bool, True on trace tokens), with
-        TRL's vLLM importance correction and its `beta` KL to the reference."""
+    def _policy_loss_N(self, inputs, fields, logprobs_N, rows_N, cols_N) -> torch.Tensor:
+        """The surrogate of each kept token (trace rows: LUFFY's shaping), with TRL's vLLM
+        importance correction (not with the s.10 forms: they weigh against the sampler
+        already) and its `beta` KL to the reference."""
         old_BT = inputs.get("old_per_token_logps")
         old_N = logprobs_N.detach() if old_BT is None else old_BT[rows_N, cols_N]
-        loss_N = policy_loss_N(
-            logprobs_N, old_N, inputs["advantages"][rows_N, cols_N],
-            ratio=self.args.opd_ratio, epsilon_low=self.epsilon_low,
-            epsilon_high=self.epsilon_high, offpolicy_N=offpolicy_N,
-            trace_gamma=self.args.opd_trace_gamma, delta=self.args.delta,
-        )  # fmt: skip
-        if self.use_vllm and self.vllm_importance_sampling_correction:
+        offpolicy_N = fields.offpolicy_B[rows_N]
+        if self.args.uses_offpolicy_ratio:
+            loss_N = self.offpolicy_policy_loss_N(inputs, fields, logprobs_N, rows_N, cols_N)
+        else:
+            loss_N = policy_loss_N(
+                logprobs_N, old_N, inputs["advantages"][rows_N, cols_N],
+                ratio=self.args.opd_ratio, epsilon_low=self.epsilon_low,
+                epsilon_high=self.epsilon_high, offpolicy_N=offpolicy_N,
+                trace_gamma=self.args.opd_trace_gamma, delta=self.args.delta,
+            )  # fmt: skip
+            if fields.behaviour_logprobs_BT is not None:  # ESS etc. against the sampler
+                self._log_sampler_importance(inputs, fields, logprobs_N, rows_N, cols_N)
+        if (
+            self.use_vllm
+            and self.vllm_importance_sampling_correction
+            and (not self.args.uses_offpolicy_ratio)
+        ):
             ratio_BT = inputs["importance_sampling_ratio"].expand_as(inputs["completion_mask"])
             ratio_N = ratio_BT[rows_N, cols_N]
             # a trace has no sampler: no vLLM/trainer correction
@@ -87,6 +98,16 @@ class LossMixin:
             loss_N = loss_N + self.beta * reference_kl
         self.log_ratio_metrics(logprobs_N.detach() - old_N)
         return loss_N
+
+    def _log_sampler_importance(self, inputs, fields, logprobs_N, rows_N, cols_N) -> None:
+        shape_BT = inputs["completion_mask"].shape
+        keep_BT = torch.zeros(shape_BT, dtype=torch.bool, device=logprobs_N.device)
+        keep_BT[rows_N, cols_N] = True
+        keep_BT &= ~fields.offpolicy_B[:, None]
+        logprobs_BT = logprobs_N.detach().new_zeros(shape_BT)
+        logprobs_BT[rows_N, cols_N] = logprobs_N.detach()
+        behaviour_BT = self.behaviour_logprobs_BT(inputs, fields, logprobs_BT)
+        self.log_importance_stats(logprobs_BT - behaviour_BT, keep_BT, inputs["advantages"])
 
     def _reduce(self, loss_N, rows_N, inputs, num_rows: int) -> torch.Tensor:
         """TRL's normalisation for `loss_type`, exact across processes and accumulation steps.

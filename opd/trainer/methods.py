@@ -22,7 +22,7 @@ from opd.report.token_sample import append_tip_token_sample
 from opd.rollout.traces import inject_traces, trace_rows
 from opd.trainer.distributed import on_global_batch
 from opd.trainer.trl_seams import prompt_render_kwargs
-from opd.types import TipRule, Weighting
+from opd.types import DepthUnit, TipRule, Weighting
 
 
 class MethodMixin:
@@ -46,9 +46,12 @@ class MethodMixin:
             group_size=self.num_generations,
             first_global_index=self.accelerator.process_index * num_rows,
         )
+        traces = [example.get(column) for example in inputs]
+        if self.trace_ledger is not None:  # gated insertion (HAPO, BEPA): grade, then decide
+            rows, traces = self.gate_trace_rows(prompts, generated, rows, traces)
         generated, step.offpolicy_B = inject_traces(
             generated,
-            [example.get(column) for example in inputs],
+            traces,
             rows,
             tokenizer=self.processing_class,
             max_completion_length=self.max_completion_length,
@@ -56,10 +59,12 @@ class MethodMixin:
         )
         return generated
 
+    def trl_rewards(self, inputs, prompts, completions, completion_ids_list) -> torch.Tensor:
+        """TRL's `[global rows, reward functions]` rewards (a collective), not stored."""
+        return super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)
+
     def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
-        rewards_per_func = super()._calculate_rewards(
-            inputs, prompts, completions, completion_ids_list
-        )
+        rewards_per_func = self.trl_rewards(inputs, prompts, completions, completion_ids_list)
         start = self.accelerator.process_index * len(prompts)
         self.step_state.rewards_BF = rewards_per_func[start : start + len(prompts)]
         return rewards_per_func
@@ -94,7 +99,7 @@ class MethodMixin:
     # ----- weightings and token selection -----
 
     def build_sod_step_ids(self) -> set[int]:
-        if self.args.opd_weighting != Weighting.SOD:
+        if self.args.opd_weighting != Weighting.SOD and self.args.tcod_unit != DepthUnit.STEPS:
             return set()
         ids = self.processing_class.encode(self.args.sod_step_delimiter, add_special_tokens=False)
         if not ids:

@@ -57,6 +57,7 @@ from opd.trainer.console import console_logging, use_compact_console
 from opd.trainer.loss import LossMixin
 from opd.trainer.methods import MethodMixin
 from opd.trainer.metrics import MetricsMixin
+from opd.trainer.offpolicy import OffPolicyMixin
 from opd.trainer.overlap import build_teacher_stream, streaming_scores
 from opd.trainer.resume import (
     EpochSeededRepeatSampler,
@@ -90,7 +91,7 @@ def no_outcome_reward(completions: list[Any], **kwargs) -> list[float]:
     return [0.0] * len(completions)
 
 
-class OPDTrainer(LossMixin, MethodMixin, MetricsMixin, GRPOTrainer):
+class OPDTrainer(LossMixin, OffPolicyMixin, MethodMixin, MetricsMixin, GRPOTrainer):
     """On-policy distillation trainer. Arguments are `GRPOTrainer`'s plus an optional `teacher`.
 
     Args:
@@ -156,12 +157,14 @@ class OPDTrainer(LossMixin, MethodMixin, MetricsMixin, GRPOTrainer):
                 resume_from_checkpoint, self.args.output_dir, self.accelerator.num_processes
             )
             load_generation_buffer(self, resume_from_checkpoint)
+            self.load_method_state(resume_from_checkpoint)  # per-prompt gate state
         with console_logging(self):  # warnings on their own line above the bar (console.py)
             return super().train(resume_from_checkpoint, *args, **kwargs)
 
     def _save_checkpoint(self, model, trial):
         checkpoint = Path(self.args.output_dir or ".") / f"checkpoint-{self.state.global_step}"
         save_resume_state(self, checkpoint)
+        self.save_method_state(checkpoint)
         save_checkpoint_as_trl(super(), model, trial)
 
     def _get_train_sampler(self, dataset=None):
@@ -187,6 +190,8 @@ class OPDTrainer(LossMixin, MethodMixin, MetricsMixin, GRPOTrainer):
         self.candidate_plan = build_candidate_plan(args, teacher)
         self.has_rewards = has_rewards
         self.sod_step_ids = self.build_sod_step_ids()
+        self.ratio_settings = self.build_ratio_settings()
+        self.trace_ledger = self.build_trace_ledger()  # gated LUFFY: per-prompt state
         self.step_state: StepState | None = None  # the current generation step
         self.teacher_stream = build_teacher_stream(self)  # teacher_overlap (overlap.py)
 
@@ -206,6 +211,7 @@ class OPDTrainer(LossMixin, MethodMixin, MetricsMixin, GRPOTrainer):
         step.batch = self._rollout_batch(output, inputs)
         # lp_old first: a trainer forward there runs while streamed rows are still scored
         step.student_old_BT = self._behaviour_logprobs(output)
+        self.apply_vcpo(step, output)  # the ESS of the step's weights scales its lr (VCPO)
         step.scores = self._teacher_scores(step.batch)
         teacher_hidden_BTH = None
         if self.teacher_hidden:
@@ -217,7 +223,7 @@ class OPDTrainer(LossMixin, MethodMixin, MetricsMixin, GRPOTrainer):
         keep_BT = self.keep_mask(step)
         output["advantages"] = advantages_BT
         output["num_items_in_batch"] = self.accelerator.gather(keep_BT.sum()).sum()
-        loss_fields = self._loss_fields(step, keep_BT, teacher_hidden_BTH, candidates)
+        loss_fields = self._loss_fields(step, keep_BT, teacher_hidden_BTH, candidates, output)
         loss_fields.pack_into(output)  # TRL splits the batch dict into micro-batches
         self.log_generation_metrics(step, output, advantages_BT, loss_fields)
         return output
@@ -290,7 +296,7 @@ class OPDTrainer(LossMixin, MethodMixin, MetricsMixin, GRPOTrainer):
                 hidden_BTH[keep], weight_VH, output["completion_ids"][rows][keep],
                 temperature=self.temperature, teacher_topk_ids_NK=topk[0],
                 teacher_topk_logprobs_NK=topk[1], **full, **exact_support,
-                teacher_temperature=args.teacher_temperature, baseline=args.opd_baseline,
+                teacher_temperature=args.teacher_temperature, baseline=args.kl_baseline,
                 baseline_top_k=args.opd_baseline_top_k, jsd=args.tip_needs_divergence,
             )  # fmt: skip
             chunks_N.append(stats_N)
@@ -307,31 +313,40 @@ class OPDTrainer(LossMixin, MethodMixin, MetricsMixin, GRPOTrainer):
         )
         teacher_BT = step.scores.sampled_logprobs_BT.to(student_old_BT.device)
         reference_BT = self._reference_logprobs(output) if args.needs_reference_logprobs else None
-        baseline_kl_BT = None if stats_BT is None else stats_BT.baseline_kl
+        baseline_BT = None if stats_BT is None else stats_BT.baseline_kl
+        baseline_BT = None if baseline_BT is None else -baseline_BT  # vOPD: V_t = -KL_t
         term_BT = opd_term(
             student_old_BT, teacher_BT, lam=args.opd_lambda, reference_logprobs_BT=reference_BT
         )
         term_BT = self.weighted_opd_term(step, term_BT, output, teacher_BT)
+        term_BT = self.tcod_term(term_BT, output, mask_BT)
+        offpolicy_baseline_BT = self.offpolicy_baseline_BT(step, term_BT)
+        if offpolicy_baseline_BT is not None:  # VCPO: the w^2-weighted group mean
+            baseline_BT = offpolicy_baseline_BT
         return compose_advantage(
             term_BT,
             mask_BT,
             kl_coef=args.opd_kl_coef,
-            baseline_BT=None if baseline_kl_BT is None else -baseline_kl_BT,
+            baseline_BT=baseline_BT,
             outcome_advantage_B=output["advantages"],
             outcome_weight=args.opd_outcome_weight,
             discount=args.opd_discount,
         )
 
     def _loss_fields(
-        self, step: StepState, keep_BT, teacher_hidden_BTH, candidates=None
+        self, step: StepState, keep_BT, teacher_hidden_BTH, candidates=None, output=None
     ) -> OPDBatchFields:
         """What the loss phase needs of this step besides TRL's keys: the kept positions, the
         trace rows, and what the divergence term compares the student with."""
         device = keep_BT.device
         offpolicy_B = step.offpolicy_B or [False] * len(step.inputs)
+        sampler_BT = output.get("sampling_per_token_logps")
         fields = OPDBatchFields(
             keep_mask_BT=keep_BT,
             offpolicy_B=torch.tensor(offpolicy_B, dtype=torch.bool, device=device),
+            behaviour_logprobs_BT=None if sampler_BT is None else sampler_BT.float(),
+            correct_B=step.correct_B().to(device) if self.has_rewards else None,
+            **self.imitation_fields(step, output),
         )
         if self.args.uses_full_divergence:
             return dataclasses.replace(fields, teacher_hidden_BTH=teacher_hidden_BTH)

@@ -49,6 +49,9 @@ class StepState:
     """No-grad `[B, T]` per-token student statistics; None when the method reads none of them
     and the teacher gave no top-k (or this process has no valid token)."""
 
+    log_weights_BT: torch.Tensor | None = None
+    """VCPO: log importance weights of the current policy against the sampler (0 on-policy)."""
+
     def correct_B(self) -> torch.Tensor:
         """Correct = the first reward function's reward >= 0.5 (a verifier's 0/1)."""
         assert self.rewards_BF is not None, "rewards are computed before correctness is read"

@@ -1,6 +1,7 @@
 """The `opd` command: the only argv parser, and one error and exit-code policy for every command.
 
     opd distill [--config recipe.yaml] [--field value ...]   (no --config: the embedded demo)
+    opd sft [--config recipe.yaml] [--sft_output_dir DIR] [--sft_max_steps N] ...  (then distill)
     opd rollout --model_name_or_path M --dataset_name D --output_dir OUT
     opd teacher serve --model M [--backend transformers|vllm] [--port 8000]
     opd teacher precompute --rollouts DIR --teacher_mode ... --output_dir OUT
@@ -48,6 +49,8 @@ COMMANDS = {
     "distill": Command("distill", "Train a student on its own samples, scored per token by a "
                        "teacher (default: the embedded CPU demo).",
                        extra_types=("OPDConfig", "StudentModelConfig")),
+    "sft": Command("sft", "Fine-tune the student on a recipe's expert traces (TRL SFTTrainer): "
+                   "stage 1 of SFT -> OPD, then opd distill from its output."),
     "rollout": Command("rollout", "Sample completions for a prompt dataset with the student "
                        "(vLLM), once, to shards."),
     "teacher serve": Command("serve", "Serve a teacher's per-token scores over HTTP "

@@ -178,6 +178,7 @@ def offpolicy_surrogate_BT(
     *,
     ratio: Ratio,
     settings: RatioSettings,
+    bapo_bounds: tuple[float, float] | None = None,
 ) -> RatioTerms:
     """The off-policy form `ratio` on rows of tokens (formulas in the module docstring).
 
@@ -187,6 +188,8 @@ def offpolicy_surrogate_BT(
         advantages_BT: float [B, T], A_t (detached here).
         mask_BT: [B, T], 1 on kept tokens.
         correct_B: bool [B] or None: DISPO's and BAPO's split (None: the sign of A_t).
+        bapo_bounds: BAPO's (c_low, c_high) chosen elsewhere (the trainer picks them once per
+            generation batch, over all processes); None: `bapo_clip_bounds` of these rows.
     """
     assert logprobs_BT.dim() == 2, logprobs_BT.shape
     for other in (behaviour_logprobs_BT, advantages_BT, mask_BT):
@@ -213,7 +216,9 @@ def offpolicy_surrogate_BT(
     elif ratio == Ratio.SAPO:
         loss, weight, clipped = _sapo(lp_BT, log_ratio_BT, adv_BT, settings)
     elif ratio == Ratio.BAPO:
-        low, high = bapo_clip_bounds(log_ratio_BT, adv_BT, keep_BT, positive_BT, settings)
+        low, high = bapo_bounds or bapo_clip_bounds(
+            log_ratio_BT, adv_BT, keep_BT, positive_BT, settings
+        )
         loss, weight, clipped = _ppo_window(lp_BT, log_ratio_BT, adv_BT, low, high)
     else:
         raise ValueError(

@@ -73,8 +73,9 @@ REFUSED_LOSS_FIELDS: dict[str, str] = {
         for name in _ENTROPY_BONUS_FIELDS
     },
     **{
-        name: f"{name} only applies to loss_type '{name.split('_')[0]}', which opd's loss does "
-        "not implement; leave it at its default."
+        name: f"{name} only applies to TRL's loss_type '{name.split('_')[0]}'; leave it at its "
+        "default (opd's SAPO: opd_ratio: sapo, its temperatures in opd_ratio_settings "
+        "sapo_tau_pos / sapo_tau_neg)."
         for name in _SAPO_VESPO_FIELDS
     },
 }

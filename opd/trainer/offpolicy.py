@@ -37,15 +37,21 @@ from opd.objectives.imitation import (
     imitation_coefficient,
     imitation_loss_N,
 )
-from opd.objectives.offpolicy import RatioSettings, importance_stats, offpolicy_surrogate_BT
+from opd.objectives.offpolicy import (
+    RatioSettings,
+    bapo_clip_bounds,
+    importance_stats,
+    offpolicy_surrogate_BT,
+)
 from opd.objectives.surrogate import luffy_shaped_loss_N
 from opd.objectives.vcpo import LearningRateScale, ess_lr_scale, min_variance_baseline_BT
 from opd.rollout.trace_gate import PromptLedger, insert_groups_G, prompt_key
-from opd.trainer.distributed import on_global_batch
-from opd.types import Baseline, DepthUnit, ImitationGate, OPDBatchFields, TraceGate
+from opd.trainer.distributed import gather_rows, on_global_batch
+from opd.types import Baseline, DepthUnit, ImitationGate, OPDBatchFields, Ratio, TraceGate
 
 LEDGER_FILE = "opd_trace_ledger.json"
 IMITATION_TOKENS = "opd_imitation_tokens"  # a 0-dim batch key: TRL copies it to every micro-batch
+BAPO_BOUNDS = ("opd_bapo_low", "opd_bapo_high")  # 0-dim batch keys too
 
 
 class OffPolicyMixin:
@@ -62,9 +68,12 @@ class OffPolicyMixin:
         logprobs_BT = logprobs_N.new_zeros(shape_BT).index_put((rows_N, cols_N), logprobs_N)
         behaviour_BT = self.behaviour_logprobs_BT(inputs, fields, logprobs_BT)
         advantages_BT = inputs["advantages"]
+        bounds = None
+        if BAPO_BOUNDS[0] in inputs:  # chosen in phase 1 over the global generation batch
+            bounds = tuple(float(inputs[key]) for key in BAPO_BOUNDS)
         terms = offpolicy_surrogate_BT(
             logprobs_BT, behaviour_BT, advantages_BT, keep_BT.float(), fields.correct_B,
-            ratio=self.args.opd_ratio, settings=self.ratio_settings,
+            ratio=self.args.opd_ratio, settings=self.ratio_settings, bapo_bounds=bounds,
         )  # fmt: skip
         loss_N = terms.loss_BT[rows_N, cols_N]
         shaped_N = luffy_shaped_loss_N(
@@ -92,6 +101,31 @@ class OffPolicyMixin:
         stats = importance_stats(log_ratio_BT, keep_BT.float(), advantages_BT, clipped_BT)
         for name in sorted(stats):
             self.record(f"opd/is_{name}", stats[name])
+
+    def choose_bapo_bounds(self, step, output, advantages_BT) -> None:
+        """BAPO's clip bounds for this generation batch, from the current policy's weights
+        against the sampler over all processes' rows (so N processes train as one), into the
+        batch dict for every micro-batch of the step."""
+        if self.args.opd_ratio != Ratio.BAPO:
+            return
+        log_w_BT = step.log_weights_BT
+        if log_w_BT is None:
+            log_w_BT = self.importance_log_weights_BT(step, output)
+        correct_B = step.correct_B().float() if self.has_rewards else None
+        gathered = [
+            gather_rows(self.accelerator, t) for t in (log_w_BT, advantages_BT, step.mask_BT)
+        ]
+        log_w, advantages, mask = gathered
+        if correct_B is None:
+            positive = advantages > 0
+        else:
+            positive = gather_rows(self.accelerator, correct_B).bool()[:, None].expand_as(mask)
+        low, high = bapo_clip_bounds(log_w, advantages, mask, positive, self.ratio_settings)
+        device = step.mask_BT.device
+        output[BAPO_BOUNDS[0]] = torch.tensor(low, device=device)
+        output[BAPO_BOUNDS[1]] = torch.tensor(high, device=device)
+        self.record("opd/bapo_clip_low", low)
+        self.record("opd/bapo_clip_high", high)
 
     # ----- VCPO (phase 1) -----
 

@@ -222,6 +222,7 @@ class OPDTrainer(LossMixin, OffPolicyMixin, MethodMixin, MetricsMixin, GRPOTrain
         advantages_BT = self._advantages(step, output)
         keep_BT = self.keep_mask(step)
         output["advantages"] = advantages_BT
+        self.choose_bapo_bounds(step, output, advantages_BT)
         output["num_items_in_batch"] = self.accelerator.gather(keep_BT.sum()).sum()
         loss_fields = self._loss_fields(step, keep_BT, teacher_hidden_BTH, candidates, output)
         loss_fields.pack_into(output)  # TRL splits the batch dict into micro-batches

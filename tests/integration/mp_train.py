@@ -16,6 +16,7 @@ Each method's weights go to `DIR/<method>.pt` (rank 0, whole tensors, also under
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import zlib
 from functools import partial
@@ -52,8 +53,17 @@ METHODS: dict[str, dict] = {
         "opd_divergence": "reverse_kl", "opd_divergence_coef": 1.0, "teacher_top_k": 4,
         "opd_divergence_support": "union", "opd_baseline": "topk", "opd_baseline_top_k": 6,
     },
+    # METHODS.md s.10 (the stored sampler logprobs are -log V: the ratios scatter around 1)
+    "ctpo": {"opd_ratio": "ctpo"},
+    "bapo": {"opd_ratio": "bapo"},  # bounds chosen over the global generation batch
+    "vcpo": {"opd_lr_ess_scaling": True, "opd_baseline": "min_variance"},
+    "chord": {"opd_imitation_column": "trace", "opd_imitation_peak": 0.5,
+              "opd_imitation_valley": 0.5, "opd_imitation_token_weight": "phi"},
+    "hapo_bepa": {"opd_trace_column": "trace", "opd_trace_gate": "thompson",
+                  "opd_trace_cache": True, "loss_type": "grpo"},
+    "tcod": {"tcod_unit": "tokens", "tcod_start": 2, "tcod_end": 4, "tcod_ramp_steps": 2},
 }  # fmt: skip
-NEEDS_REWARDS = ("scope", "uni_opd")
+NEEDS_REWARDS = ("scope", "uni_opd", "bapo", "hapo_bepa")
 FSDP2 = {  # a fully sharded FSDP2 run (also scripts/bench_scale.py's)
     "fsdp": "full_shard",
     "fsdp_config": {
@@ -73,10 +83,11 @@ def fixed_completion(prompt: str, copy: int, vocab_size: int) -> list[int]:
     return [*ids[:-1], 2] if copy != 1 else ids  # copy 1 is truncated (no EOS)
 
 
-def make_rollout_func(tokenizer, completion_for):
+def make_rollout_func(tokenizer, completion_for, sampler_logprob: float = 0.0):
     """TRL's `rollout_func` for fixed rollouts: each row's completion is
     `completion_for(prompt, copy)`, `copy` its index in its group, whichever process holds it
-    (also scripts/bench_scale.py's)."""
+    (also scripts/bench_scale.py's). Every token's stored sampler logprob is `sampler_logprob`
+    (-log V: about the random student's, so the s.10 ratios scatter around 1)."""
 
     def rollout_func(prompts: list, trainer) -> dict[str, list]:
         first = trainer.accelerator.process_index * len(prompts)  # contiguous split of the batch
@@ -87,7 +98,7 @@ def make_rollout_func(tokenizer, completion_for):
         return {
             "prompt_ids": [tokenizer.encode(prompt) for prompt in prompts],
             "completion_ids": completion_ids,
-            "logprobs": [[0.0] * len(ids) for ids in completion_ids],
+            "logprobs": [[sampler_logprob] * len(ids) for ids in completion_ids],
         }
 
     return rollout_func
@@ -128,8 +139,8 @@ def train_one(name: str, cli: argparse.Namespace) -> None:
         max_completion_length=MAX_COMPLETION, max_steps=2, learning_rate=0.5,
         optim="sgd", max_grad_norm=0.0, lr_scheduler_type="constant", logging_steps=1,
         save_strategy="no",
-        opd_behaviour_logprobs="trainer", opd_ratio="plain", bf16=cli.bf16,
-        **fsdp, **METHODS[name],
+        opd_behaviour_logprobs="trainer", bf16=cli.bf16,
+        **fsdp, **{"opd_ratio": "plain", **METHODS[name]},
     )  # fmt: skip
     dataset = Dataset.from_dict(
         {
@@ -141,7 +152,8 @@ def train_one(name: str, cli: argparse.Namespace) -> None:
         model=cli.student, args=args, train_dataset=dataset, processing_class=tokenizer,
         reward_funcs=[starts_with_digit] if name in NEEDS_REWARDS else None,
         rollout_func=make_rollout_func(
-            tokenizer, partial(fixed_completion, vocab_size=student_vocab_size)
+            tokenizer, partial(fixed_completion, vocab_size=student_vocab_size),
+            sampler_logprob=-math.log(student_vocab_size),
         ),
         teacher=teacher,
     )  # fmt: skip

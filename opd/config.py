@@ -605,6 +605,13 @@ class OPDConfig(TeacherArguments, GRPOConfig):
         if settings is not None and not isinstance(settings, dict):
             raise ValueError("opd_ratio_settings must be a JSON object of RatioSettings fields.")
         self.opd_ratio_settings = settings  # its keys: `check_trainer_args` (RatioSettings)
+        foreign = [key for key in settings or {} if not key.startswith(f"{self.opd_ratio}_")]
+        if foreign:
+            raise ValueError(
+                f"opd_ratio_settings sets {', '.join(sorted(foreign))}, not knobs of "
+                f"opd_ratio={self.opd_ratio!r} (each knob starts with its form's name): remove "
+                "them or set opd_ratio to their form."
+            )
         gated = self.opd_trace_gate != TraceGate.ALWAYS or self.opd_trace_cache
         if gated and self.opd_trace_column is None:
             raise ValueError(

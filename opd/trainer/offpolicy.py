@@ -291,7 +291,7 @@ class OffPolicyMixin:
         weight_N = expert_token_weight_N(logprobs_N, kind=self.args.opd_imitation_token_weight)
         nll = imitation_loss_N(logprobs_N, weight_N).sum() / self._imitation_normalizer(inputs)
         nll = nll + 0.0 * hidden_BLH.sum()  # every parameter in the graph on every process
-        nll_mean = float(-logprobs_N.mean()) if logprobs_N.numel() else math.nan
+        nll_mean = float(-logprobs_N.detach().mean()) if logprobs_N.numel() else math.nan
         self.record("opd/imitation_nll", nll_mean)
         return (1.0 - mu) * loss + mu * nll
 

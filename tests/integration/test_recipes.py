@@ -217,6 +217,133 @@ def _check_qwen_coder_word_problems(steps: Steps) -> None:
         assert metrics["guard/alarms"] == 0, "a healthy 2-step run raised a collapse alarm"
 
 
+def _ratio_form_is_active(steps: Steps) -> None:
+    """An s.10 ratio form logs opd/is_* (plain logs them only with sampler logprobs, which
+    transformers generation has none of). Step 1 holds batches used with the weights that
+    sampled them (every ratio 1, nothing clipped); step 2 replays one after an update."""
+    first, second = steps[1], steps[2]
+    assert first["opd/is_ess_fraction"] == pytest.approx(1.0)
+    for quantile in ("p05", "p50", "p95"):
+        assert first[f"opd/is_ratio_{quantile}"] == pytest.approx(1.0)
+    assert first["opd/is_clip_fraction_pos"] == 0 and first["opd/is_clip_fraction_neg"] == 0
+    # A step mean over 3 micro-batches, one off-policy: 0.91 and 0.67 here.
+    assert second["opd/is_ess_fraction"] < 0.99
+    assert second["opd/is_ratio_p05"] < 0.95
+    _advantage_is_vanilla(steps)  # the form changes the surrogate, not the advantage
+
+
+def _reinforce_style_value(steps: Steps) -> None:
+    """REINFORCE-style forms log the value -w A lp_s: negative here, where A (mean -k1) and
+    lp_s are mostly negative; the PPO-style forms (and plain) log -rho A > 0."""
+    first = steps[1]
+    assert first["opd/advantage_mean"] < 0 and first["opd/loss"] < 0
+
+
+def _check_topr(steps: Steps) -> None:
+    _ratio_form_is_active(steps)
+    _reinforce_style_value(steps)
+    # Positive tokens carry no importance weight: none truncated, even off-policy.
+    assert all(m["opd/is_clip_fraction_pos"] == 0 for m in steps.values())
+
+
+def _check_dispo(steps: Steps) -> None:
+    _ratio_form_is_active(steps)
+    _reinforce_style_value(steps)
+    assert "rewards/accuracy_reward/mean" in steps[1]  # correctness picks the bounds
+    # Incorrect responses' window [0, 101] clips nothing here; correct ones' floor 0.8 does.
+    assert steps[2]["opd/is_clip_fraction_pos"] > 0
+
+
+def _check_minpro(steps: Steps) -> None:
+    _ratio_form_is_active(steps)
+    assert steps[1]["opd/loss"] > 0  # the value -(w / rho) rho A, not REINFORCE's -w A lp_s
+    # Off-policy, an earlier smaller ratio sets some tokens' weight (the prefix minimum).
+    second = steps[2]
+    assert second["opd/is_clip_fraction_pos"] + second["opd/is_clip_fraction_neg"] > 0
+
+
+def _check_ctpo(steps: Steps) -> None:
+    _ratio_form_is_active(steps)
+    # The log-space window at t = 1 is [-0.025, 0.05]: it clips the drifted negative tokens.
+    assert steps[2]["opd/is_clip_fraction_neg"] > 0
+
+
+def _check_sapo(steps: Steps) -> None:
+    _ratio_form_is_active(steps)
+    # Ratios spread below 0.8 (PPO's 0.2 clip would act) yet the soft gate keeps over half of
+    # every token's weight: no hard clip. Its value (4 / tau) sigmoid(tau (rho - 1)) (-A) is > 0.
+    assert steps[1]["opd/loss"] > 0
+    second = steps[2]
+    assert second["opd/is_ratio_p05"] < 0.8
+    assert second["opd/is_clip_fraction_pos"] == 0 and second["opd/is_clip_fraction_neg"] == 0
+
+
+def _check_bapo(steps: Steps) -> None:
+    _ratio_form_is_active(steps)
+    for metrics in steps.values():  # the bounds Algorithm 1 chose, within [a, b] of s.5.1
+        assert 0.6 <= metrics["opd/bapo_clip_low"] <= 0.9
+        assert 1.2 <= metrics["opd/bapo_clip_high"] <= 3.0
+    assert steps[2]["opd/is_clip_fraction_neg"] > 0  # drifted negative tokens under c_low
+
+
+def _check_vcpo(steps: Steps) -> None:
+    for metrics in steps.values():
+        # No sampler logprobs without vLLM: every weight is 1, so ESS fraction and scale are 1.
+        fraction = metrics["opd/ess_fraction"]
+        assert 0 < fraction <= 1 and 0 < metrics["opd/lr_scale"] <= 1
+        assert metrics["opd/lr_scale"] == pytest.approx(math.sqrt(fraction))  # the sqrt rule
+        # Equal weights: the min-variance baseline is the group mean, so the advantage is
+        # centred (vanilla OPD's mean is -k1).
+        assert metrics["opd/advantage_mean"] == pytest.approx(0.0, abs=1e-5)
+        assert metrics["opd/reverse_kl_k1"] > 0.1
+
+
+def _check_chord(steps: Steps) -> None:
+    # mu(0) = peak 0.9; mu(1) = 0.05 + (0.9 - 0.05) * (1 + cos(pi * 1 / 2)) / 2 = 0.475.
+    assert steps[1]["opd/imitation_coef"] == pytest.approx(0.9)
+    assert steps[2]["opd/imitation_coef"] == pytest.approx(0.475)
+    for metrics in steps.values():
+        assert 0 < metrics["opd/imitation_nll"] < math.inf  # the expert tokens were trained on
+
+
+def _check_dypo(steps: Steps) -> None:
+    for metrics in steps.values():
+        assert metrics["opd/imitation_coef"] == pytest.approx(0.5)  # constant mu
+        # Fewer right rollouts than the 4 groups: some group has none, so its prompt imitates.
+        if metrics["opd/accuracy"] < 4 / 16:
+            assert 0 < metrics["opd/imitation_nll"] < math.inf
+    assert steps[1]["opd/accuracy"] < 4 / 16, "the gate was never forced open"
+
+
+def _trace_rows_follow_the_gate(steps: Steps) -> None:
+    for metrics in steps.values():  # one trace in each opened group of 8
+        expected = metrics["opd/trace_insert_fraction"] / 8
+        assert metrics["opd/offpolicy_fraction"] == pytest.approx(expected)
+    assert any(m["opd/trace_insert_fraction"] < 1 for m in steps.values()), "never gated"
+
+
+def _check_hapo(steps: Steps) -> None:
+    _trace_rows_follow_the_gate(steps)
+    assert steps[1]["opd/reverse_kl_k1"] == pytest.approx(0.0, abs=1e-5)  # teacher_mode self
+
+
+def _check_bepa(steps: Steps) -> None:
+    _trace_rows_follow_the_gate(steps)
+    for metrics in steps.values():
+        # all_fail: a group with no success of its own gets the (right) trace, so each of the 2
+        # groups of 8 holds a right answer. A Thompson gate may leave a failed group without.
+        assert metrics["rewards/accuracy_reward/mean"] >= 2 / 16
+
+
+def _check_tcod(steps: Steps) -> None:
+    # D(s) = 1 + floor((3 - 1) * s / 2) tokens, s = completed steps: 1 at step 1, 2 at step 2.
+    assert steps[1]["opd/tcod_depth"] == 1 and steps[2]["opd/tcod_depth"] == 2
+    # At depth 1 only each completion's first token carries the term: far from vanilla's -k1.
+    first = steps[1]
+    gap = abs(first["opd/advantage_mean"] + first["opd/reverse_kl_k1"])
+    assert gap > 0.1 * first["opd/reverse_kl_k1"]
+
+
 CHECKS: dict[str, Callable[[Steps], None]] = {
     "vanilla_opd": _check_vanilla_opd,
     "vopd": _check_vopd,
@@ -235,6 +362,20 @@ CHECKS: dict[str, Callable[[Steps], None]] = {
     "stable_opd": _check_stable_opd,
     "multi_teacher": _check_multi_teacher,
     "qwen_coder_word_problems": _check_qwen_coder_word_problems,
+    "topr": _check_topr,
+    "dispo": _check_dispo,
+    "minpro": _check_minpro,
+    "ctpo": _check_ctpo,
+    "sapo": _check_sapo,
+    "bapo": _check_bapo,
+    "vcpo": _check_vcpo,
+    "chord": _check_chord,
+    "dypo": _check_dypo,
+    "hapo": _check_hapo,
+    "bepa": _check_bepa,
+    "tcod": _check_tcod,
+    # stage 2 alone, from demo:student (both stages: tests/integration/test_sft_then_opd.py)
+    "sft_then_opd": _check_vanilla_opd,
 }
 
 

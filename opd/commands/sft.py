@@ -8,10 +8,10 @@ paragraph): supervised fine-tuning of the student on a recipe's expert traces wi
 What it computes. Each row of the recipe's prompt dataset becomes one prompt-completion pair:
 the prompt exactly as `opd distill` shows it (the `dataset_*` fields: text, or chat messages
 rendered with the student's chat template) and the completion = the row's trace (column
-`sft_trace_column`, default the recipe's `opd_trace_column`, else `answer`; with chat prompts an
-assistant message). TRL trains on the completion tokens only (its prompt-completion format,
-`completion_only_loss`), the end-of-sequence token included (TRL appends EOS to text completions;
-the chat template closes the assistant turn):
+`sft_trace_column`, default the recipe's `opd_imitation_column`, then `opd_trace_column`, else
+`answer`; with chat prompts an assistant message). TRL trains on the completion tokens only
+(its prompt-completion format, `completion_only_loss`), the end-of-sequence token included
+(TRL appends EOS to text completions; the chat template closes the assistant turn):
 
     L_SFT = -(1/N) sum_i sum_{t in completion_i} log pi_student(y_t | x_i, y_<t),
 
@@ -72,8 +72,8 @@ class SftArguments:
     )
     sft_trace_column: str | None = help_field(
         None,
-        "Dataset column holding the expert traces (default: the recipe's opd_trace_column, "
-        f"else '{DEFAULT_TRACE_COLUMN}').",
+        "Dataset column holding the expert traces (default: the recipe's opd_imitation_column, "
+        f"then opd_trace_column, else '{DEFAULT_TRACE_COLUMN}').",
     )
     sft_max_steps: int = help_field(-1, "SFT optimizer steps (-1: sft_num_train_epochs).")
     sft_num_train_epochs: float = help_field(3.0, "SFT passes over the traces (transformers').")
@@ -99,7 +99,12 @@ def run(args: SftArguments) -> dict[str, Any]:
     folder already holds the finished model of these settings); returns the training log."""
     script_args, config, model_args = read_recipe(args)
     output_dir = Path(args.sft_output_dir or f"{config.output_dir.rstrip('/')}-sft")
-    trace_column = args.sft_trace_column or config.opd_trace_column or DEFAULT_TRACE_COLUMN
+    trace_column = (
+        args.sft_trace_column
+        or config.opd_imitation_column  # CHORD's traces: the same stream, trained first
+        or config.opd_trace_column
+        or DEFAULT_TRACE_COLUMN
+    )
     settings = sft_settings(args, script_args, config, model_args, trace_column)
     main_process = config.process_index == 0
     if is_finished(output_dir, settings):

@@ -24,10 +24,9 @@ Test: `pytest tests/integration/test_cli.py tests/unit/test_config.py`.
 
 from __future__ import annotations
 
-import dataclasses
 import sys
 from collections.abc import Callable
-from importlib import import_module, resources
+from importlib import import_module
 from typing import Any, NamedTuple
 
 DESCRIPTION = "opd: on-policy distillation of language models (vLLM + teacher + TRL)."
@@ -123,27 +122,14 @@ def parse(name: str, command, argv: list[str]) -> tuple[Any, ...]:
     if positional and argv and not argv[0].startswith("-"):  # `opd report RUN_DIR`
         argv = [f"--{positional}", *argv]
     if name == "distill":
+        from opd.commands.recipe import parse_distill
+
         return parse_distill(types, argv, description)
     from transformers import HfArgumentParser
 
     # transformers types dataclass_types as a NewType that no dataclass matches for pyright.
     parser = HfArgumentParser(types, prog=f"opd {name}", description=description)  # pyright: ignore[reportArgumentType]
     return tuple(parser.parse_args_into_dataclasses(argv))
-
-
-def parse_distill(types: tuple[type, ...], argv: list[str], description: str) -> tuple[Any, ...]:
-    from trl import TrlParser
-
-    parser = TrlParser(
-        types,
-        prog="opd distill",
-        description=description + " Options: --config RECIPE.yaml (values become the defaults; "
-        "without it the embedded demo recipe is used) then any --field value below.",
-    )
-    if "--config" not in argv:  # the embedded demo is the default recipe (also for --help)
-        argv = ["--config", default_demo_config(), *argv]
-    check_yaml_keys(argv[argv.index("--config") + 1], types)
-    return tuple(parser.parse_args_and_config(argv))
 
 
 def _argument_type(command, type_name: str) -> type:
@@ -161,10 +147,6 @@ def top_level_help() -> str:
     return "\n".join(lines)
 
 
-def default_demo_config() -> str:
-    return str(resources.files("opd.demo") / "default.yaml")
-
-
 def quiet_known_warnings() -> None:
     """Silence warnings that repeat on every run and that a user cannot act on.
 
@@ -176,28 +158,6 @@ def quiet_known_warnings() -> None:
     warnings.filterwarnings("ignore", message="TRL currently supports vLLM versions")
     warnings.filterwarnings("ignore", message=".*'pin_memory' argument is set as true")
     warnings.filterwarnings("ignore", message=".*torch.distributed.reduce_op.* is deprecated")
-
-
-def check_yaml_keys(path: str, dataclass_types: tuple[type, ...]) -> None:
-    """Fail on a YAML key that no dataclass field takes, suggesting the closest field name.
-
-    TRL's parser would report it too, but only after validating the rest of the config, so a
-    typo in a required field would be reported as that field being missing.
-    """
-    import difflib
-
-    import yaml
-
-    with open(path) as file:
-        recipe = yaml.safe_load(file)
-    if not isinstance(recipe, dict):
-        raise ValueError(f"{path} must hold a YAML mapping of field: value.")
-    known = {f.name for cls in dataclass_types for f in dataclasses.fields(cls)} | {"env"}
-    for key in recipe:
-        if key not in known:
-            close = difflib.get_close_matches(str(key), known, n=1)
-            hint = f" (did you mean {close[0]!r}?)" if close else ""
-            raise ValueError(f"{path}: unknown field {key!r}{hint}.")
 
 
 def command_runner(name: str) -> Callable[[list[str]], int]:

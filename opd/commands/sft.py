@@ -146,8 +146,8 @@ def run(args: SftArguments) -> dict[str, Any]:
 def read_recipe(args: SftArguments) -> tuple[Any, Any, Any]:
     """`(DistillArguments, OPDConfig, StudentModelConfig)` of the recipe, parsed and validated
     as `opd distill` parses them, with this command's two overrides applied."""
-    from opd.cli import COMMANDS, parse_distill
     from opd.commands.distill import DistillArguments, StudentModelConfig
+    from opd.commands.recipe import parse_distill
     from opd.config import OPDConfig
 
     argv = ["--config", args.config] if args.config else []
@@ -156,7 +156,7 @@ def read_recipe(args: SftArguments) -> tuple[Any, Any, Any]:
             argv += [f"--{name}", getattr(args, name)]
     types = (DistillArguments, OPDConfig, StudentModelConfig)
     try:
-        parsed = parse_distill(types, argv, COMMANDS["distill"].help)
+        parsed = parse_distill(types, argv, "The recipe opd sft reads.")
     except (ValueError, FileNotFoundError) as error:  # the recipe: keys, values, combinations
         raise ConfigError(f"recipe {args.config or 'opd/demo/default.yaml'}: {error}") from error
     return tuple(parsed)

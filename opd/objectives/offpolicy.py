@@ -63,6 +63,10 @@ CTPO_LOG_RATIO_MAX = 10.0
 SAPO_GATED_BELOW = 0.5
 
 
+CLIP_TOLERANCE = 1e-6
+"""Relative distance from its bound below which a ratio is not counted as clipped (TOPR)."""
+
+
 @dataclass(frozen=True)
 class RatioSettings:
     """Every form's knobs with the papers' defaults (sources in the module docstring)."""
@@ -242,7 +246,8 @@ def _topr(lp_BT, log_ratio_BT, adv_BT, settings):
     negative_BT = adv_BT < 0
     truncated_BT = rho_BT.clamp(settings.topr_neg_low, settings.topr_neg_high)
     weight_BT = torch.where(negative_BT, truncated_BT, torch.ones_like(rho_BT))
-    clipped_BT = negative_BT & (rho_BT != truncated_BT)
+    # counted as clipped beyond float noise: an on-policy ratio is 1 within ~1e-6, not exactly
+    clipped_BT = negative_BT & ((rho_BT - truncated_BT).abs() > CLIP_TOLERANCE * rho_BT)
     return -weight_BT * adv_BT * lp_BT, weight_BT, clipped_BT
 
 

@@ -292,3 +292,14 @@ def test_importance_stats_hand_example():
     empty = importance_stats(log_ratio, torch.zeros(1, 4), advantages)
     assert all(math.isnan(value) for value in empty.values())
     assert math.isnan(importance_stats(log_ratio, mask, advantages)["clip_fraction_pos"])
+
+
+def test_topr_does_not_count_float_noise_around_1_as_clipped():
+    # lp_s - lp_old = -8e-7, +8e-7, +0.5 on negative-advantage tokens: only the last is truncated
+    logprobs_BT = torch.tensor([[-1.0, -2.0, -0.5]], requires_grad=True)
+    behaviour_BT = logprobs_BT.detach() - torch.tensor([[-8e-7, 8e-7, 0.5]])
+    terms = offpolicy_surrogate_BT(
+        logprobs_BT, behaviour_BT, -torch.ones(1, 3), torch.ones(1, 3), None,
+        ratio=Ratio.TOPR, settings=RatioSettings(),
+    )  # fmt: skip
+    assert terms.clipped_BT.tolist() == [[False, False, True]]

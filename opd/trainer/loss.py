@@ -79,7 +79,7 @@ class LossMixin:
                 trace_gamma=self.args.opd_trace_gamma, delta=self.args.delta,
             )  # fmt: skip
             if fields.behaviour_logprobs_BT is not None:  # ESS etc. against the sampler
-                self._log_sampler_importance(inputs, fields, logprobs_N, rows_N, cols_N)
+                self.log_sampler_importance(inputs, fields, logprobs_N.detach(), rows_N, cols_N)
         if (
             self.use_vllm
             and self.vllm_importance_sampling_correction
@@ -98,16 +98,6 @@ class LossMixin:
             loss_N = loss_N + self.beta * reference_kl
         self.log_ratio_metrics(logprobs_N.detach() - old_N)
         return loss_N
-
-    def _log_sampler_importance(self, inputs, fields, logprobs_N, rows_N, cols_N) -> None:
-        shape_BT = inputs["completion_mask"].shape
-        keep_BT = torch.zeros(shape_BT, dtype=torch.bool, device=logprobs_N.device)
-        keep_BT[rows_N, cols_N] = True
-        keep_BT &= ~fields.offpolicy_B[:, None]
-        logprobs_BT = logprobs_N.detach().new_zeros(shape_BT)
-        logprobs_BT[rows_N, cols_N] = logprobs_N.detach()
-        behaviour_BT = self.behaviour_logprobs_BT(inputs, fields, logprobs_BT)
-        self.log_importance_stats(logprobs_BT - behaviour_BT, keep_BT, inputs["advantages"])
 
     def _reduce(self, loss_N, rows_N, inputs, num_rows: int) -> torch.Tensor:
         """TRL's normalisation for `loss_type`, exact across processes and accumulation steps.

@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 from accelerate.utils import gather_object
 
+from opd.kernels import fused_linear_token_stats
 from opd.objectives.curriculum import DepthSchedule, curriculum_depth, depth_mask_BT
 from opd.objectives.hidden import completion_hidden_states
 from opd.objectives.imitation import (
@@ -61,11 +62,7 @@ class OffPolicyMixin:
 
     def offpolicy_policy_loss_N(self, inputs, fields: OPDBatchFields, logprobs_N, rows_N, cols_N):
         """The s.10 ratio form of each kept token; trace rows keep LUFFY's shaped ratio."""
-        shape_BT = inputs["completion_mask"].shape
-        keep_BT = torch.zeros(shape_BT, dtype=torch.bool, device=logprobs_N.device)
-        keep_BT[rows_N, cols_N] = True
-        keep_BT &= ~fields.offpolicy_B[:, None]  # a trace has no sampler: no ratio
-        logprobs_BT = logprobs_N.new_zeros(shape_BT).index_put((rows_N, cols_N), logprobs_N)
+        keep_BT, logprobs_BT = _sampled_rows_BT(inputs, fields, logprobs_N, rows_N, cols_N)
         behaviour_BT = self.behaviour_logprobs_BT(inputs, fields, logprobs_BT)
         advantages_BT = inputs["advantages"]
         bounds = None
@@ -83,6 +80,12 @@ class OffPolicyMixin:
         log_ratio_BT = logprobs_BT.detach() - behaviour_BT
         self.log_importance_stats(log_ratio_BT, keep_BT, advantages_BT, terms.clipped_BT)
         return loss_N
+
+    def log_sampler_importance(self, inputs, fields, logprobs_N, rows_N, cols_N) -> None:
+        """The importance statistics of plain/ppo/cispo runs, against the sampler too."""
+        keep_BT, logprobs_BT = _sampled_rows_BT(inputs, fields, logprobs_N, rows_N, cols_N)
+        behaviour_BT = self.behaviour_logprobs_BT(inputs, fields, logprobs_BT)
+        self.log_importance_stats(logprobs_BT - behaviour_BT, keep_BT, inputs["advantages"])
 
     def behaviour_logprobs_BT(self, inputs, fields: OPDBatchFields, logprobs_BT):
         """lp_old of the ratio forms: the sampler's logprob where it has one, else TRL's old
@@ -282,8 +285,6 @@ class OffPolicyMixin:
         attention_mask = torch.cat([inputs["prompt_mask"][rows], mask_BL[rows].long()], 1)
         hidden_BLH = completion_hidden_states(model, input_ids, attention_mask, mask_BL.shape[1])
         keep_BL = mask_BL[rows].bool()
-        from opd.kernels import fused_linear_token_stats
-
         token_N = fused_linear_token_stats(
             hidden_BLH[keep_BL], weight_VH, fields.imitation_ids_BL[rows][keep_BL]
         )
@@ -327,6 +328,18 @@ class OffPolicyMixin:
 
     def build_ratio_settings(self) -> RatioSettings:
         return RatioSettings.from_mapping(self.args.opd_ratio_settings)
+
+
+def _sampled_rows_BT(inputs, fields: OPDBatchFields, logprobs_N, rows_N, cols_N):
+    """`(keep_BT, logprobs_BT)`: the kept tokens the sampler produced (not traces: they have no
+    sampler, so no ratio) and the kept tokens' logprobs scattered to `[B, T]` (0 elsewhere;
+    differentiable when `logprobs_N` is)."""
+    shape_BT = inputs["completion_mask"].shape
+    keep_BT = torch.zeros(shape_BT, dtype=torch.bool, device=logprobs_N.device)
+    keep_BT[rows_N, cols_N] = True
+    keep_BT &= ~fields.offpolicy_B[:, None]
+    logprobs_BT = logprobs_N.new_zeros(shape_BT).index_put((rows_N, cols_N), logprobs_N)
+    return keep_BT, logprobs_BT
 
 
 def _completion_text(completion) -> str:

@@ -31,6 +31,10 @@ from opd.types import (
     GuardAction,
     HiddenDtype,
     ImitationGate,
+    PeerContext,
+    PrefixGate,
+    PrefixLoss,
+    PrefixPlacement,
     Ratio,
     TeacherDtype,
     TeacherMode,
@@ -367,7 +371,91 @@ class OPDConfig(TeacherArguments, GRPOConfig):
     tcod_start: int = help_field(4, "TCOD depth at step 0.")
     tcod_end: int = help_field(64, "TCOD depth after the ramp.")
     tcod_ramp_steps: int = help_field(100, "TCOD steps over which the depth grows.")
-    # ----- multi-teacher routing (MOPD, METHODS.md s.9) -----
+    # ----- multi-rollout MOPD: the teacher reads the group's peers (METHODS.md s.11) -----
+    mopd_peers: PeerContext = help_field(
+        PeerContext.NONE,
+        "MOPD: after rewards, each rollout's teacher context is built from the other rollouts "
+        "of its group: 'successes' (verified successes as positive patterns) or 'contrastive' "
+        "(successes and failures, labelled). Rows whose peers hold no success use "
+        "teacher_context_column (e.g. the reference solution) when set, else get no OPD term. "
+        "Correctness is the first reward function's reward >= 0.5.",
+    )
+    mopd_max_successes: int = help_field(2, "MOPD: peer successes in a context, at most.")
+    mopd_max_failures: int = help_field(1, "MOPD contrastive: peer failures in a context, at most.")
+    mopd_success_label: str = help_field(
+        "Correct solution:", "MOPD: the line before each peer success ({n}: its number)."
+    )
+    mopd_failure_label: str = help_field(
+        "A known failed solution (avoid repeating this mistake):",
+        "MOPD: the line before each peer failure ({n}: its number).",
+    )
+    # ----- prefix-guided rollouts: POPE, PrefixRL, Prefix-RFT (s.11) -----
+    opd_prefix_column: str | None = help_field(
+        None,
+        "Dataset column with a solution (text) whose first tokens guide some rollouts: vLLM "
+        "continues from prompt + prefix.",
+    )
+    opd_prefix_rollouts: str | None = help_field(
+        None,
+        "An `opd rollout` output folder: its rollouts graded by the first reward function, "
+        "each prompt's first success is its prefix source (instead of opd_prefix_column).",
+    )
+    opd_prefix_placement: PrefixPlacement = help_field(
+        PrefixPlacement.PROMPT,
+        "'prompt' (POPE, PrefixRL: the prefix conditions the rollout, never trained) or "
+        "'completion' (Prefix-RFT: the prefix heads the completion as off-policy tokens, "
+        "trained by opd_prefix_loss).",
+    )
+    opd_prefix_gate: PrefixGate = help_field(
+        PrefixGate.ALWAYS,
+        "Which prompts are guided: 'always', or 'failed' (POPE: prompts whose on-policy "
+        "rollouts so far never succeeded; per-prompt counts are saved with checkpoints).",
+    )
+    opd_prefix_guided: int | None = help_field(
+        None,
+        "Guided members of a guided prompt's group (the first ones); the rest stay unguided "
+        "in the same group. None: half the group.",
+    )
+    opd_prefix_fraction_start: float = help_field(
+        0.5, "Prefix length as a fraction of the source's tokens at step 0."
+    )
+    opd_prefix_fraction_end: float = help_field(
+        0.5, "Prefix fraction after opd_prefix_ramp_steps (lower: harder, PrefixRL)."
+    )
+    opd_prefix_ramp_steps: int = help_field(0, "Steps of the linear prefix-fraction schedule.")
+    opd_prefix_loss: PrefixLoss = help_field(
+        PrefixLoss.NLL,
+        "Completion-placed prefix tokens: 'nll' (supervised) or 'shaped' (LUFFY's "
+        "p / (p + opd_trace_gamma) times the advantage). Never the on-policy ratio.",
+    )
+    # ----- TRACE: one mask per loss term, from annotated spans (s.11) -----
+    trace_annotator: str = help_field(
+        "none",
+        "TRACE: 'none' (off), 'divergence' (spans = runs of high teacher-student divergence) "
+        "or an import path module.function(prompt, completion, correct) -> "
+        "[(start, end, kind)], character offsets, kind 'key' or 'error'. Key spans of "
+        "correct rollouts get the divergence term (forward KL), error spans of incorrect ones "
+        "the sampled-token OPD term (reverse KL; trace_reverse_kl), every other token the "
+        "outcome advantage.",
+    )
+    trace_forward_kl: bool = help_field(
+        True, "TRACE: the divergence term (opd_divergence) on key spans of correct rollouts."
+    )
+    trace_reverse_kl: bool = help_field(
+        False, "TRACE: the sampled-token OPD term on error spans of incorrect rollouts."
+    )
+    trace_span_quantile: float = help_field(
+        0.8, "TRACE 'divergence' annotator: a span token's divergence is >= this batch quantile."
+    )
+    trace_span_min_tokens: int = help_field(
+        2, "TRACE 'divergence' annotator: shortest run of high-divergence tokens kept as a span."
+    )
+    trace_kl_warmup_steps: int = help_field(50, "TRACE: steps with the KL channels at full weight.")
+    trace_kl_decay_steps: int = help_field(
+        50, "TRACE: steps over which the KL channels then fall linearly to 0."
+    )
+    # ----- multi-teacher routing (the multi-teacher MOPD paper, METHODS.md s.9; not s.11's
+    # multi-rollout MOPD) -----
     teacher_route_column: str | None = help_field(
         None, "Dataset column naming each example's teacher."
     )
@@ -524,6 +612,35 @@ class OPDConfig(TeacherArguments, GRPOConfig):
         return self.opd_lambda != 1.0
 
     @property
+    def uses_mopd(self) -> bool:
+        """Multi-rollout MOPD: the teacher context is built from the group after rewards."""
+        return self.mopd_peers != PeerContext.NONE
+
+    @property
+    def uses_prefix(self) -> bool:
+        """Prefix-guided rollouts (POPE, PrefixRL, Prefix-RFT)."""
+        return self.opd_prefix_column is not None or self.opd_prefix_rollouts is not None
+
+    @property
+    def uses_trace_routing(self) -> bool:
+        """TRACE: one mask per loss term from annotated spans."""
+        return self.trace_annotator != "none"
+
+    @property
+    def reads_correctness(self) -> list[str]:
+        """The set fields that read which rollouts are correct (the first reward function)."""
+        fields = {
+            "opd_trace_gate": self.opd_trace_gate != TraceGate.ALWAYS,
+            "opd_trace_cache": self.opd_trace_cache,
+            "opd_imitation_gate": self.opd_imitation_gate != ImitationGate.ALWAYS,
+            "mopd_peers": self.uses_mopd,
+            "opd_prefix_gate": self.uses_prefix and self.opd_prefix_gate != PrefixGate.ALWAYS,
+            "opd_prefix_rollouts": self.opd_prefix_rollouts is not None,
+            "trace_annotator": self.uses_trace_routing,
+        }
+        return [name for name, reads in fields.items() if reads]
+
+    @property
     def needs_correctness(self) -> bool:
         """The weighting routes samples by correctness (the first reward function's)."""
         return self.opd_weighting in (Weighting.SCOPE, Weighting.UNI_OPD)
@@ -598,6 +715,7 @@ class OPDConfig(TeacherArguments, GRPOConfig):
         ):
             raise ValueError("teacher_context_template must contain {prompt} and {context}.")
         self._check_offpolicy_fields()
+        self._check_guidance_fields()
 
     def _check_offpolicy_fields(self) -> None:
         """METHODS.md s.10: ratio-form knobs, trace gates, imitation and the TCOD curriculum."""
@@ -640,6 +758,97 @@ class OPDConfig(TeacherArguments, GRPOConfig):
         if self.tcod_unit != DepthUnit.NONE and self.tcod_end < max(self.tcod_start, 1):
             raise ValueError(
                 f"tcod_end ({self.tcod_end}) must be >= tcod_start ({self.tcod_start}) and >= 1."
+            )
+
+    def _check_guidance_fields(self) -> None:
+        """METHODS.md s.11: MOPD's peer context, prefix-guided rollouts and TRACE's routing."""
+        for name in ("mopd_max_successes", "mopd_max_failures", "opd_prefix_ramp_steps"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}.")
+        for name in ("trace_kl_warmup_steps", "trace_kl_decay_steps"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}.")
+        if self.uses_mopd:
+            self._check_mopd_fields()
+        for name in ("opd_prefix_fraction_start", "opd_prefix_fraction_end"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}.")
+        if self.uses_prefix:
+            self._check_prefix_fields()
+        if not 0.0 <= self.trace_span_quantile <= 1.0:
+            raise ValueError(
+                f"trace_span_quantile must be in [0, 1], got {self.trace_span_quantile}."
+            )
+        if self.trace_span_min_tokens < 1:
+            raise ValueError(
+                f"trace_span_min_tokens must be >= 1, got {self.trace_span_min_tokens}."
+            )
+        if self.uses_trace_routing:
+            self._check_trace_routing_fields()
+
+    def _check_mopd_fields(self) -> None:
+        if self.teacher_mode == TeacherMode.OFFLINE:
+            raise ConfigError(
+                "mopd_peers builds the teacher's context from each step's own group, which "
+                "precomputed teacher_shards cannot score: use teacher_mode self, local or server."
+            )
+        if self.teacher_overlap:
+            raise ConfigError(
+                "mopd_peers needs the group's rewards before the teacher scores, and "
+                "teacher_overlap scores while generating: set teacher_overlap: false."
+            )
+        if self.mopd_peers == PeerContext.SUCCESSES and self.mopd_max_successes == 0:
+            raise ValueError("mopd_max_successes is 0: the context could hold no peer.")
+
+    def _check_prefix_fields(self) -> None:
+        if self.opd_prefix_column is not None and self.opd_prefix_rollouts is not None:
+            raise ValueError(
+                "set one prefix source: opd_prefix_column or opd_prefix_rollouts, not both."
+            )
+        if self.opd_prefix_guided is not None and not 1 <= self.opd_prefix_guided <= (
+            self.num_generations or 1
+        ):
+            raise ValueError(
+                f"opd_prefix_guided must be in [1, num_generations={self.num_generations}], "
+                f"got {self.opd_prefix_guided}."
+            )
+        conflicts = {
+            "opd_trace_column": self.opd_trace_column is not None,
+            "opd_imitation_column": self.opd_imitation_column is not None,
+            "teacher_overlap": self.teacher_overlap,
+            "teacher_mode offline": self.teacher_mode == TeacherMode.OFFLINE,
+        }
+        clash = [name for name, on in conflicts.items() if on]
+        if clash:
+            raise ConfigError(
+                f"prefix-guided rollouts change what is generated and cannot be combined with "
+                f"{', '.join(clash)}: unset one of them."
+            )
+        completion = self.opd_prefix_placement == PrefixPlacement.COMPLETION
+        if completion and self.uses_offpolicy_ratio:
+            raise ConfigError(
+                f"opd_prefix_placement: completion trains prefix tokens off-policy, which "
+                f"opd_ratio={self.opd_ratio!r} does not route: use opd_ratio plain, ppo or cispo."
+            )
+
+    def _check_trace_routing_fields(self) -> None:
+        if not (self.trace_forward_kl or self.trace_reverse_kl):
+            raise ValueError(
+                "TRACE routes to no KL channel: set trace_forward_kl or trace_reverse_kl."
+            )
+        if self.trace_forward_kl and not self.uses_divergence_term:
+            raise ValueError(
+                "trace_forward_kl routes the divergence term to key spans: set opd_divergence "
+                "(e.g. forward_kl) and opd_divergence_coef > 0, or trace_forward_kl: false."
+            )
+        if self.trace_reverse_kl and self.opd_kl_coef == 0:
+            raise ValueError(
+                "trace_reverse_kl routes the sampled-token OPD term to error spans: set "
+                "opd_kl_coef > 0, or trace_reverse_kl: false."
+            )
+        if self.tip_rule != TipRule.NONE:
+            raise ConfigError(
+                "TRACE chooses tokens per loss term; it cannot be combined with tip_rule."
             )
 
     def _check_guard_fields(self) -> None:

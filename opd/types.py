@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from enum import StrEnum
+from enum import IntEnum, StrEnum
 from typing import Any
 
 import torch
@@ -176,6 +176,51 @@ class DepthUnit(Choice):
     NONE = "none"
     TOKENS = "tokens"
     STEPS = "steps"
+
+
+class PeerContext(Choice):
+    """MOPD (`mopd_peers`, METHODS.md s.11): what of its group a rollout's teacher context holds."""
+
+    NONE = "none"
+    SUCCESSES = "successes"
+    """Verified successes of the other rollouts as positive patterns."""
+    CONTRASTIVE = "contrastive"
+    """Successes and failures (negative examples), each labelled."""
+
+
+class PrefixPlacement(Choice):
+    """Where a guiding prefix lives (`opd_prefix_placement`, `opd/rollout/prefix.py`)."""
+
+    PROMPT = "prompt"
+    """POPE, PrefixRL: conditioning only, never trained."""
+    COMPLETION = "completion"
+    """Prefix-RFT: off-policy tokens at the head of the completion, trained by opd_prefix_loss."""
+
+
+class PrefixGate(Choice):
+    """Which prompts get guided rollouts (`opd_prefix_gate`)."""
+
+    ALWAYS = "always"
+    FAILED = "failed"
+    """POPE: prompts the policy has rolled out and never solved (per-prompt ledger)."""
+
+
+class PrefixLoss(Choice):
+    """How completion-placed prefix tokens are trained (`opd_prefix_loss`)."""
+
+    NLL = "nll"
+    SHAPED = "shaped"
+    """LUFFY's shaped ratio p / (p + opd_trace_gamma) times the token's advantage."""
+
+
+class TokenSource(IntEnum):
+    """Where each completion token came from (`OPDBatchFields.source_BT`)."""
+
+    ON_POLICY = 0
+    PREFIX = 1
+    """A guiding prefix placed in the completion (Prefix-RFT)."""
+    TRACE = 2
+    """An off-policy trace row (LUFFY, StableOPD)."""
 
 
 class GuardAction(Choice):
@@ -394,6 +439,8 @@ _BATCH_KEYS = {
     "correct_B": "opd_correct",
     "imitation_ids_BL": "opd_imitation_ids",
     "imitation_mask_BL": "opd_imitation_mask",
+    "source_BT": "opd_token_source",
+    "divergence_mask_BT": "opd_divergence_mask",
 }
 
 
@@ -428,6 +475,11 @@ class OPDBatchFields:
     """int64 [B, L] an expert trace after the row's prompt (CHORD's separate stream)."""
     imitation_mask_BL: torch.Tensor | None = None
     """float32 [B, L] 1 on the expert tokens the imitation term trains (0 on rows it skips)."""
+    source_BT: torch.Tensor | None = None
+    """int8 [B, T] each token's `TokenSource` (None: every token on-policy or of a trace row)."""
+    divergence_mask_BT: torch.Tensor | None = None
+    """float32 [B, T] per-token weight of the family-B divergence term (TRACE's forward-KL
+    channel; MOPD rows without a context get 0). None: 1 on every kept token."""
 
     def __post_init__(self):
         shape_BT = tuple(self.keep_mask_BT.shape)
@@ -436,6 +488,9 @@ class OPDBatchFields:
         for name in ("behaviour_logprobs_BT", "correct_B", "imitation_ids_BL", "imitation_mask_BL"):
             values = getattr(self, name)
             assert values is None or values.shape[0] == shape_BT[0], f"{name} is not [B, ...]"
+        for name in ("source_BT", "divergence_mask_BT"):
+            values = getattr(self, name)
+            assert values is None or tuple(values.shape) == shape_BT, f"{name} is not [B, T]"
         for name in ("teacher_hidden_BTH", "teacher_topk_ids_BTK", "teacher_topk_logprobs_BTK"):
             values = getattr(self, name)
             assert values is None or tuple(values.shape[:2]) == shape_BT, f"{name} is not [B, T, .]"

@@ -9,10 +9,18 @@ Per-sample weightings that need correctness (SCOPE, Uni-OPD) act on `opd_t` betw
 functions (`opd/objectives/weightings.py`); token selection (TIP) acts on the loss mask, not here.
 Everything is detached: advantages are constants of the surrogate `-rho_t * A_t`.
 
+Per-term masks (TRACE, METHODS.md s.11): `TermMasks` routes each token to the terms that train
+it: the outcome policy gradient (`w_rl * A_outcome`), the sampled-token distillation term (the
+reverse-KL channel, `w_opd * (opd_t - V_t)`) and the family-B divergence of the loss phase (the
+forward-KL channel, weighted per token by `forward_kl_BT`). Without them every term uses the one
+mask `m_t`; all-ones term masks give bit-identical advantages.
+
 Test: `pytest tests/unit/test_compose.py`.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 
@@ -41,6 +49,19 @@ def opd_term(
     return lam * (teacher_BT - reference_BT) - (old_BT - reference_BT)
 
 
+@dataclass(frozen=True)
+class TermMasks:
+    """Float `[B, T]` weights in [0, 1] per loss term (TRACE's token routing); each is also
+    multiplied by the completion mask."""
+
+    outcome_BT: torch.Tensor
+    """Where the outcome policy gradient (GRPO's advantage) trains."""
+    reverse_kl_BT: torch.Tensor
+    """Where the sampled-token distillation term (reverse KL, `opd_t - V_t`) trains."""
+    forward_kl_BT: torch.Tensor
+    """Where the family-B divergence term trains (the loss phase's per-token weight)."""
+
+
 def compose_advantage(
     opd_term_BT: torch.Tensor,
     mask_BT: torch.Tensor,
@@ -51,6 +72,7 @@ def compose_advantage(
     outcome_weight: float = 0.0,
     discount: float = 0.0,
     token_weight_BT: torch.Tensor | None = None,
+    term_masks: TermMasks | None = None,
 ) -> torch.Tensor:
     """Per-token advantage, float32 [B, T], detached, 0 where the mask is 0.
 
@@ -64,16 +86,22 @@ def compose_advantage(
         outcome_weight: w_rl.
         discount: gamma in [0, 1).
         token_weight_BT: multiplies the final advantage (SOD step weights, ...).
+        term_masks: TRACE: the distillation term trains where `reverse_kl_BT` says, the outcome
+            term where `outcome_BT` says (the forward-KL channel is the loss phase's). The
+            discount, if any, runs over the routed sum.
     """
     mask_BT = mask_BT.float()
     distill_BT = opd_term_BT.detach().float()
     if baseline_BT is not None:
         distill_BT = distill_BT - baseline_BT.detach().float()
     advantages_BT = kl_coef * distill_BT
+    if term_masks is not None:
+        advantages_BT = advantages_BT * term_masks.reverse_kl_BT.float()
     if outcome_advantage_B is not None and outcome_weight != 0.0:
-        advantages_BT = (
-            advantages_BT + outcome_weight * outcome_advantage_B.detach().float()[:, None]
-        )
+        outcome_BT = outcome_weight * outcome_advantage_B.detach().float()[:, None]
+        if term_masks is not None:
+            outcome_BT = outcome_BT * term_masks.outcome_BT.float()
+        advantages_BT = advantages_BT + outcome_BT
     advantages_BT = advantages_BT * mask_BT
     if discount > 0.0:
         advantages_BT = discounted_future_sum(advantages_BT, discount) * mask_BT

@@ -22,10 +22,8 @@ from opd.trainer.trl_seams import add_fused_lm_head, router_aux_loss_enabled
 from opd.types import (
     Baseline,
     DivergenceSupport,
-    ImitationGate,
     Ratio,
     TeacherMode,
-    TraceGate,
 )
 
 SUPPORTED_LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "cispo")
@@ -90,11 +88,11 @@ def check_trainer_args(args, reward_funcs) -> None:
             "opd_outcome_weight > 0 needs reward functions for the outcome rewards: pass "
             "reward_funcs (CLI: --reward_funcs NAME ...) or set opd_outcome_weight to 0."
         )
-    gated = args.opd_trace_gate != TraceGate.ALWAYS or args.opd_trace_cache
-    if reward_funcs is None and (gated or args.opd_imitation_gate != ImitationGate.ALWAYS):
+    readers = args.reads_correctness
+    if reward_funcs is None and readers:
         raise ConfigError(
-            "opd_trace_gate, opd_trace_cache and opd_imitation_gate read which rollouts are "
-            "correct: pass reward_funcs (the first one is the verifier) or use the 'always' gates."
+            f"{', '.join(readers)} read which rollouts are correct: pass reward_funcs (CLI: "
+            "--reward_funcs NAME; the first one is the verifier) or unset them."
         )
     try:
         RatioSettings.from_mapping(args.opd_ratio_settings)

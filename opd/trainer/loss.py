@@ -25,7 +25,7 @@ from opd.objectives.hidden import completion_hidden_states, prompt_completion_id
 from opd.objectives.surrogate import policy_loss_N, reduce_loss, reference_kl_N
 from opd.trainer.distributed import global_count
 from opd.trainer.sharding import full_lm_head_weight
-from opd.types import OPDBatchFields
+from opd.types import OPDBatchFields, PrefixLoss, TokenSource
 
 
 class LossMixin:
@@ -69,6 +69,11 @@ class LossMixin:
         old_BT = inputs.get("old_per_token_logps")
         old_N = logprobs_N.detach() if old_BT is None else old_BT[rows_N, cols_N]
         offpolicy_N = fields.offpolicy_B[rows_N]
+        prefix_N = torch.zeros_like(offpolicy_N)
+        if fields.source_BT is not None:  # Prefix-RFT: never trained as on-policy tokens
+            prefix_N = fields.source_BT[rows_N, cols_N] == int(TokenSource.PREFIX)
+            if self.args.opd_prefix_loss == PrefixLoss.SHAPED:
+                offpolicy_N = offpolicy_N | prefix_N
         if self.args.uses_offpolicy_ratio:
             loss_N = self.offpolicy_policy_loss_N(inputs, fields, logprobs_N, rows_N, cols_N)
         else:
@@ -88,8 +93,10 @@ class LossMixin:
             ratio_BT = inputs["importance_sampling_ratio"].expand_as(inputs["completion_mask"])
             ratio_N = ratio_BT[rows_N, cols_N]
             # a trace has no sampler: no vLLM/trainer correction
-            ratio_N = torch.where(offpolicy_N, 1.0, ratio_N)
+            ratio_N = torch.where(offpolicy_N | prefix_N, 1.0, ratio_N)
             loss_N = loss_N * ratio_N
+        if self.args.opd_prefix_loss == PrefixLoss.NLL:  # supervised prefix tokens
+            loss_N = torch.where(prefix_N, -logprobs_N, loss_N)
         if self.beta != 0.0:
             reference_N = inputs["ref_per_token_logps"][rows_N, cols_N]
             corrected = self.args.use_bias_correction_kl  # TRL's default: times the ratio
@@ -153,6 +160,8 @@ class LossMixin:
         # The mean over the generation batch's kept tokens on all processes, like dapo.
         weight = 1.0 / self._token_normalizer(inputs)
         weight_N = torch.full((rows_N.numel(),), weight, device=hidden_NH.device)
+        if fields.divergence_mask_BT is not None:  # TRACE's forward-KL channel, MOPD's rows
+            weight_N = weight_N * fields.divergence_mask_BT[rows_N, cols_N]
         loss, divergence_N = fused_linear_divergence_loss(
             hidden_NH, weight_VH, **teacher, weight=weight_N,
             kind=args.opd_divergence, beta=args.opd_divergence_beta,

@@ -31,7 +31,12 @@ class MethodMixin:
     # ----- generation: traces and rewards -----
 
     def _generate(self, prompts: list):
+        guided = self.args.uses_prefix and self.model.training
+        if guided:  # POPE, PrefixRL, Prefix-RFT: `_tokenize_prompts` appends the prefixes
+            self.plan_prefixes(prompts)
         generated = super()._generate(prompts)
+        if guided:
+            generated = self.place_prefixes(generated, isinstance(prompts[0], list))
         column = self.args.opd_trace_column
         num_rows = len(generated[1])
         step = self.step_state
@@ -63,13 +68,37 @@ class MethodMixin:
         """TRL's `[global rows, reward functions]` rewards (a collective), not stored."""
         return super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)
 
+    def _tokenize_prompts(self, prompts: list):
+        prompt_ids, *rest = super()._tokenize_prompts(prompts)
+        return (self.with_prefixes(prompt_ids), *rest)
+
+    def _generate_single_turn(self, prompt_ids, images, multimodal_fields, num_generations, *args):
+        if self.args.uses_prefix and self.model.training and self.vllm_mode == "server":
+            num_generations = 1  # a group's rows may differ by their prefix: one sample each
+        return super()._generate_single_turn(
+            prompt_ids, images, multimodal_fields, num_generations, *args
+        )
+
     def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
         rewards_per_func = self.trl_rewards(inputs, prompts, completions, completion_ids_list)
         start = self.accelerator.process_index * len(prompts)
-        self.step_state.rewards_BF = rewards_per_func[start : start + len(prompts)]
+        step = self.step_state
+        step.rewards_BF = rewards_per_func[start : start + len(prompts)]
+        step.rewards_GF = rewards_per_func
+        if self.model.training:
+            self.record_prefix_outcomes(step, rewards_per_func)
         return rewards_per_func
 
     # ----- teacher inputs from dataset columns -----
+
+    def teacher_prompt_ids(self, output, inputs) -> list[list[int]] | None:
+        """The teacher's own prompt ids per row (None: the student's): MOPD's peer context,
+        else OPSD's privileged column; with a prompt-placed guiding prefix appended."""
+        if self.args.uses_mopd and self.model.training:
+            ids_B = self.mopd_teacher_prompt_ids(self.step_state, output)
+        else:
+            ids_B = self.privileged_prompt_ids(inputs)
+        return self.prefix_teacher_prompt_ids(ids_B)
 
     def privileged_prompt_ids(self, inputs) -> list[list[int]] | None:
         """OPSD: the teacher's prompt = the problem plus the privileged column (e.g. solution)."""

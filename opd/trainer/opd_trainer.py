@@ -54,6 +54,7 @@ from opd.trainer.build import (
 )
 from opd.trainer.candidate_scores import request_candidate_scores
 from opd.trainer.console import console_logging, use_compact_console
+from opd.trainer.guidance import GuidanceMixin
 from opd.trainer.loss import LossMixin
 from opd.trainer.methods import MethodMixin
 from opd.trainer.metrics import MetricsMixin
@@ -91,7 +92,7 @@ def no_outcome_reward(completions: list[Any], **kwargs) -> list[float]:
     return [0.0] * len(completions)
 
 
-class OPDTrainer(LossMixin, OffPolicyMixin, MethodMixin, MetricsMixin, GRPOTrainer):
+class OPDTrainer(LossMixin, OffPolicyMixin, GuidanceMixin, MethodMixin, MetricsMixin, GRPOTrainer):
     """On-policy distillation trainer. Arguments are `GRPOTrainer`'s plus an optional `teacher`.
 
     Args:
@@ -137,6 +138,7 @@ class OPDTrainer(LossMixin, OffPolicyMixin, MethodMixin, MetricsMixin, GRPOTrain
             )
         check_trainer_loss_state(self)  # what TRL enabled from the model (MoE aux loss)
         self._store_method_parts(teacher, offline, has_rewards=reward_funcs is not None)
+        self.build_guidance_parts(reward_funcs)  # prefix sources, POPE's ledger, TRACE
         self.collapse_guard = attach_collapse_guard(self)  # opd/guards.py
         use_compact_console(self)  # one line per logging step (opd/trainer/console.py)
         if self.use_vllm and self.vllm_mode == "colocate" and self.accelerator.device.type == "cpu":
@@ -158,6 +160,7 @@ class OPDTrainer(LossMixin, OffPolicyMixin, MethodMixin, MetricsMixin, GRPOTrain
             )
             load_generation_buffer(self, resume_from_checkpoint)
             self.load_method_state(resume_from_checkpoint)  # per-prompt gate state
+            self.load_guidance_state(resume_from_checkpoint)
         with console_logging(self):  # warnings on their own line above the bar (console.py)
             return super().train(resume_from_checkpoint, *args, **kwargs)
 
@@ -165,6 +168,7 @@ class OPDTrainer(LossMixin, OffPolicyMixin, MethodMixin, MetricsMixin, GRPOTrain
         checkpoint = Path(self.args.output_dir or ".") / f"checkpoint-{self.state.global_step}"
         save_resume_state(self, checkpoint)
         self.save_method_state(checkpoint)
+        self.save_guidance_state(checkpoint)
         save_checkpoint_as_trl(super(), model, trial)
 
     def _get_train_sampler(self, dataset=None):
@@ -324,6 +328,7 @@ class OPDTrainer(LossMixin, OffPolicyMixin, MethodMixin, MetricsMixin, GRPOTrain
         offpolicy_baseline_BT = self.offpolicy_baseline_BT(step, term_BT)
         if offpolicy_baseline_BT is not None:  # VCPO: the w^2-weighted group mean
             baseline_BT = offpolicy_baseline_BT
+        step.term_masks = self.term_masks(step, teacher_BT)  # TRACE; MOPD rows without context
         return compose_advantage(
             term_BT,
             mask_BT,
@@ -332,6 +337,7 @@ class OPDTrainer(LossMixin, OffPolicyMixin, MethodMixin, MetricsMixin, GRPOTrain
             outcome_advantage_B=output["advantages"],
             outcome_weight=args.opd_outcome_weight,
             discount=args.opd_discount,
+            term_masks=step.term_masks,
         )
 
     def _loss_fields(
@@ -347,6 +353,8 @@ class OPDTrainer(LossMixin, OffPolicyMixin, MethodMixin, MetricsMixin, GRPOTrain
             offpolicy_B=torch.tensor(offpolicy_B, dtype=torch.bool, device=device),
             behaviour_logprobs_BT=None if sampler_BT is None else sampler_BT.float(),
             correct_B=step.correct_B().to(device) if self.has_rewards else None,
+            source_BT=self.source_BT(step, keep_BT.shape[1], device),
+            divergence_mask_BT=None if step.term_masks is None else step.term_masks.forward_kl_BT,
             **self.imitation_fields(step, output),
         )
         if self.args.uses_full_divergence:
@@ -379,7 +387,7 @@ class OPDTrainer(LossMixin, OffPolicyMixin, MethodMixin, MetricsMixin, GRPOTrain
             completion_mask_BT=output["completion_mask"].cpu(),
             sampler_logprobs_BT=_cpu_or_none(output.get("sampling_per_token_logps")),
             policy_version=self.state.global_step,
-            teacher_prompt_ids=self.privileged_prompt_ids(inputs),
+            teacher_prompt_ids=self.teacher_prompt_ids(output, inputs),
             teacher_route_B=self.teacher_routes(inputs),
         )
 

@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 
+from opd.objectives.compose import TermMasks
 from opd.types import RolloutBatch, TeacherScores, TokenStats
 
 
@@ -51,6 +52,22 @@ class StepState:
 
     log_weights_BT: torch.Tensor | None = None
     """VCPO: log importance weights of the current policy against the sampler (0 on-policy)."""
+    rewards_GF: torch.Tensor | None = None
+    """TRL's rewards of the whole global batch `[N*B, num_reward_funcs]` (MOPD's peers)."""
+    prefix_ids_B: list[list[int] | None] | None = None
+    """Prefix-guided rollouts: each row's guiding prefix ids (None: unguided; the list is None
+    when the step guides nothing)."""
+    prefix_len_B: list[int] | None = None
+    """Prefix-RFT: the prefix tokens at the head of each row's completion (0: none)."""
+    context_B: torch.Tensor | None = None
+    """MOPD: bool [B], whether the row's teacher had a context (else no distillation term)."""
+    term_masks: TermMasks | None = None
+    """TRACE's per-term masks (and MOPD's rows without a context); None: one mask for all."""
+
+    def global_correct(self) -> torch.Tensor:
+        """bool [N*B]: `correct_B` of every row of the global batch."""
+        assert self.rewards_GF is not None, "rewards are computed before correctness is read"
+        return torch.nan_to_num(self.rewards_GF[:, 0].float().cpu(), nan=0.0) >= 0.5
 
     def correct_B(self) -> torch.Tensor:
         """Correct = the first reward function's reward >= 0.5 (a verifier's 0/1)."""

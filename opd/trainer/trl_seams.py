@@ -33,6 +33,16 @@ OVERRIDDEN_HOOKS: dict[str, tuple[str, ...]] = {
     "_generate": ("self", "prompts"),
     "_calculate_rewards": ("self", "inputs", "prompts", "completions", "completion_ids_list"),
     "_compute_loss": ("self", "model", "inputs"),
+    # prefix-guided rollouts: generation continues from prompt + prefix (token ids), and a
+    # vLLM server must not merge a group's guided and unguided rows into one prompt with n > 1
+    "_tokenize_prompts": ("self", "prompts"),
+    "_generate_single_turn": (
+        "self",
+        "prompt_ids",
+        "images",
+        "multimodal_fields",
+        "num_generations",
+    ),
     # transformers' Trainer hook: opd turns accelerate's FSDP2 path on for CPU runs after it.
     "create_accelerator_and_postprocess": ("self",),
     # the training sampler, made to shuffle by epoch so that a resumed run sees the same data

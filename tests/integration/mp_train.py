@@ -62,8 +62,19 @@ METHODS: dict[str, dict] = {
     "hapo_bepa": {"opd_trace_column": "trace", "opd_trace_gate": "thompson",
                   "opd_trace_cache": True, "loss_type": "grpo"},
     "tcod": {"tcod_unit": "tokens", "tcod_start": 2, "tcod_end": 4, "tcod_ramp_steps": 2},
+    # METHODS.md s.11: MOPD's peers come from groups split over processes (even copies are
+    # correct, so every row has peers of both kinds); TRACE's spans from a global quantile
+    "mopd": {"mopd_peers": "contrastive", "teacher_context_column": "trace",
+             "teacher_context_template": "{context}={prompt}", "mopd_success_label": "ok",
+             "mopd_failure_label": "no", "opd_divergence": "jsd", "opd_divergence_coef": 1.0,
+             "opd_divergence_support": "topk", "teacher_top_k": 4},
+    "trace": {"trace_annotator": "divergence", "trace_reverse_kl": True,
+              "trace_span_quantile": 0.5, "trace_span_min_tokens": 1,
+              "trace_kl_warmup_steps": 1, "trace_kl_decay_steps": 0,
+              "opd_outcome_weight": 1.0, "opd_divergence": "forward_kl",
+              "opd_divergence_coef": 1.0, "opd_divergence_support": "topk", "teacher_top_k": 4},
 }  # fmt: skip
-NEEDS_REWARDS = ("scope", "uni_opd", "bapo", "hapo_bepa")
+NEEDS_REWARDS = ("scope", "uni_opd", "bapo", "hapo_bepa", "mopd", "trace")
 FSDP2 = {  # a fully sharded FSDP2 run (also scripts/bench_scale.py's)
     "fsdp": "full_shard",
     "fsdp_config": {

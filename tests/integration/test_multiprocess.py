@@ -4,7 +4,8 @@ For every method the issue names (vanilla OPD under each loss_type, vOPD, TIP's 
 entropy_sample, SCOPE and Uni-OPD with groups split over processes, SOD, LUFFY traces, the
 family-B divergence term, the union support: candidate sets and the top-k baseline; and from
 METHODS.md s.10 the CTPO and BAPO ratio forms, VCPO's ESS-scaled lr and min-variance baseline,
-CHORD's imitation stream, HAPO's Thompson gate with BEPA's cache, TCOD's depth mask),
+CHORD's imitation stream, HAPO's Thompson gate with BEPA's cache, TCOD's depth mask; and from
+s.11 MOPD's peer contexts over groups split across processes and TRACE's routed terms),
 `tests/integration/mp_train.py` trains 2 steps on fixed rollouts with plain SGD and no gradient
 clipping (both would hide a wrong loss scale) in four layouts of one global batch of 4:
 
@@ -34,7 +35,7 @@ SCRIPT = Path(__file__).with_name("mp_train.py")
 METHODS = (
     "vanilla", "vanilla_grpo", "vanilla_bnpo", "vanilla_dr_grpo", "vopd", "tip_q3",
     "tip_sample", "scope", "uni_opd", "sod", "luffy", "divergence", "union",
-    "ctpo", "bapo", "vcpo", "chord", "hapo_bepa", "tcod",
+    "ctpo", "bapo", "vcpo", "chord", "hapo_bepa", "tcod", "mopd", "trace",
 )  # fmt: skip
 LAYOUTS = {  # name: (processes, rows per process, accumulation steps, extra flags)
     "ddp": (2, 2, 1, []),

@@ -195,14 +195,19 @@ class GuidanceMixin:
         return self.with_prefixes(teacher_ids_B)
 
     def source_BT(self, step, num_tokens: int, device) -> torch.Tensor | None:
-        """The per-token `TokenSource` of this process's rows (None: no prefix in completions)."""
-        lengths = getattr(step, "prefix_len_B", None)
-        if not lengths or not any(lengths):
+        """The per-token `TokenSource` of this process's rows (None: no prefix in completions
+        here), and the logged share of prefix tokens (a collective when prefixes are on)."""
+        lengths = step.prefix_len_B
+        if lengths is None:  # no prefix-guided rollouts this step
             return None
-        source_BT = prefix_source_mask(lengths, num_tokens).to(torch.int8) * int(TokenSource.PREFIX)
+        prefix_BT = prefix_source_mask(lengths, num_tokens).to(device)
+        self.record_token_means({"opd/prefix_token_fraction": prefix_BT.float()}, step.mask_BT)
+        if not any(lengths):
+            return None
+        source_BT = prefix_BT.to(torch.int8) * int(TokenSource.PREFIX)
         trace_B = torch.tensor(step.offpolicy_B or [False] * len(lengths), dtype=torch.bool)
-        source_BT[trace_B] = int(TokenSource.TRACE)
-        return source_BT.to(device)
+        source_BT[trace_B.to(device)] = int(TokenSource.TRACE)
+        return source_BT
 
     def record_prefix_outcomes(self, step, rewards_GF: torch.Tensor) -> None:
         """Log the guided share and groups with a reward; POPE's gate learns from the unguided

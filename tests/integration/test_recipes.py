@@ -344,6 +344,42 @@ def _check_tcod(steps: Steps) -> None:
     assert gap > 0.1 * first["opd/reverse_kl_k1"]
 
 
+def _check_mopd(steps: Steps) -> None:
+    for metrics in steps.values():
+        # every row has a context: its peers, or the reference answer when none succeeded
+        assert metrics["opd/mopd_context_fraction"] == 1.0
+        assert 0.0 <= metrics["opd/mopd_groups_with_success"] <= 1.0
+        assert metrics["opd/mopd_context_tokens"] > 5  # longer than the bare 5-token prompt
+        assert metrics["opd/divergence"] > 0
+        assert metrics["opd/advantage_mean"] == 0.0  # no policy-gradient term
+
+
+def _check_pope(steps: Steps) -> None:
+    for metrics in steps.values():
+        assert metrics["opd/prefix_guided_fraction"] == 0.5  # 2 of each group of 4
+        assert metrics["opd/prefix_fraction"] == 0.5
+        assert 0.0 <= metrics["opd/groups_with_reward_fraction"] <= 1.0
+        assert metrics["opd/prefix_token_fraction"] == 0.0  # the prefix is in the prompt
+
+
+def _check_prefix_rl(steps: Steps) -> None:
+    assert [steps[s]["opd/prefix_fraction"] for s in (1, 2)] == [1.0, 0.75]
+    assert all(m["opd/prefix_guided_fraction"] == 1.0 for m in steps.values())
+
+
+def _check_prefix_rft(steps: Steps) -> None:
+    assert [steps[s]["opd/prefix_fraction"] for s in (1, 2)] == pytest.approx([0.95, 0.5])
+    for metrics in steps.values():
+        assert metrics["opd/prefix_guided_fraction"] == 0.5
+        assert metrics["opd/prefix_token_fraction"] > 0  # the prefix heads the completion
+
+
+def _check_trace(steps: Steps) -> None:
+    assert [steps[s]["opd/trace_kl_coef"] for s in (1, 2)] == [1.0, 0.0]
+    first = steps[1]
+    assert first["opd/trace_key_fraction"] + first["opd/trace_error_fraction"] > 0
+
+
 CHECKS: dict[str, Callable[[Steps], None]] = {
     "vanilla_opd": _check_vanilla_opd,
     "vopd": _check_vopd,
@@ -374,6 +410,11 @@ CHECKS: dict[str, Callable[[Steps], None]] = {
     "hapo": _check_hapo,
     "bepa": _check_bepa,
     "tcod": _check_tcod,
+    "mopd": _check_mopd,
+    "pope": _check_pope,
+    "prefix_rl": _check_prefix_rl,
+    "prefix_rft": _check_prefix_rft,
+    "trace": _check_trace,
     # stage 2 alone, from demo:student (both stages: tests/integration/test_sft_then_opd.py)
     "sft_then_opd": _check_vanilla_opd,
 }

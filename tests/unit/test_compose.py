@@ -5,9 +5,10 @@ One tiny batch throughout: 2 sequences x 3 tokens, the last token of row 1 maske
 
 from __future__ import annotations
 
+import pytest
 import torch
 
-from opd.objectives.compose import compose_advantage, opd_term
+from opd.objectives.compose import TermMasks, compose_advantage, opd_term
 from opd.objectives.vanilla import vanilla_opd_advantage
 
 OLD_BT = torch.tensor([[-1.0, -2.0, -0.5], [-0.2, -1.5, -3.0]])  # lp_old
@@ -96,3 +97,55 @@ def test_composer_output_is_detached():
     old = OLD_BT.clone().requires_grad_(True)
     advantages = compose_advantage(opd_term(old, TEACHER_BT), MASK_BT)
     assert not advantages.requires_grad
+
+
+# ----- TRACE: one mask per loss term (METHODS.md s.11) -----
+
+
+def test_all_ones_term_masks_give_the_single_mask_composer_bit_for_bit():
+    term = opd_term(OLD_BT, TEACHER_BT)
+    ones = torch.ones(2, 3)
+    outcome_B = torch.tensor([0.3, -0.7])
+    for kwargs in ({}, {"baseline_BT": -REFERENCE_BT.abs()}, {"discount": 0.5}):
+        plain = compose_advantage(term, MASK_BT, outcome_advantage_B=outcome_B,
+                                  outcome_weight=0.25, kl_coef=0.5, **kwargs)  # fmt: skip
+        routed = compose_advantage(term, MASK_BT, outcome_advantage_B=outcome_B,
+                                   outcome_weight=0.25, kl_coef=0.5,
+                                   term_masks=TermMasks(ones, ones, ones), **kwargs)  # fmt: skip
+        assert torch.equal(plain, routed)
+
+
+def test_three_term_masks_on_a_hand_computed_2x3_example():
+    """outcome A = [1, -2] (w_rl 1), distillation term lp_t - lp_old (w_opd 1):
+
+        opd_t   = [[0.5, -0.5, 0], [-1, 0.5, -6]]    (row 1, token 2 masked)
+        outcome = [[1, 0, 1], [0, 1, 1]]   reverse = [[0, 1, 0], [1, 0, 0]]
+        A_t     = opd_t * reverse + A_i * outcome = [[1, -0.5, 1], [-1, -2, 0]]
+
+    and the forward-KL channel weights the loss phase's divergence per token: with a 2-token
+    vocabulary, the student uniform and the teacher at [0.8, 0.2] on every token, KL(p_t||p_s)
+    = 0.8 ln 1.6 + 0.2 ln 0.4 = 0.192745 per token, so the term over the kept tokens with
+    forward = [[1, 0, 0], [0, 0, 1]] (the last one masked) is 0.192745 * 1 / 5 tokens."""
+    from opd.kernels import fused_linear_divergence_loss
+
+    masks = TermMasks(
+        outcome_BT=torch.tensor([[1.0, 0, 1], [0, 1, 1]]),
+        reverse_kl_BT=torch.tensor([[0.0, 1, 0], [1, 0, 0]]),
+        forward_kl_BT=torch.tensor([[1.0, 0, 0], [0, 0, 1]]),
+    )
+    advantages = compose_advantage(
+        opd_term(OLD_BT, TEACHER_BT), MASK_BT, outcome_advantage_B=torch.tensor([1.0, -2.0]),
+        outcome_weight=1.0, term_masks=masks,
+    )  # fmt: skip
+    torch.testing.assert_close(advantages, torch.tensor([[1.0, -0.5, 1.0], [-1.0, -2.0, 0.0]]))
+    keep = MASK_BT.bool()
+    num_kept = int(keep.sum())  # 5
+    student_hidden_NH = torch.zeros(num_kept, 2)  # identity lm_head: logits 0, p_s uniform
+    teacher_hidden_NH = torch.log(torch.tensor([0.8, 0.2])).expand(num_kept, 2)
+    loss, kl_N = fused_linear_divergence_loss(
+        student_hidden_NH, torch.eye(2), teacher_hidden=teacher_hidden_NH,
+        teacher_weight=torch.eye(2), weight=masks.forward_kl_BT[keep] / num_kept,
+        kind="forward_kl",
+    )  # fmt: skip
+    torch.testing.assert_close(kl_N, torch.full((5,), 0.192745), atol=1e-6, rtol=0)
+    assert float(loss) == pytest.approx(0.192745 / 5, abs=1e-6)

@@ -216,7 +216,8 @@ def divergence_span_masks(
 ) -> SpanMasks:
     """The default annotator: runs of tokens where the teacher and the student disagree most.
 
-    threshold = `torch.quantile` (linear interpolation) of the divergence over ALL valid tokens
+    threshold = the quantile (linear interpolation, as `torch.quantile`, which refuses inputs over
+    2^24 values: a large global batch has more) of the divergence over ALL valid tokens
     of the batch; a span is a maximal run of consecutive valid tokens with divergence >= threshold
     (a masked position breaks a run), kept when it has at least `min_tokens` tokens. Spans of
     correct rows are "key", of incorrect rows "error".
@@ -241,7 +242,7 @@ def divergence_span_masks(
         empty_BT = torch.zeros_like(valid_BT)
         return SpanMasks(key_BT=empty_BT, error_BT=empty_BT.clone())
     divergence_BT = divergence_BT.detach().float()
-    threshold = torch.quantile(divergence_BT[valid_BT], quantile)
+    threshold = _quantile(divergence_BT[valid_BT], quantile)
     high_BT = valid_BT & (divergence_BT >= threshold)
     # Label runs: a run starts where a high token follows a non-high one (or opens a row); a
     # cumulative count of starts over the flattened batch gives each run its own id.
@@ -303,3 +304,12 @@ def route_term_masks(
         reverse_kl_BT=kl_coef * reverse_BT * mask_BT,
         forward_kl_BT=kl_coef * forward_BT * mask_BT,
     )
+
+
+def _quantile(values_N: torch.Tensor, q: float) -> torch.Tensor:
+    """`torch.quantile(values_N, q)` (linear interpolation) for any number of values."""
+    sorted_N = torch.sort(values_N).values
+    position = q * (sorted_N.numel() - 1)
+    low = int(position)
+    high = min(low + 1, sorted_N.numel() - 1)
+    return sorted_N[low] + (sorted_N[high] - sorted_N[low]) * (position - low)

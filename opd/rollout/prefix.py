@@ -45,14 +45,16 @@ from opd.rollout.trace_gate import PromptLedger, prompt_key
 from opd.shards import ROLLOUT_COLUMNS, TEACHER_COLUMNS, load_shard_set
 
 PREFIX_GATES = ("always", "failed")
+PREFIX_SCHEDULES = ("linear", "cosine")
 SUCCESS_REWARD = 0.5
 """A completion with reward >= this is a success (binary verifiers give 0 or 1)."""
 
 
 @dataclass(frozen=True)
 class PrefixSchedule:
-    """Fraction of the source's tokens given as prefix, moving linearly from `start` to `end`
-    over `ramp_steps` optimizer steps (PrefixRL: decreasing makes the problem harder)."""
+    """Fraction of the source's tokens given as prefix, moving from `start` to `end` over
+    `ramp_steps` optimizer steps, linearly or along a half cosine (Prefix-RFT's decay);
+    PrefixRL: decreasing makes the problem harder."""
 
     start: float
     """Fraction at step 0, in [0, 1]."""
@@ -60,8 +62,14 @@ class PrefixSchedule:
     """Fraction from `ramp_steps` on, in [0, 1]."""
     ramp_steps: int
     """Optimizer steps of the ramp (>= 0; 0 means `end` at once)."""
+    shape: str = "linear"
+    """'linear' or 'cosine': `end + (start - end) * (1 + cos(pi * s / ramp_steps)) / 2`."""
 
     def __post_init__(self) -> None:
+        if self.shape not in PREFIX_SCHEDULES:
+            raise ValueError(
+                f"prefix schedule shape must be one of {PREFIX_SCHEDULES}, got {self.shape!r}"
+            )
         # `not 0 <= x <= 1` is also True for NaN.
         if not 0.0 <= self.start <= 1.0:
             raise ValueError(f"prefix schedule start must be in [0, 1], got {self.start}")
@@ -85,7 +93,12 @@ def prefix_fraction(step: int, schedule: PrefixSchedule) -> float:
         raise ValueError(f"step must be >= 0, got {step}")
     if schedule.ramp_steps == 0 or step >= schedule.ramp_steps:
         return schedule.end
-    return schedule.start + (schedule.end - schedule.start) * step / schedule.ramp_steps
+    progress = step / schedule.ramp_steps
+    if schedule.shape == "cosine":
+        return (
+            schedule.end + (schedule.start - schedule.end) * (1 + math.cos(math.pi * progress)) / 2
+        )
+    return schedule.start + (schedule.end - schedule.start) * progress
 
 
 def guided_rows(
@@ -124,7 +137,8 @@ def cut_prefix_ids(source_ids: list[int], fraction: float, *, max_tokens: int) -
         raise ValueError(f"prefix fraction must be in [0, 1], got {fraction}")
     if max_tokens < 0:
         raise ValueError(f"prefix max_tokens must be >= 0, got {max_tokens}")
-    num_tokens = math.floor(fraction * len(source_ids))
+    # A schedule's float round-off (cos(pi/2) is 6e-17, not 0) must not drop a whole token.
+    num_tokens = math.floor(fraction * len(source_ids) + 1e-9)
     if fraction < 1.0:  # states the contract; floor(f * n) < n for f < 1 in float64 anyway
         num_tokens = min(num_tokens, max(len(source_ids) - 1, 0))
     return list(source_ids[: min(num_tokens, max_tokens)])

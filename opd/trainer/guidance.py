@@ -129,7 +129,7 @@ class GuidanceMixin:
         gate_B = gated_prompts(str(args.opd_prefix_gate), keys, self.prefix_ledger)
         schedule = PrefixSchedule(
             start=args.opd_prefix_fraction_start, end=args.opd_prefix_fraction_end,
-            ramp_steps=args.opd_prefix_ramp_steps,
+            ramp_steps=args.opd_prefix_ramp_steps, shape=args.opd_prefix_schedule,
         )  # fmt: skip
         fraction = prefix_fraction(self.state.global_step, schedule)
         in_completion = args.opd_prefix_placement == PrefixPlacement.COMPLETION

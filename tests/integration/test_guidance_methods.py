@@ -18,6 +18,10 @@ Test: `pytest -n 0 tests/integration/test_guidance_methods.py`.
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -305,3 +309,26 @@ def test_trace_with_its_kl_channels_annealed_away_is_plain_grpo(tmp_path, tiny_s
     assert logged(trace, "opd/trace_kl_coef") == [0.0, 0.0]
     assert logged(trace, "loss") == logged(grpo, "loss")
     assert_same_weights(weights(trace), weights(grpo))
+
+
+# ----- several processes -----
+
+
+def test_guided_rows_under_torchrun_are_the_global_first_members(tmp_path):
+    """pope-tiny through the real CLI on 2 processes x 2 rows: the one group of 4 spans both,
+    its first 2 members (process 0's rows) are guided and process 1's are not: 0.5 of the
+    global batch (local row indices would guide both processes' rows: 1.0)."""
+    recipe = Path(__file__).resolve().parents[2] / "recipes" / "pope-tiny.yaml"
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+        "-m", "opd.cli", "distill", "--config", str(recipe),
+        "--per_device_train_batch_size", "2", "--output_dir", str(tmp_path),
+        "--write_report", "false",
+    ]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
+    assert result.returncode == 0, result.stderr[-4000:]
+    history = json.loads((tmp_path / "opd_results.json").read_text())["log_history"]
+    guided = [entry["opd/prefix_guided_fraction"] for entry in history
+              if "opd/prefix_guided_fraction" in entry]  # fmt: skip
+    assert guided == [0.5, 0.5]

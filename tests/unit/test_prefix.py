@@ -308,3 +308,20 @@ def test_prefix_source_mask():
     assert mask_BT.tolist() == [[True, True, False], [False, False, False], [True, False, False]]
     with pytest.raises(AssertionError, match="must be in"):
         prefix_source_mask([4], 3)
+
+
+def test_cosine_schedule_is_prefix_rfts_half_cosine_decay():
+    schedule = PrefixSchedule(start=0.95, end=0.05, ramp_steps=4, shape="cosine")
+    values = [prefix_fraction(step, schedule) for step in range(6)]
+    # 0.05 + 0.9 * (1 + cos(pi * s / 4)) / 2: s = 1 -> 0.05 + 0.9 * 0.853553 = 0.818198
+    assert values == pytest.approx([0.95, 0.818198, 0.5, 0.181802, 0.05, 0.05], abs=1e-6)
+    with pytest.raises(ValueError, match="shape must be one of"):
+        PrefixSchedule(start=0.5, end=0.5, ramp_steps=0, shape="step")
+
+
+def test_schedule_round_off_does_not_drop_a_token():
+    fraction = prefix_fraction(
+        1, PrefixSchedule(start=0.95, end=0.05, ramp_steps=2, shape="cosine")
+    )
+    assert fraction < 0.5  # 0.49999999999999994
+    assert cut_prefix_ids([7, 8], fraction, max_tokens=10) == [7]

@@ -283,3 +283,13 @@ def test_route_term_masks_token_in_both_spans_and_bad_coefficient():
     assert masks.reverse_kl_BT.tolist() == [[0.5, 0.5]]
     with pytest.raises(ValueError, match=r"kl_coef must be in \[0, 1\]"):
         route_term_masks(both, torch.ones(1, 2), 1.5)
+
+
+def test_the_threshold_is_torch_quantile_also_beyond_its_input_limit():
+    from opd.objectives.spans import _quantile
+
+    values = torch.rand(1001, generator=torch.Generator().manual_seed(0))
+    for q in (0.0, 0.3, 0.5, 0.8, 0.999, 1.0):
+        torch.testing.assert_close(_quantile(values, q), torch.quantile(values, q))
+    large = torch.arange(2**24 + 1, dtype=torch.float32)  # torch.quantile refuses this size
+    assert float(_quantile(large, 0.5)) == 2**23

@@ -332,3 +332,51 @@ def test_guided_rows_under_torchrun_are_the_global_first_members(tmp_path):
     guided = [entry["opd/prefix_guided_fraction"] for entry in history
               if "opd/prefix_guided_fraction" in entry]  # fmt: skip
     assert guided == [0.5, 0.5]
+
+
+# ----- the prefix source from `opd rollout` -----
+
+
+def ends_with_answer(completions, answer, **kwargs) -> list[float]:
+    return [
+        float(text.strip().endswith(gold)) for text, gold in zip(completions, answer, strict=True)
+    ]
+
+
+def test_prefixes_come_from_the_first_graded_success_of_a_rollout_set(tmp_path, tiny_student):
+    """A rollout set (the `opd rollout` layout) with a success for "1+1=" only: its guided rows
+    continue from 40% of that success; "2+2=" has none and stays unguided."""
+    import pyarrow as pa
+
+    from opd.shards import ShardSetWriter
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_student)
+    rows = [(0, 0, "1+1=3"), (0, 1, "1+1=2"), (1, 0, "2+2=5")]  # prompt, sample, completion
+    ids = [[*tokenizer.encode(text, add_special_tokens=False), tokenizer.eos_token_id]
+           for _, _, text in rows]  # fmt: skip
+    table = pa.table({
+        "prompt_index": pa.array([r[0] for r in rows], pa.int64()),
+        "sample_index": pa.array([r[1] for r in rows], pa.int64()),
+        "prompt_ids": pa.array([tokenizer(PROMPTS[r[0]])["input_ids"] for r in rows],
+                               pa.list_(pa.int32())),
+        "teacher_prompt_ids": pa.array([[] for _ in rows], pa.list_(pa.int32())),
+        "completion_ids": pa.array(ids, pa.list_(pa.int32())),
+        "sampler_logprobs": pa.array([[-1.0] * len(i) for i in ids], pa.list_(pa.float32())),
+        "stop_reason": pa.array(["stop"] * len(rows)),
+        "prompt": pa.array([PROMPTS[r[0]] for r in rows]),
+        "answer": pa.array([["2", "4"][r[0]] for r in rows]),
+    })  # fmt: skip
+    plan = {"kind": "rollouts", "num_rows": 3, "num_shards": 1, "shard_size": 3}
+    writer = ShardSetWriter(tmp_path / "rollouts", plan, rerun_hint="opd rollout")
+    writer.start()
+    writer.write_shard(0, table)
+    writer.close()
+    trainer = train(tmp_path / "run", tiny_student, reward_funcs=[ends_with_answer], max_steps=1,
+                    opd_prefix_rollouts=str(tmp_path / "rollouts"), opd_prefix_guided=1,
+                    opd_prefix_fraction_start=0.4, opd_prefix_fraction_end=0.4)  # fmt: skip
+    assert trainer.prefix_sources == {prompt_key("1+1="): "1+1=2"}
+    [step] = trainer.recorded
+    for row, prompt in enumerate(step["prompts"]):
+        expected = tokenizer.encode("1+", add_special_tokens=False)
+        guided = prompt == "1+1=" and row % 2 == 0
+        assert step["prefix_ids_B"][row] == (expected if guided else None)

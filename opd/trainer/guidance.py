@@ -164,22 +164,26 @@ class GuidanceMixin:
         ]
 
     def place_prefixes(self, generated: tuple, conversational: bool) -> tuple:
-        """After generation: Prefix-RFT moves each prefix into its completion (and the
-        completion text the rewards read); POPE/PrefixRL leave it in the prompt."""
+        """After generation: Prefix-RFT moves each prefix into its completion; POPE/PrefixRL
+        leave it in the prompt. Either way the rewards grade the whole solution, prefix and
+        continuation (a guided rollout's answer may sit in its prefix)."""
         step = self.step_state
         plan = step.prefix_ids_B
         prompt_ids, completion_ids, tool_mask, completions, logprobs, *rest = generated
         step.prefix_len_B = [0] * len(plan)
-        if self.args.opd_prefix_placement == PrefixPlacement.PROMPT:
-            return generated
-        prompt_ids, completion_ids, logprobs, step.prefix_len_B = prefix_into_completion(
-            prompt_ids, completion_ids, logprobs, plan,
-            max_completion_length=self.max_completion_length,
-        )  # fmt: skip
+        solutions = [prefix + list(ids) if prefix else None
+                     for prefix, ids in zip(plan, completion_ids, strict=True)]  # fmt: skip
+        if self.args.opd_prefix_placement == PrefixPlacement.COMPLETION:
+            prompt_ids, completion_ids, logprobs, step.prefix_len_B = prefix_into_completion(
+                prompt_ids, completion_ids, logprobs, plan,
+                max_completion_length=self.max_completion_length,
+            )  # fmt: skip
+            lengths = step.prefix_len_B
+            solutions = [ids if n else None for ids, n in zip(completion_ids, lengths, strict=True)]
         completions = list(completions)
-        for row, length in enumerate(step.prefix_len_B):
-            if length:
-                text = self.processing_class.decode(completion_ids[row], skip_special_tokens=True)
+        for row, ids in enumerate(solutions):
+            if ids is not None:
+                text = self.processing_class.decode(ids, skip_special_tokens=True)
                 completions[row] = (
                     [{"role": "assistant", "content": text}] if conversational else text
                 )

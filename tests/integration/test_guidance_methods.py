@@ -380,3 +380,39 @@ def test_prefixes_come_from_the_first_graded_success_of_a_rollout_set(tmp_path, 
         expected = tokenizer.encode("1+", add_special_tokens=False)
         guided = prompt == "1+1=" and row % 2 == 0
         assert step["prefix_ids_B"][row] == (expected if guided else None)
+
+
+class RecordingReward:
+    """Records the completion texts TRL's rewards are given."""
+
+    __name__ = "recording_reward"
+
+    def __init__(self):
+        self.completions: list[list[str]] = []
+
+    def __call__(self, completions, **kwargs) -> list[float]:
+        self.completions.append(list(completions))
+        return [0.0] * len(completions)
+
+
+@pytest.mark.parametrize("placement", ["prompt", "completion"])
+def test_rewards_grade_the_whole_guided_solution(tmp_path, tiny_student, placement):
+    """A guided rollout's answer may sit in its prefix: the rewards read prefix + continuation
+    in both placements (the ids keep the placement's split)."""
+    reward = RecordingReward()
+    trainer = train(tmp_path, tiny_student, reward_funcs=[reward], max_steps=1,
+                    opd_prefix_column="solution", opd_prefix_placement=placement,
+                    opd_prefix_guided=1, opd_prefix_fraction_start=0.4,
+                    opd_prefix_fraction_end=0.4, max_completion_length=6)  # fmt: skip
+    [step] = trainer.recorded
+    [texts] = reward.completions
+    tokenizer = AutoTokenizer.from_pretrained(tiny_student)
+    for row, prompt in enumerate(step["prompts"]):
+        ids = step["completion_ids"][row][step["mask_BT"][row].bool()].tolist()
+        continuation = tokenizer.decode(ids, skip_special_tokens=True)
+        if row % 2 == 0:  # guided: 40% of the solution, 2 tokens
+            prefix = SOLUTIONS[PROMPTS.index(prompt)][:2]
+            expected = continuation if placement == "completion" else prefix + continuation
+            assert texts[row] == expected and texts[row].startswith(prefix)
+        else:
+            assert texts[row] == continuation

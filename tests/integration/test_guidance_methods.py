@@ -416,3 +416,29 @@ def test_rewards_grade_the_whole_guided_solution(tmp_path, tiny_student, placeme
             assert texts[row] == expected and texts[row].startswith(prefix)
         else:
             assert texts[row] == continuation
+
+
+# ----- MOPD with a configured teacher, served over HTTP -----
+
+
+def test_mopd_peer_contexts_reach_a_served_teacher(tmp_path, tiny_student, tiny_teacher,
+                                                   teacher_backend, serve_teacher):  # fmt: skip
+    """MOPD with the tiny teacher in-process (`local`) and behind `opd teacher serve` on
+    loopback: the same peer-context teacher prompts travel with the request and the teacher's
+    scores, hence the advantages, agree."""
+    from opd.commands.serve import ServeArguments
+
+    fields = {"reward_funcs": [alternate_reward], "max_steps": 1, "num_generations": 4,
+              "mopd_peers": "contrastive", "mopd_success_label": "ok",
+              "mopd_failure_label": "no", "teacher_context_template": TEMPLATE}  # fmt: skip
+    local = train(tmp_path / "local", tiny_student, teacher_mode="local",
+                  teacher_model_name_or_path=str(tiny_teacher), **fields)  # fmt: skip
+    args = ServeArguments(model=str(tiny_teacher), port=0, log_level="warning")
+    with serve_teacher(args, teacher_backend) as url:
+        served = train(tmp_path / "served", tiny_student, teacher_mode="server",
+                       teacher_urls=[url], **fields)  # fmt: skip
+    [a], [b] = local.recorded, served.recorded
+    assert a["teacher_prompt_ids"] == b["teacher_prompt_ids"]
+    assert len({len(ids) for ids in a["teacher_prompt_ids"]}) > 1  # contexts differ per row
+    torch.testing.assert_close(b["teacher_BT"], a["teacher_BT"], atol=1e-5, rtol=0)
+    torch.testing.assert_close(b["advantages_BT"], a["advantages_BT"], atol=1e-5, rtol=0)

@@ -82,7 +82,13 @@ class RecordingTrainer(OPDTrainer):
         return super()._compute_loss(model, inputs)
 
 
-def train(output_dir, tiny_student, *, reward_funcs=None, **fields) -> RecordingTrainer:
+def train(output_dir, tiny_student, **kwargs) -> RecordingTrainer:
+    trainer = build(output_dir, tiny_student, **kwargs)
+    trainer.train()
+    return trainer
+
+
+def build(output_dir, tiny_student, *, reward_funcs=None, **fields) -> RecordingTrainer:
     defaults = {
         "max_steps": 2, "learning_rate": 0.1, "optim": "sgd", "lr_scheduler_type": "constant",
         "max_grad_norm": 0.0, "save_strategy": "no", "teacher_mode": "self",
@@ -91,10 +97,8 @@ def train(output_dir, tiny_student, *, reward_funcs=None, **fields) -> Recording
     args = OPDConfig(output_dir=str(output_dir), report_to="none", logging_steps=1, seed=0,
                      **{**defaults, **fields})  # fmt: skip
     dataset = Dataset.from_dict({"prompt": PROMPTS, "solution": SOLUTIONS, "answer": ["2", "4"]})
-    trainer = RecordingTrainer(model=str(tiny_student), args=args, train_dataset=dataset,
-                               reward_funcs=reward_funcs)  # fmt: skip
-    trainer.train()
-    return trainer
+    return RecordingTrainer(model=str(tiny_student), args=args, train_dataset=dataset,
+                            reward_funcs=reward_funcs)  # fmt: skip
 
 
 def logged(trainer, name: str) -> list[float]:
@@ -442,3 +446,23 @@ def test_mopd_peer_contexts_reach_a_served_teacher(tmp_path, tiny_student, tiny_
     assert len({len(ids) for ids in a["teacher_prompt_ids"]}) > 1  # contexts differ per row
     torch.testing.assert_close(b["teacher_BT"], a["teacher_BT"], atol=1e-5, rtol=0)
     torch.testing.assert_close(b["advantages_BT"], a["advantages_BT"], atol=1e-5, rtol=0)
+
+
+def test_pope_ledger_and_weights_survive_a_checkpoint_resume(tmp_path, tiny_student):
+    """Step 3's guidance reads the ledger of steps 1-2: a resume that lost it would guide (and
+    train) differently."""
+    import shutil
+
+    fields = {"reward_funcs": [solved_prompt_reward], "max_steps": 3,
+              "save_strategy": "steps", "save_steps": 1, **POPE}  # fmt: skip
+    whole = train(tmp_path / "whole", tiny_student, **fields)
+    checkpoint = tmp_path / "whole" / "checkpoint-2"
+    shutil.copytree(checkpoint, tmp_path / "resumed" / "checkpoint-2")
+    resumed = build(tmp_path / "resumed", tiny_student, **fields)
+    resumed.train(resume_from_checkpoint=str(tmp_path / "resumed" / "checkpoint-2"))
+    [step3] = resumed.recorded
+    assert step3["prefix_ids_B"] == whole.recorded[2]["prefix_ids_B"]
+    assert any(step3["prefix_ids_B"])  # the restored ledger guided the failed prompt
+    assert resumed.prefix_ledger.state_dict() == whole.prefix_ledger.state_dict()
+    for name, value in weights(whole).items():
+        torch.testing.assert_close(weights(resumed)[name], value, atol=1e-6, rtol=0, msg=name)

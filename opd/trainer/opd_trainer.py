@@ -8,7 +8,8 @@ checkpointing, logging, weight sync) is TRL's.
   no-grad pass over the student's logits gives per-token entropy and KL (vOPD baseline, TIP,
   top-k mass), and the composer (`opd/objectives/compose.py`) builds the `[B, T]` advantage of
   the configured method. TIP chooses the kept tokens here; LUFFY/StableOPD traces enter the group
-  in `_generate` (`methods.py`). The step's values travel in a `StepState` (`step.py`).
+  in `_generate` (`methods.py`); guiding prefixes, MOPD's peer contexts and TRACE's per-term
+  masks come from `guidance.py`. The step's values travel in a `StepState` (`step.py`).
 - **Loss** (`_compute_loss`, `loss.py`): the kept positions through the fused lm_head.
 
 The teacher is any `TeacherScorer` (`teacher_mode`: local, server, vllm, offline, self). On a CPU,

@@ -61,6 +61,7 @@ import hashlib
 import json
 import math
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
@@ -163,6 +164,21 @@ class PromptLedger:
             failures={key: int(n) for key, n in state["failures"].items()},
             cached_traces=dict(state["cached_traces"]),
         )
+
+
+def save_ledger(ledger: PromptLedger, path: Path) -> None:
+    """Write `ledger` to `path` atomically (a crash leaves the old file or the new one)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_suffix(".tmp")
+    temporary.write_text(json.dumps(ledger.state_dict()))
+    temporary.replace(path)
+
+
+def load_ledger(path: Path) -> PromptLedger | None:
+    """The ledger `save_ledger` wrote at `path`; None when there is none."""
+    if not path.is_file():
+        return None
+    return PromptLedger.from_state_dict(json.loads(path.read_text()))
 
 
 def insert_groups_G(

@@ -22,7 +22,6 @@ Test: `pytest tests/integration/test_guidance_methods.py`.
 from __future__ import annotations
 
 import importlib
-import json
 from pathlib import Path
 
 import torch
@@ -46,7 +45,7 @@ from opd.rollout.prefix import (
     prefix_source_mask,
     successful_rollout_traces,
 )
-from opd.rollout.trace_gate import PromptLedger, prompt_key
+from opd.rollout.trace_gate import PromptLedger, load_ledger, prompt_key, save_ledger
 from opd.teacher.peer_context import PeerContextSettings, groups_with_success, peer_contexts
 from opd.trainer.distributed import on_global_batch
 from opd.trainer.trl_seams import prompt_render_kwargs
@@ -304,18 +303,13 @@ class GuidanceMixin:
     # ----- checkpoints -----
 
     def save_guidance_state(self, checkpoint: Path) -> None:
-        if self.prefix_ledger is None or not self.args.should_save:
-            return
-        checkpoint.mkdir(parents=True, exist_ok=True)
-        path = checkpoint / PREFIX_LEDGER_FILE
-        temporary = path.with_suffix(".tmp")
-        temporary.write_text(json.dumps(self.prefix_ledger.state_dict()))
-        temporary.replace(path)
+        if self.prefix_ledger is not None and self.args.should_save:
+            save_ledger(self.prefix_ledger, checkpoint / PREFIX_LEDGER_FILE)
 
     def load_guidance_state(self, checkpoint: str | Path) -> None:
-        path = Path(checkpoint) / PREFIX_LEDGER_FILE
-        if self.prefix_ledger is not None and path.is_file():
-            self.prefix_ledger = PromptLedger.from_state_dict(json.loads(path.read_text()))
+        saved = load_ledger(Path(checkpoint) / PREFIX_LEDGER_FILE)
+        if self.prefix_ledger is not None and saved is not None:
+            self.prefix_ledger = saved
 
 
 def _load_annotator(name: str):

@@ -21,7 +21,6 @@ Test: `pytest tests/integration/test_offpolicy_methods.py`.
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
@@ -46,7 +45,13 @@ from opd.objectives.offpolicy import (
 )
 from opd.objectives.surrogate import luffy_shaped_loss_N
 from opd.objectives.vcpo import LearningRateScale, ess_lr_scale, min_variance_baseline_BT
-from opd.rollout.trace_gate import PromptLedger, insert_groups_G, prompt_key
+from opd.rollout.trace_gate import (
+    PromptLedger,
+    insert_groups_G,
+    load_ledger,
+    prompt_key,
+    save_ledger,
+)
 from opd.trainer.distributed import gather_rows, on_global_batch
 from opd.types import Baseline, DepthUnit, ImitationGate, OPDBatchFields, Ratio, TraceGate
 
@@ -212,18 +217,13 @@ class OffPolicyMixin:
         return self.trl_rewards(self.step_state.inputs, prompts, completions, completion_ids)
 
     def save_method_state(self, checkpoint: Path) -> None:
-        if self.trace_ledger is None or not self.args.should_save:
-            return
-        checkpoint.mkdir(parents=True, exist_ok=True)
-        path = checkpoint / LEDGER_FILE
-        temporary = path.with_suffix(".tmp")
-        temporary.write_text(json.dumps(self.trace_ledger.state_dict()))
-        temporary.replace(path)
+        if self.trace_ledger is not None and self.args.should_save:
+            save_ledger(self.trace_ledger, checkpoint / LEDGER_FILE)
 
     def load_method_state(self, checkpoint: str | Path) -> None:
-        path = Path(checkpoint) / LEDGER_FILE
-        if self.trace_ledger is not None and path.is_file():
-            self.trace_ledger = PromptLedger.from_state_dict(json.loads(path.read_text()))
+        saved = load_ledger(Path(checkpoint) / LEDGER_FILE)
+        if self.trace_ledger is not None and saved is not None:
+            self.trace_ledger = saved
 
     # ----- imitation of expert traces (CHORD, DYPO) -----
 

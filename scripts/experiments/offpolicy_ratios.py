@@ -87,11 +87,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from opd.cli import main as opd_main
 from opd.demo.evaluate import (
-    completion_logprobs,
-    encode_prompts,
-    exact_reverse_kl,
-    greedy_accuracy,
-    sample_completions,
+    held_out_metrics,
 )
 from opd.demo.pretrain import MAX_NEW_TOKENS, demo_splits, prepare_demo_models
 
@@ -251,51 +247,13 @@ def ess_summary(run_dir: Path) -> dict:
 # ------------------------------------------------------------------------------------------------
 
 
-@torch.no_grad()
-def sampled_reverse_kl(student, teacher, tokenizer, prompts: list[str], samples: int) -> dict:
-    """k1 and exact reverse KL per token on the student's seeded temperature-1 samples."""
-    prompt_ids_BP, prompt_mask_BP = encode_prompts(tokenizer, prompts)
-    prompt_ids_BP = prompt_ids_BP.repeat_interleave(samples, dim=0)
-    prompt_mask_BP = prompt_mask_BP.repeat_interleave(samples, dim=0)
-    torch.manual_seed(EVAL_SEED)  # generate() samples from the global RNG
-    completion_ids_BT, mask_BT = sample_completions(
-        student, prompt_ids_BP, prompt_mask_BP, tokenizer, max_new_tokens=MAX_NEW_TOKENS
-    )
-    args = (prompt_ids_BP, prompt_mask_BP, completion_ids_BT, mask_BT)
-    student_BTV, teacher_BTV = (
-        completion_logprobs(student, *args),
-        completion_logprobs(teacher, *args),
-    )
-    ids_BT1 = completion_ids_BT.unsqueeze(-1)
-    k1_BT = (student_BTV.gather(-1, ids_BT1) - teacher_BTV.gather(-1, ids_BT1)).squeeze(-1)
-    mask_BT = mask_BT.double()
-    sums_B, counts_B = (k1_BT.double() * mask_BT).sum(1), mask_BT.sum(1)
-    mean = float(sums_B.sum() / counts_B.sum())
-    se = float(((sums_B - mean * counts_B) ** 2).sum().sqrt() / counts_B.sum())
-    exact_BT = exact_reverse_kl(student_BTV, teacher_BTV, mask_BT.float())
-    return {
-        "reverse_kl": mean,
-        "reverse_kl_se": se,
-        "reverse_kl_exact": float(exact_BT.double().sum() / counts_B.sum()),
-    }
-
-
 def evaluate_model(model_path: str, result_path: Path, context) -> dict:
-    """Held-out greedy accuracy and on-policy reverse KL of one model, cached in `result_path`."""
-    if result_path.is_file():
-        return json.loads(result_path.read_text())
+    """Held-out greedy accuracy and on-policy reverse KL (k1) of one model, cached."""
     teacher, tokenizer, held_out, samples = context
-    student = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32).eval()
-    accuracy = greedy_accuracy(student, tokenizer, held_out, max_new_tokens=MAX_NEW_TOKENS)
-    result = {
-        "model": model_path,
-        "accuracy": accuracy,
-        "accuracy_se": math.sqrt(accuracy * (1 - accuracy) / len(held_out)),
-        **sampled_reverse_kl(student, teacher, tokenizer, list(held_out["prompt"]), samples),
-    }
-    result_path.parent.mkdir(parents=True, exist_ok=True)
-    result_path.write_text(json.dumps(result, indent=1))
-    return result
+    return held_out_metrics(
+        model_path, result_path, teacher=teacher, tokenizer=tokenizer, held_out=held_out,
+        samples=samples, seed=EVAL_SEED, max_new_tokens=MAX_NEW_TOKENS, reverse_kl="k1",
+    )  # fmt: skip
 
 
 def eval_context(plan: Plan, teacher_path: str):

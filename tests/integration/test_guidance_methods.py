@@ -466,3 +466,26 @@ def test_pope_ledger_and_weights_survive_a_checkpoint_resume(tmp_path, tiny_stud
     assert resumed.prefix_ledger.state_dict() == whole.prefix_ledger.state_dict()
     for name, value in weights(whole).items():
         torch.testing.assert_close(weights(resumed)[name], value, atol=1e-6, rtol=0, msg=name)
+
+
+def test_a_vllm_server_samples_guided_groups_one_completion_per_row(
+    tmp_path, tiny_student, monkeypatch
+):
+    """TRL's server path samples `n = num_generations` completions of every group's first
+    prompt; a guided group's rows differ by their prefix, so opd asks for one per row. A vLLM
+    server cannot run on this CPU (tests/gpu/test_vllm_server_cuda.py needs 2 GPUs): TRL's
+    method is replaced by a recorder here, and only the argument opd passes is checked."""
+    from opd.trainer.trl_seams import GRPOTrainer
+
+    trainer = build(tmp_path, tiny_student, opd_prefix_column="solution")
+    seen = []
+    monkeypatch.setattr(GRPOTrainer, "_generate_single_turn",
+                        lambda self, ids, images, fields, n, *args: seen.append(n))  # fmt: skip
+    trainer.model.train()
+    for mode, expected in (("colocate", 2), ("server", 1)):
+        trainer.vllm_mode = mode
+        trainer._generate_single_turn([[1, 2]], None, {}, 2)
+        assert seen[-1] == expected
+    trainer.model.eval()  # evaluation is unguided: the group shares one prompt
+    trainer._generate_single_turn([[1, 2]], None, {}, 2)
+    assert seen[-1] == 2

@@ -27,6 +27,7 @@ from __future__ import annotations
 import sys
 from collections.abc import Callable
 from importlib import import_module
+from pathlib import Path
 from typing import Any, NamedTuple
 
 DESCRIPTION = "opd: on-policy distillation of language models (vLLM + teacher + TRL)."
@@ -80,6 +81,23 @@ def main(argv: list[str] | None = None) -> int:
         print(f"opd: unknown command {name!r}.\n\n{top_level_help()}", file=sys.stderr)
         return BAD_INPUT
     return run_command(name, rest)
+
+
+def run_logged(argv: list[str], log_path: str | Path) -> None:
+    """`opd ARGV` in this process with its console output in `log_path` (scripts that chain
+    several jobs, e.g. `scripts/experiments/`); a RuntimeError with the log's tail on failure."""
+    import contextlib
+
+    log_path = Path(log_path)
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with (
+        open(log_path, "w") as log,
+        contextlib.redirect_stdout(log),
+        contextlib.redirect_stderr(log),
+    ):
+        code = main(argv)
+    if code != 0:
+        raise RuntimeError(f"opd {' '.join(argv)} exited {code}:\n{log_path.read_text()[-3000:]}")
 
 
 def run_command(name: str, argv: list[str]) -> int:

@@ -66,7 +66,6 @@ Test: `pytest tests/integration/test_mopd_vs_opsd_script.py`.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import math
 import time
@@ -76,7 +75,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from opd.cli import main as opd_main
+from opd.cli import run_logged
 from opd.demo.evaluate import (
     greedy_accuracy,
     held_out_metrics,
@@ -136,19 +135,6 @@ class Plan:
 # ------------------------------------------------------------------------------------------------
 
 
-def run_opd(args: list[str], log_path: Path) -> None:
-    """`opd ...` in this process, its console output into `log_path`; raises on failure."""
-    log_path.parent.mkdir(parents=True, exist_ok=True)
-    with (
-        open(log_path, "w") as log,
-        contextlib.redirect_stdout(log),
-        contextlib.redirect_stderr(log),
-    ):
-        code = opd_main(args)
-    if code != 0:
-        raise RuntimeError(f"opd {' '.join(args)} exited {code}:\n{log_path.read_text()[-3000:]}")
-
-
 def train_arm(plan: Plan, run_dir: Path, arm: str, seed: int) -> None:
     """`plan.steps` steps of `arm` from the initial demo student; skipped when done."""
     if (run_dir / "opd_results.json").is_file():
@@ -163,7 +149,7 @@ def train_arm(plan: Plan, run_dir: Path, arm: str, seed: int) -> None:
         "--write_report", "false",
     ]  # fmt: skip
     start = time.perf_counter()
-    run_opd(args, run_dir / "train.log")
+    run_logged(args, run_dir / "train.log")
     seconds = time.perf_counter() - start
     (run_dir / "wall.json").write_text(json.dumps({"wall_s": seconds}))
     print(f"  {arm} seed {seed}: trained in {seconds:.0f} s", flush=True)

@@ -73,7 +73,6 @@ Test: `pytest tests/integration/test_offpolicy_ratios_script.py`.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import math
 import subprocess
@@ -85,7 +84,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from opd.cli import main as opd_main
+from opd.cli import run_logged
 from opd.demo.evaluate import (
     held_out_metrics,
 )
@@ -129,19 +128,6 @@ TINY = Plan(
 # ------------------------------------------------------------------------------------------------
 
 
-def run_opd(args: list[str], log_path: Path) -> None:
-    """`opd ...` in this process, its console output into `log_path`; raises on failure."""
-    log_path.parent.mkdir(parents=True, exist_ok=True)
-    with (
-        open(log_path, "w") as log,
-        contextlib.redirect_stdout(log),
-        contextlib.redirect_stderr(log),
-    ):
-        code = opd_main(args)
-    if code != 0:
-        raise RuntimeError(f"opd {' '.join(args)} exited {code}:\n{log_path.read_text()[-3000:]}")
-
-
 def sampler_models(plan: Plan, out: Path, initial_student: str) -> dict[int, str]:
     """`{staleness: folder of the step W - s model}` (step 0: the initial student)."""
     warm = out / "warmup"
@@ -172,7 +158,7 @@ def warm_up(plan: Plan, out: Path) -> None:
         "--output_dir", str(out / "warmup"),
     ]  # fmt: skip
     start = time.perf_counter()
-    run_opd(args, out / "warmup" / "train.log")
+    run_logged(args, out / "warmup" / "train.log")
     print(f"warm-up: {plan.warmup_steps} steps in {time.perf_counter() - start:.0f} s", flush=True)
 
 
@@ -203,7 +189,7 @@ def build_shards(plan: Plan, out: Path, staleness: int, model: str, teacher: str
             raise RuntimeError(f"opd rollout failed:\n{log_path.read_text()[-3000:]}")
     precompute = ["teacher", "precompute", "--rollouts", str(rollouts),
                   "--teacher_model_name_or_path", teacher, "--output_dir", str(scores)]  # fmt: skip
-    run_opd(precompute, out / "scores" / f"stale{staleness}.log")
+    run_logged(precompute, out / "scores" / f"stale{staleness}.log")
     print(f"shards stale {staleness}: {time.perf_counter() - start:.0f} s", flush=True)
     return scores
 
@@ -223,7 +209,7 @@ def train_run(plan: Plan, run_dir: Path, form: str, scores: Path, start_model: s
         "--logging_steps", "1", "--save_strategy", "no", "--write_report", "false", *ratio,
     ]  # fmt: skip
     start = time.perf_counter()
-    run_opd(args, run_dir / "train.log")
+    run_logged(args, run_dir / "train.log")
     print(f"  trained {run_dir.relative_to(run_dir.parents[3])}: "
           f"{time.perf_counter() - start:.0f} s", flush=True)  # fmt: skip
 

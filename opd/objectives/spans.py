@@ -73,8 +73,50 @@ def _common_prefix_from(prefix: str, text: str, start: int) -> int:
 
 
 def _decoded_offsets(ids: list[int], tokenizer) -> tuple[str, list[tuple[int, int]]]:
-    """The decoded text and each token's `[start, end)` in it (see `token_char_offsets`)."""
+    """The decoded text and each token's `[start, end)` in it (see `token_char_offsets`):
+    incrementally (linear in the length), or, when the pieces do not add up to the text (a
+    decoder whose windows disagree with the whole), from whole prefixes (quadratic)."""
     text = _decode(ids, tokenizer)
+    offsets_N = _incremental_offsets(ids, tokenizer, text)
+    return text, offsets_N if offsets_N is not None else _prefix_offsets(ids, tokenizer, text)
+
+
+def _incremental_offsets(ids: list[int], tokenizer, text: str) -> list[tuple[int, int]] | None:
+    """The offsets of `_prefix_offsets` from short decodes, as vLLM's incremental detokenizer:
+    each step decodes a window that starts at the previous clean boundary's predecessor (so a
+    decoder's special handling of a sequence start, e.g. SentencePiece's leading space, cancels
+    out) and assigns the token the new complete characters. None when the pieces do not add up
+    to `text`."""
+    offsets_N: list[tuple[int, int]] = []
+    pieces: list[str] = []
+    pending = 0  # tokens holding part of a char, waiting for the token that completes it
+    start = read = 0  # the window ids[start:]; ids[start:read] are fully assigned
+    consumed = 0  # characters of the window already assigned
+    end = 0
+    for i in range(len(ids)):
+        window = _decode(ids[start : i + 1], tokenizer)
+        partial = window.endswith("\ufffd")
+        stable = window.rstrip("\ufffd") if partial else window
+        if len(stable) > consumed:
+            pieces.append(stable[consumed:])
+            new_end = end + len(stable) - consumed
+            offsets_N.extend((end, new_end) for _ in range(pending + 1))
+            pending, end, consumed = 0, new_end, len(stable)
+        elif partial:
+            pending += 1
+            continue
+        else:
+            offsets_N.extend((end, end) for _ in range(pending + 1))
+            pending = 0
+        if not partial:  # a clean boundary: slide the window
+            start, read = read, i + 1
+            consumed = len(_decode(ids[start:read], tokenizer))
+    offsets_N.extend((end, end) for _ in range(pending))
+    return offsets_N if "".join(pieces) == text else None
+
+
+def _prefix_offsets(ids: list[int], tokenizer, text: str) -> list[tuple[int, int]]:
+    """Each token's extent from whole decoded prefixes (one decode of `ids[:i+1]` per token)."""
     offsets_N: list[tuple[int, int]] = []
     pending_N: list[int] = []  # tokens holding only part of a char, waiting for its last byte
     end = 0
@@ -95,7 +137,7 @@ def _decoded_offsets(ids: list[int], tokenizer) -> tuple[str, list[tuple[int, in
             offsets_N.extend((end, end) for _ in range(len(pending_N) + 1))
             pending_N = []
     offsets_N.extend((end, end) for _ in pending_N)
-    return text, offsets_N
+    return offsets_N
 
 
 def token_char_offsets(completion_ids: list[int], tokenizer) -> list[tuple[int, int]]:
@@ -112,8 +154,9 @@ def token_char_offsets(completion_ids: list[int], tokenizer) -> list[tuple[int, 
       every token that spells it. Consecutive distinct extents therefore tile the text;
     - a token that completes one char and starts the next covers the completed one only.
 
-    Offsets are monotone non-decreasing in both start and end. Costs one decode per token
-    (quadratic in the completion length).
+    Offsets are monotone non-decreasing in both start and end. Costs two short decodes per token
+    (an incremental detokenizer), checked against the whole text; a decoder that disagrees falls
+    back to one decode of each prefix (quadratic in the completion length).
 
     Args:
         completion_ids: the completion's token ids (valid tokens only).

@@ -489,3 +489,35 @@ def test_a_vllm_server_samples_guided_groups_one_completion_per_row(
     trainer.model.eval()  # evaluation is unguided: the group shares one prompt
     trainer._generate_single_turn([[1, 2]], None, {}, 2)
     assert seen[-1] == 2
+
+
+def first_character_spans(prompt: str, completion: str, correct: bool) -> list:
+    """A `SpanAnnotator`: the completion's first character, "key" if correct else "error"."""
+    return [(0, 1, "key" if correct else "error")] if completion else []
+
+
+def test_trace_with_a_span_annotator_routes_its_character_spans(tmp_path, tiny_student):
+    """An annotator's character spans become token masks: with the demo's one character per
+    token, exactly each completion's first token is routed (key on correct rows, error on
+    wrong ones); the annotator saw the prompt text and the decoded completion."""
+    calls = []
+
+    def annotate(prompt, completion, correct):
+        calls.append((prompt, completion, correct))
+        return first_character_spans(prompt, completion, correct)
+
+    trainer = build(tmp_path, tiny_student, reward_funcs=[solved_prompt_reward], max_steps=1,
+                    trace_kl_warmup_steps=5, **TRACE)  # fmt: skip
+    trainer.span_annotator = annotate  # what trace_annotator: module.function loads
+    trainer.train()
+    [step] = trainer.recorded
+    masks, mask_BT = step["term_masks"], step["mask_BT"]
+    tokenizer = AutoTokenizer.from_pretrained(tiny_student)
+    for row, prompt in enumerate(step["prompts"]):
+        ids = step["completion_ids"][row][mask_BT[row].bool()].tolist()
+        text = tokenizer.decode(ids, skip_special_tokens=True)
+        first_BT = torch.zeros_like(mask_BT[row])
+        first_BT[0] = float(bool(text))  # the first valid token holds the first character
+        routed = masks.forward_kl_BT[row] if prompt == SOLVED else masks.reverse_kl_BT[row]
+        assert torch.equal(routed, first_BT)
+        assert calls[row] == (prompt, text, prompt == SOLVED)

@@ -293,3 +293,50 @@ def test_the_threshold_is_torch_quantile_also_beyond_its_input_limit():
         torch.testing.assert_close(_quantile(values, q), torch.quantile(values, q))
     large = torch.arange(2**24 + 1, dtype=torch.float32)  # torch.quantile refuses this size
     assert float(_quantile(large, 0.5)) == 2**23
+
+
+def _metaspace_tokenizer() -> PreTrainedTokenizerFast:
+    """A SentencePiece-style word-piece tokenizer: '▁' marks a space and the decoder drops the
+    one a decode starts with (what breaks a naive one-token-at-a-time detokenizer)."""
+    vocab = {"<unk>": 0, "<eos>": 1, "▁the": 2, "▁ca": 3, "fé": 4, "▁ok": 5, "▁": 6, "ok": 7}
+    core = Tokenizer(models.WordPiece(vocab=vocab, unk_token="<unk>", continuing_subword_prefix=""))
+    core.pre_tokenizer = pre_tokenizers.Metaspace()
+    core.decoder = decoders.Metaspace()
+    return PreTrainedTokenizerFast(tokenizer_object=core, eos_token="<eos>", unk_token="<unk>")
+
+
+def test_the_incremental_offsets_equal_the_whole_prefix_ones(tokenizer):
+    """The linear detokenizer gives the offsets of the quadratic definition, without falling
+    back, on byte-level BPE (split multi-byte chars, merged whitespace, a mid-text special
+    token) and on a SentencePiece-style decoder (leading-space handling)."""
+    from opd.objectives.spans import _incremental_offsets, _prefix_offsets
+
+    metaspace = _metaspace_tokenizer()
+    cases = [
+        (tokenizer, _ids(tokenizer, SENTENCE)),
+        (tokenizer, _ids(tokenizer, "a   b\n\n c 東京東京 👍👍")),
+        (tokenizer, [*_ids(tokenizer, "the"), tokenizer.eos_token_id, *_ids(tokenizer, " ok")]),
+        (metaspace, [*metaspace.encode("the café ok ok", add_special_tokens=False), 1]),
+    ]
+    for tok, ids in cases:
+        text = tok.decode(ids, skip_special_tokens=True)
+        incremental = _incremental_offsets(ids, tok, text)
+        assert incremental is not None, text
+        assert incremental == _prefix_offsets(ids, tok, text), text
+    assert metaspace.decode(cases[-1][1], skip_special_tokens=True) == "the café ok ok"
+
+
+def test_a_decoder_whose_windows_disagree_falls_back_to_whole_prefixes(tokenizer):
+    """A (contrived) decoder that reverses its output: short windows cannot rebuild the text,
+    so the offsets are the quadratic definition's."""
+    from opd.objectives.spans import _decoded_offsets, _incremental_offsets, _prefix_offsets
+
+    class Reversing:
+        def decode(self, ids, skip_special_tokens=True):
+            return tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)[::-1]
+
+    ids = _ids(tokenizer, "the ok", eos=False)
+    reversing = Reversing()
+    text = reversing.decode(ids)
+    assert _incremental_offsets(ids, reversing, text) is None
+    assert _decoded_offsets(ids, reversing) == (text, _prefix_offsets(ids, reversing, text))

@@ -35,6 +35,7 @@ from opd.types import (
     PrefixGate,
     PrefixLoss,
     PrefixPlacement,
+    PrefixShape,
     Ratio,
     TeacherDtype,
     TeacherMode,
@@ -423,8 +424,9 @@ class OPDConfig(TeacherArguments, GRPOConfig):
         0.5, "Prefix fraction after opd_prefix_ramp_steps (lower: harder, PrefixRL)."
     )
     opd_prefix_ramp_steps: int = help_field(0, "Steps of the prefix-fraction schedule.")
-    opd_prefix_schedule: str = help_field(
-        "linear", "Shape of the prefix-fraction schedule: 'linear' or 'cosine' (Prefix-RFT)."
+    opd_prefix_schedule: PrefixShape = help_field(
+        PrefixShape.LINEAR,
+        "Shape of the prefix-fraction schedule: 'linear' or 'cosine' (Prefix-RFT).",
     )
     opd_prefix_loss: PrefixLoss = help_field(
         PrefixLoss.NLL,
@@ -776,10 +778,6 @@ class OPDConfig(TeacherArguments, GRPOConfig):
         for name in ("opd_prefix_fraction_start", "opd_prefix_fraction_end"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}.")
-        if self.opd_prefix_schedule not in ("linear", "cosine"):
-            raise ValueError(
-                f"opd_prefix_schedule={self.opd_prefix_schedule!r} is not one of linear, cosine."
-            )
         if self.uses_prefix:
             self._check_prefix_fields()
         if not 0.0 <= self.trace_span_quantile <= 1.0:

@@ -90,7 +90,7 @@ def math_accuracy_reward(
             "math_accuracy_reward needs the gold answer as a dataset column named 'answer' or "
             f"'solution'; got columns {sorted(kwargs)}."
         )
-    texts = [_completion_text(completion) for completion in completions]
+    texts = [completion_text(completion) for completion in completions]
     rewards: list[float | None] = []
     for text, gold_text in zip(texts, golds, strict=True):
         gold = _extract_gold(gold_text)
@@ -132,10 +132,10 @@ def format_reward(completions: list, **kwargs) -> list[float]:
     ("#### \\boxed{72}") is that line's marker, not a second one. No marker, an empty one
     ("####" alone, `\\boxed{}`), or two answers (a hedge) all score 0.0.
     """
-    return [float(_count_answer_markers(_completion_text(c)) == 1) for c in completions]
+    return [float(_count_answer_markers(completion_text(c)) == 1) for c in completions]
 
 
-def _completion_text(completion: str | list[dict]) -> str:
+def completion_text(completion: str | list[dict]) -> str:
     """The text of a completion: the string itself, or the last message's content.
 
     TRL passes conversational completions as a list of messages; the answer is in the last one

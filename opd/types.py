@@ -205,6 +205,14 @@ class PrefixGate(Choice):
     """POPE: prompts the policy has rolled out and never solved (per-prompt ledger)."""
 
 
+class PrefixShape(Choice):
+    """The shape of the prefix-fraction schedule (`opd_prefix_schedule`)."""
+
+    LINEAR = "linear"
+    COSINE = "cosine"
+    """A half cosine from start to end (Prefix-RFT's decay)."""
+
+
 class PrefixLoss(Choice):
     """How completion-placed prefix tokens are trained (`opd_prefix_loss`)."""
 

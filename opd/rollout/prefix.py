@@ -43,9 +43,10 @@ import torch
 
 from opd.rollout.trace_gate import PromptLedger, prompt_key
 from opd.shards import ROLLOUT_COLUMNS, TEACHER_COLUMNS, load_shard_set
+from opd.types import PrefixGate, PrefixShape
 
-PREFIX_GATES = ("always", "failed")
-PREFIX_SCHEDULES = ("linear", "cosine")
+PREFIX_GATES = tuple(gate.value for gate in PrefixGate)
+PREFIX_SCHEDULES = tuple(shape.value for shape in PrefixShape)
 SUCCESS_REWARD = 0.5
 """A completion with reward >= this is a success (binary verifiers give 0 or 1)."""
 

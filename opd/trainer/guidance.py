@@ -35,6 +35,7 @@ from opd.objectives.spans import (
     kl_anneal_coefficient,
     route_term_masks,
 )
+from opd.rewards import completion_text
 from opd.rollout.prefix import (
     PrefixSchedule,
     cut_prefix_ids,
@@ -72,14 +73,11 @@ class GuidanceMixin:
 
     # ----- MOPD: the teacher prompt from the group's peers -----
 
-    def mopd_teacher_prompt_ids(self, step, output) -> list[list[int]]:
-        """Each local row's teacher prompt ids, its context built from the global group."""
+    def mopd_teacher_prompt_ids(self, step) -> list[list[int]]:
+        """Each local row's teacher prompt ids, its context built from the global group (the
+        peers' texts as the rewards graded them)."""
         args, tokenizer = self.args, self.processing_class
-        ids_BT, mask_BT = output["completion_ids"], output["completion_mask"]
-        texts_B = [
-            tokenizer.decode(ids[mask.bool()].tolist(), skip_special_tokens=True)
-            for ids, mask in zip(ids_BT, mask_BT, strict=True)
-        ]
+        texts_B = [completion_text(completion) for completion in step.completions]
         column = args.teacher_context_column
         if column is not None and column not in step.inputs[0]:
             raise ValueError(f"teacher_context_column={column!r} is not a column of the dataset.")
@@ -128,7 +126,7 @@ class GuidanceMixin:
         gate_B = gated_prompts(str(args.opd_prefix_gate), keys, self.prefix_ledger)
         schedule = PrefixSchedule(
             start=args.opd_prefix_fraction_start, end=args.opd_prefix_fraction_end,
-            ramp_steps=args.opd_prefix_ramp_steps, shape=args.opd_prefix_schedule,
+            ramp_steps=args.opd_prefix_ramp_steps, shape=str(args.opd_prefix_schedule),
         )  # fmt: skip
         fraction = prefix_fraction(self.state.global_step, schedule)
         in_completion = args.opd_prefix_placement == PrefixPlacement.COMPLETION

@@ -85,17 +85,18 @@ class MethodMixin:
         step = self.step_state
         step.rewards_BF = rewards_per_func[start : start + len(prompts)]
         step.rewards_GF = rewards_per_func
+        step.completions = completions
         if self.model.training:
             self.record_prefix_outcomes(step, rewards_per_func)
         return rewards_per_func
 
     # ----- teacher inputs from dataset columns -----
 
-    def teacher_prompt_ids(self, output, inputs) -> list[list[int]] | None:
+    def teacher_prompt_ids(self, inputs) -> list[list[int]] | None:
         """The teacher's own prompt ids per row (None: the student's): MOPD's peer context,
         else OPSD's privileged column; with a prompt-placed guiding prefix appended."""
         if self.args.uses_mopd and self.model.training:
-            ids_B = self.mopd_teacher_prompt_ids(self.step_state, output)
+            ids_B = self.mopd_teacher_prompt_ids(self.step_state)
         else:
             ids_B = self.privileged_prompt_ids(inputs)
         return self.prefix_teacher_prompt_ids(ids_B)

@@ -45,6 +45,7 @@ from opd.objectives.offpolicy import (
 )
 from opd.objectives.surrogate import luffy_shaped_loss_N
 from opd.objectives.vcpo import LearningRateScale, ess_lr_scale, min_variance_baseline_BT
+from opd.rewards import completion_text
 from opd.rollout.trace_gate import (
     PromptLedger,
     insert_groups_G,
@@ -205,7 +206,7 @@ class OffPolicyMixin:
         traces = list(traces)
         for row in kept:
             traces[row] = ledger.trace_for(keys_G[(first + row) // group], traces[row])
-        texts_N = gather_object([_completion_text(c) for c in generated[3]])
+        texts_N = gather_object([completion_text(c) for c in generated[3]])
         texts_GN = [texts_N[g * group : (g + 1) * group] for g in range(len(keys_G))]
         ledger.update(keys_G, correct_GN.cpu(), texts_GN, cache_successes=args.opd_trace_cache)
         self.record("opd/trace_insert_fraction", float(insert_G.float().mean()))
@@ -340,10 +341,3 @@ def _sampled_rows_BT(inputs, fields: OPDBatchFields, logprobs_N, rows_N, cols_N)
     keep_BT &= ~fields.offpolicy_B[:, None]
     logprobs_BT = logprobs_N.new_zeros(shape_BT).index_put((rows_N, cols_N), logprobs_N)
     return keep_BT, logprobs_BT
-
-
-def _completion_text(completion) -> str:
-    """A completion as TRL passes it to reward functions: text, or a list of chat messages."""
-    if isinstance(completion, str):
-        return completion
-    return "".join(str(message.get("content", "")) for message in completion)

@@ -388,7 +388,7 @@ class OPDTrainer(LossMixin, OffPolicyMixin, GuidanceMixin, MethodMixin, MetricsM
             completion_mask_BT=output["completion_mask"].cpu(),
             sampler_logprobs_BT=_cpu_or_none(output.get("sampling_per_token_logps")),
             policy_version=self.state.global_step,
-            teacher_prompt_ids=self.teacher_prompt_ids(output, inputs),
+            teacher_prompt_ids=self.teacher_prompt_ids(inputs),
             teacher_route_B=self.teacher_routes(inputs),
         )
 

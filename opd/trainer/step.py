@@ -52,6 +52,8 @@ class StepState:
 
     log_weights_BT: torch.Tensor | None = None
     """VCPO: log importance weights of the current policy against the sampler (0 on-policy)."""
+    completions: list[Any] | None = None
+    """This process's completions as TRL gave them to the rewards (text or chat messages)."""
     rewards_GF: torch.Tensor | None = None
     """TRL's rewards of the whole global batch `[N*B, num_reward_funcs]` (MOPD's peers)."""
     prefix_ids_B: list[list[int] | None] | None = None

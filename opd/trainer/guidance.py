@@ -47,6 +47,7 @@ from opd.rollout.prefix import (
     successful_rollout_traces,
 )
 from opd.rollout.trace_gate import PromptLedger, load_ledger, prompt_key, save_ledger
+from opd.teacher.context import teacher_prompt_ids
 from opd.teacher.peer_context import PeerContextSettings, groups_with_success, peer_contexts
 from opd.trainer.distributed import on_global_batch
 from opd.trainer.trl_seams import prompt_render_kwargs
@@ -95,8 +96,6 @@ class GuidanceMixin:
         first = self.accelerator.process_index * len(texts_B)
         contexts_B = contexts_G[first : first + len(texts_B)]
         step.context_B = torch.tensor([context is not None for context in contexts_B])
-        from opd.teacher.context import teacher_prompt_ids
-
         ids_B = teacher_prompt_ids(
             [row["prompt"] for row in step.inputs], [context or "" for context in contexts_B],
             args.teacher_context_template, tokenizer, **prompt_render_kwargs(self),

@@ -25,6 +25,7 @@ from opd.types import (
     Baseline,
     BehaviourLogprobs,
     Choice,
+    CrossVocab,
     DepthUnit,
     Divergence,
     DivergenceSupport,
@@ -37,6 +38,7 @@ from opd.types import (
     PrefixPlacement,
     PrefixShape,
     Ratio,
+    SpanRule,
     TeacherDtype,
     TeacherMode,
     TipRule,
@@ -129,6 +131,25 @@ class TeacherArguments:
         "method needs the full teacher distribution: the client applies the teacher's output "
         "head) and in shards (`opd teacher precompute --store_hidden_states`). 'bfloat16' "
         "halves the bytes and is not exact (README, 'Teacher v2').",
+    )
+    teacher_cross_tokenizer: bool = help_field(
+        False,
+        "The teacher uses another tokenizer than the student (README, 'Cross-tokenizer "
+        "teachers'): each completion is decoded, re-tokenized with the teacher's tokenizer "
+        "after the teacher's own rendering of the prompt, and the two token sequences are "
+        "aligned by character offsets into spans. The start-up check then compares only what "
+        "must still match (both chat or both plain prompts, text the teacher can spell).",
+    )
+    teacher_tokenizer_name_or_path: str | None = help_field(
+        None,
+        "Cross-tokenizer mode: the teacher's tokenizer (default: teacher_model_name_or_path; "
+        "with teacher_mode vllm and neither set, the server's /tokenize).",
+    )
+    teacher_span_rule: SpanRule = help_field(
+        SpanRule.LAST,
+        "Cross-tokenizer mode: where a span's sampled-token OPD reward (teacher logprob of its "
+        "tokens, summed, minus the student's, summed) goes. 'last': on the span's last "
+        "student token; 'spread': an equal share on each of its student tokens.",
     )
 
     def check_teacher_scoring(self) -> None:
@@ -277,6 +298,17 @@ class OPDConfig(TeacherArguments, GRPOConfig):
     )
     opd_divergence_temperature: float = help_field(
         1.0, "Temperature of both distributions in the divergence."
+    )
+    opd_cross_vocab: CrossVocab = help_field(
+        CrossVocab.GOLD,
+        "teacher_cross_tokenizer: how the divergence term reads a teacher of another "
+        "vocabulary, at the first student token of each aligned span. 'gold': the teacher's "
+        "top-k ids whose token strings are student tokens (GOLD's exact-string map) plus a tail "
+        "bucket; 'uld': the L1 distance between the sorted probabilities of the unmatched ids "
+        "(ULD); 'hybrid': both, the ULD part weighted by opd_cross_vocab_uld_weight.",
+    )
+    opd_cross_vocab_uld_weight: float = help_field(
+        1.0, "Weight of the ULD part in opd_cross_vocab 'uld' and 'hybrid'."
     )
     # ----- TIP token selection (METHODS.md s.3) -----
     tip_rule: TipRule = help_field(
@@ -669,6 +701,7 @@ class OPDConfig(TeacherArguments, GRPOConfig):
         self._check_teacher_source()
         self._check_teacher_placement()
         self._check_teacher_overlap()
+        self._check_cross_tokenizer()
         if self.opd_kl_coef < 0 or self.opd_outcome_weight < 0:
             raise ValueError("opd_kl_coef and opd_outcome_weight must be >= 0.")
         if self.opd_kl_coef == 0 and self.opd_outcome_weight == 0 and not self.uses_divergence_term:
@@ -939,6 +972,41 @@ class OPDConfig(TeacherArguments, GRPOConfig):
             raise ConfigError(
                 "teacher_overlap streams the teacher's logprobs and top-k, not the hidden states "
                 "this method needs (the teacher's full distribution): set teacher_overlap: false."
+            )
+
+    def _check_cross_tokenizer(self) -> None:
+        """Cross-tokenizer mode serves the sampled-token terms and the top-k divergence (mapped
+        per span); refuse what reads the teacher's distribution at every student position or
+        in the student's ids, each with the field to change."""
+        _check_number("opd_cross_vocab_uld_weight", self.opd_cross_vocab_uld_weight)
+        if self.opd_cross_vocab_uld_weight < 0:
+            raise ValueError("opd_cross_vocab_uld_weight must be >= 0.")
+        if not self.teacher_cross_tokenizer:
+            return
+        refused = {
+            "teacher_mode self (the student's own tokenizer)": self.teacher_mode
+            == TeacherMode.SELF,
+            "teacher_routes": bool(self.teacher_routes),
+            f"opd_divergence_support {self.opd_divergence_support.value!r} (use topk)": (
+                self.uses_divergence_term and self.opd_divergence_support != DivergenceSupport.TOPK
+            ),
+            f"opd_baseline {self.opd_baseline.value!r}": self.kl_baseline != Baseline.NONE,
+            f"tip_rule {self.tip_rule.value!r}": self.tip_rule != TipRule.NONE,
+            "mopd_peers": self.uses_mopd,
+            "opd_prefix_column / opd_prefix_rollouts": self.uses_prefix,
+            "teacher_overlap": self.teacher_overlap,
+        }
+        clash = [name for name, on in refused.items() if on]
+        if clash:
+            raise ConfigError(
+                f"teacher_cross_tokenizer cannot be combined with {', '.join(clash)}: these "
+                "read the teacher's distribution at every student token or in the student's "
+                "ids, which a teacher of another tokenizer does not give. Unset them."
+            )
+        if self.uses_divergence_term and self.teacher_top_k == 0:
+            raise ValueError(
+                "teacher_cross_tokenizer with opd_divergence needs the teacher's top-k: set "
+                "teacher_top_k > 0."
             )
 
     def _check_teacher_source(self) -> None:

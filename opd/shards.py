@@ -59,6 +59,7 @@ ROLLOUT_COLUMNS = (
 )  # fmt: skip
 TEACHER_COLUMNS = (
     "teacher_logprobs", "teacher_topk_ids", "teacher_topk_logprobs", "teacher_hidden_states",
+    "teacher_span_start",
 )  # fmt: skip
 OUTPUT_HEAD_NAME = "output_head.safetensors"
 # Plan keys that may change between a run and its resumption (the data did not change). They

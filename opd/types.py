@@ -231,6 +231,22 @@ class TokenSource(IntEnum):
     """An off-policy trace row (LUFFY, StableOPD)."""
 
 
+class SpanRule(Choice):
+    """Where a cross-tokenizer span's advantage goes among its student tokens
+    (`teacher_span_rule`, `opd/objectives/cross_vocab.py`)."""
+
+    LAST = "last"  # all of it on the span's last student token, 0 on the others
+    SPREAD = "spread"  # an equal share on each student token of the span
+
+
+class CrossVocab(Choice):
+    """How the family-B divergence compares a teacher of another vocabulary (`opd_cross_vocab`)."""
+
+    GOLD = "gold"  # the teacher's top-k ids whose strings are student tokens, plus a tail bucket
+    ULD = "uld"  # the L1 distance of sorted probabilities over the ids no string match pairs
+    HYBRID = "hybrid"  # both
+
+
 class GuardAction(Choice):
     """What a collapse guard does when it fires (`guard_action`, `opd/guards.py`)."""
 
@@ -330,6 +346,12 @@ class TeacherScores:
     """The temperature the teacher logits were divided by before the log-softmax."""
     metrics: dict[str, float] = field(default_factory=dict)
     """Scoring statistics, e.g. `teacher/latency_s`."""
+    span_start_BT: torch.Tensor | None = None
+    """bool [B, T], set by a teacher of another tokenizer (`opd/teacher/cross_tokenizer.py`):
+    True at the first student token of each aligned span. Then `sampled_logprobs_BT` holds each
+    span's summed teacher logprob at the span's LAST student token (0 on its others), and the
+    top-k, at the span's first student token, are the teacher's own vocabulary ids (-inf on the
+    span's other tokens). The trainer maps both into the student's terms."""
 
     def __post_init__(self):
         _check(self.sampled_logprobs_BT.ndim == 2, "sampled_logprobs_BT must be [B, T]")
@@ -340,6 +362,9 @@ class TeacherScores:
         shape_BT = tuple(self.sampled_logprobs_BT.shape)
         _check_2d("completion_mask_BT", self.completion_mask_BT, shape_BT)
         _check(self.temperature > 0, f"temperature must be > 0, got {self.temperature}")
+        if self.span_start_BT is not None:
+            _check_2d("span_start_BT", self.span_start_BT, shape_BT)
+            _check(self.span_start_BT.dtype == torch.bool, "span_start_BT must be bool")
         _check(
             (self.topk_ids_BTK is None) == (self.topk_logprobs_BTK is None),
             "topk_ids_BTK and topk_logprobs_BTK come together",
@@ -449,6 +474,7 @@ _BATCH_KEYS = {
     "imitation_mask_BL": "opd_imitation_mask",
     "source_BT": "opd_token_source",
     "divergence_mask_BT": "opd_divergence_mask",
+    "teacher_unmatched_logprobs_BTK": "opd_teacher_unmatched_logprobs",
 }
 
 
@@ -488,6 +514,9 @@ class OPDBatchFields:
     divergence_mask_BT: torch.Tensor | None = None
     """float32 [B, T] per-token weight of the family-B divergence term (TRACE's forward-KL
     channel; MOPD rows without a context get 0). None: 1 on every kept token."""
+    teacher_unmatched_logprobs_BTK: torch.Tensor | None = None
+    """float32 [B, T, K] a teacher of another vocabulary: its top-k logprobs of the ids no
+    student token string matches, sorted, -inf padded (the ULD term, `opd_cross_vocab`)."""
 
     def __post_init__(self):
         shape_BT = tuple(self.keep_mask_BT.shape)
@@ -499,7 +528,12 @@ class OPDBatchFields:
         for name in ("source_BT", "divergence_mask_BT"):
             values = getattr(self, name)
             assert values is None or tuple(values.shape) == shape_BT, f"{name} is not [B, T]"
-        for name in ("teacher_hidden_BTH", "teacher_topk_ids_BTK", "teacher_topk_logprobs_BTK"):
+        for name in (
+            "teacher_hidden_BTH",
+            "teacher_topk_ids_BTK",
+            "teacher_topk_logprobs_BTK",
+            "teacher_unmatched_logprobs_BTK",
+        ):
             values = getattr(self, name)
             assert values is None or tuple(values.shape[:2]) == shape_BT, f"{name} is not [B, T, .]"
 

@@ -62,7 +62,7 @@ from opd.teacher.shard_rows import (
     teacher_columns,
 )
 from opd.teacher.wire import HIDDEN_DTYPES
-from opd.types import DIRECT_TEACHER_MODES, HiddenDtype, TeacherMode, TeacherScores
+from opd.types import DIRECT_TEACHER_MODES, HiddenDtype, SpanRule, TeacherMode, TeacherScores
 
 PROG = "opd teacher precompute"
 DESCRIPTION = "Score a fixed rollout set with a teacher into parquet shards (offline OPD)."
@@ -93,6 +93,11 @@ RECORDED_SETTINGS = {
     # The hidden-state column, and the dtype it holds (recorded even when none is stored).
     "store_hidden_states": "hidden.stored",
     "teacher_hidden_dtype": "hidden.dtype",
+    # A teacher of another tokenizer: span sums on the student's positions, its own top-k ids
+    # and a span-start column; the tokenizer the completions are re-tokenized with (recorded as
+    # given even when the mode is off, like teacher_hidden_dtype).
+    "teacher_cross_tokenizer": "teacher.cross_tokenizer.enabled",
+    "teacher_tokenizer_name_or_path": "teacher.cross_tokenizer.teacher_tokenizer",
 }
 # Every argument that cannot change a byte of the output: a resume may change it.
 FREE_SETTINGS = {
@@ -104,6 +109,7 @@ FREE_SETTINGS = {
     "num_workers": "each shard is scored alone in fixed mini-batches, whichever worker takes it",
     "repair": "rebuilds the manifest from shards that carry the same settings",
     "debug": "how errors are shown",
+    "teacher_span_rule": "applied by training to the stored span sums, not stored",
 }
 SETTING_LABELS = {key: name for name, key in RECORDED_SETTINGS.items()}
 
@@ -154,6 +160,12 @@ class PrecomputeArguments(TeacherArguments):
         if self.teacher_mode in ("server", "vllm") and not self.teacher_urls:
             raise ConfigError(f"teacher_mode={self.teacher_mode!r} needs teacher_urls.")
         self.teacher_hidden_dtype = HiddenDtype(self.teacher_hidden_dtype)
+        self.teacher_span_rule = SpanRule(self.teacher_span_rule)
+        if self.teacher_cross_tokenizer and self.store_hidden_states:
+            raise ConfigError(
+                "store_hidden_states stores the teacher's hidden states at the student's "
+                "positions, which a teacher of another tokenizer does not have: unset one."
+            )
         if self.store_hidden_states and self.teacher_mode == "vllm":
             raise ConfigError(
                 "store_hidden_states needs the teacher's hidden states, which a stock vLLM "
@@ -232,9 +244,30 @@ def precompute_plan(
             "mode": args.teacher_mode,
             "batch_size": int(args.teacher_batch_size),
             "device": teacher_device(teacher),
+            "cross_tokenizer": cross_tokenizer_plan(args, rollouts),
         },
         "rollouts": rollouts.info,
         "hidden": hidden_plan(args, teacher),
+    }
+
+
+def cross_tokenizer_plan(args: PrecomputeArguments, rollouts) -> dict[str, Any]:
+    """The manifest's `teacher.cross_tokenizer`: whether the set is on the student's positions
+    from a teacher of another tokenizer, which tokenizers, and how they were aligned."""
+    from opd.teacher.consistency import tokenizer_fingerprint
+    from opd.teacher.cross_tokenizer import ALIGNMENT_RULE
+
+    section: dict[str, Any] = {
+        "enabled": bool(args.teacher_cross_tokenizer),
+        "teacher_tokenizer": args.teacher_tokenizer_name_or_path,
+    }
+    if not args.teacher_cross_tokenizer:
+        return section
+    return section | {
+        "student_tokenizer": tokenizer_fingerprint(rollouts.student_tokenizer),
+        "alignment": ALIGNMENT_RULE,
+        "stored": "teacher_logprobs: each span's summed teacher logprob at its last student "
+        "token; teacher_topk_*: the teacher's own ids at its first; teacher_span_start",
     }
 
 
@@ -346,6 +379,8 @@ def score_shard(shard: pa.Table, teacher, args: PrecomputeArguments) -> pa.Table
     for lo in range(0, shard.num_rows, args.teacher_batch_size):
         rows = shard.slice(lo, args.teacher_batch_size)
         batch = rollout_batch_from_table(rows)
+        if args.teacher_cross_tokenizer:  # the teacher's own rendering of each prompt
+            batch = teacher_rendered_batch(batch, rows, teacher)
         scores, hidden_BTH = scores_and_hidden(
             teacher, batch, args.teacher_top_k, args.hidden_dtype
         )
@@ -359,6 +394,26 @@ def score_shard(shard: pa.Table, teacher, args: PrecomputeArguments) -> pa.Table
     for name, chunks in parts.items():
         shard = shard.append_column(name, pa.chunked_array(chunks))
     return shard
+
+
+def teacher_rendered_batch(batch, rows: pa.Table, teacher):
+    """`batch` with the teacher's prompt ids rendered from the stored `prompt` column (a
+    cross-tokenizer teacher scores after its own tokens)."""
+    import dataclasses
+
+    if batch.teacher_prompt_ids is not None:
+        raise ConfigError(
+            "teacher_cross_tokenizer: these rollouts carry a privileged teacher prompt "
+            "(teacher_prompt_ids), which precompute cannot re-render for another tokenizer; "
+            "train online (teacher_mode local or server) with teacher_context_column instead."
+        )
+    if "prompt" not in rows.column_names:
+        raise ConfigError(
+            "teacher_cross_tokenizer needs the rollouts' `prompt` column (text or messages) to "
+            "render it with the teacher's tokenizer; the rollout set has none."
+        )
+    prompts = rows["prompt"].to_pylist()
+    return dataclasses.replace(batch, teacher_prompt_ids=teacher.render_prompt_ids(prompts))
 
 
 def check_scores(scores: TeacherScores, args: PrecomputeArguments, teacher_id: str) -> None:

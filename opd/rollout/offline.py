@@ -34,6 +34,7 @@ ROLLOUT_COLUMNS = {
     "teacher_topk_ids",
     "teacher_topk_logprobs",
     "teacher_hidden_states",
+    "teacher_span_start",
     "completion",
 }
 
@@ -125,4 +126,5 @@ class OfflineRollouts:
             teacher_id=scores.teacher_id,
             temperature=scores.temperature,
             metrics=scores.metrics,
+            span_start_BT=fit(scores.span_start_BT, False),
         )

@@ -25,6 +25,8 @@ def build_teacher(args: Any, student_tokenizer=None) -> TeacherScorer:
     """
     if getattr(args, "teacher_routes", None):
         return _build_routed_teacher(args, student_tokenizer)
+    if getattr(args, "teacher_cross_tokenizer", False) and args.teacher_mode != "offline":
+        return _build_cross_tokenizer_teacher(args, student_tokenizer)
     match args.teacher_mode:
         case "local":
             return _build_local_teacher(args, student_tokenizer)
@@ -45,6 +47,7 @@ def build_teacher(args: Any, student_tokenizer=None) -> TeacherScorer:
                 top_k=args.teacher_top_k,
                 temperature=args.teacher_temperature,
             )
+            teacher.check_cross_tokenizer_mode(bool(getattr(args, "teacher_cross_tokenizer", 0)))
         case other:
             raise ValueError(f"teacher_mode={other!r} is not one of local, server, vllm, offline.")
     if student_tokenizer is not None:
@@ -106,6 +109,59 @@ def parse_teacher_routes(entries: list[str], teacher_mode: str) -> dict[str, str
             )
         routes[name] = target
     return routes
+
+
+def _build_cross_tokenizer_teacher(args: Any, student_tokenizer) -> TeacherScorer:
+    """A teacher of another tokenizer (`opd/teacher/cross_tokenizer.py`): the inner teacher is
+    checked against the teacher's own tokenizer (a server must tokenize like the tokenizer the
+    completions are re-tokenized with), the pair by what must still match. Offline shards
+    written in cross-tokenizer mode are already on the student's positions (no wrapper)."""
+    import copy
+
+    from opd.teacher.cross_tokenizer import (
+        CrossTokenizerTeacher,
+        LocalTeacherTokens,
+        ServedTeacherTokens,
+    )
+
+    if student_tokenizer is None:
+        raise ValueError("teacher_cross_tokenizer needs the student's tokenizer to align with.")
+    student_tokenizer = _text_tokenizer(student_tokenizer)
+    inner_args = copy.copy(args)
+    inner_args.teacher_cross_tokenizer = False
+    inner = build_teacher(inner_args, None)
+    name = args.teacher_tokenizer_name_or_path or (
+        args.teacher_model_name_or_path if args.teacher_mode == "local" else None
+    )
+    if name is None and args.teacher_mode == "vllm":
+        tokens = ServedTeacherTokens(inner, student_tokenizer)
+    elif name is None:
+        raise ConfigError(
+            "teacher_cross_tokenizer with teacher_mode='server': set "
+            "teacher_tokenizer_name_or_path to the served teacher's tokenizer (the client "
+            "re-tokenizes the completions with it)."
+        )
+    else:
+        teacher_tokenizer = getattr(inner, "tokenizer", None) or _load_tokenizer(name)
+        inner.check_student_tokenizer(teacher_tokenizer)  # the server tokenizes like it
+        tokens = LocalTeacherTokens(teacher_tokenizer, name=name)
+    teacher = CrossTokenizerTeacher(inner, tokens, student_tokenizer, rule=args.teacher_span_rule)
+    teacher.check_student_tokenizer(student_tokenizer)
+    return teacher
+
+
+def _load_tokenizer(name: str):
+    from transformers import AutoTokenizer
+
+    from opd.models import resolve_model_name
+
+    try:
+        return AutoTokenizer.from_pretrained(resolve_model_name(name))
+    except OSError as error:
+        raise ConfigError(
+            f"cannot load the teacher tokenizer from {name!r} ({error}); check "
+            "teacher_tokenizer_name_or_path."
+        ) from error
 
 
 def _build_server_teacher(args: Any) -> TeacherScorer:

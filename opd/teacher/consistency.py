@@ -62,5 +62,6 @@ def compare_fingerprints(
             f"The teacher {teacher_name!r}{where} does not share the student's tokenizer ("
             + "; ".join(differences)
             + "). OPD compares logprobs of the same token ids, so both models must use the same "
-            "tokenizer, EOS token and chat template: pick a teacher from the student's family."
+            "tokenizer, EOS token and chat template: pick a teacher from the student's family, "
+            "or set teacher_cross_tokenizer: true to align the two tokenizers by text."
         )

@@ -97,6 +97,26 @@ def teacher_prompt_ids(
         teacher_prompt(prompt, context, template)
         for prompt, context in zip(prompts, contexts, strict=True)
     ]
+    return rendered_prompt_ids(
+        texts, tokenizer, chat_template_kwargs=chat_template_kwargs, tools=tools,
+        chat_template=chat_template,
+    )  # fmt: skip
+
+
+def rendered_prompt_ids(
+    prompts: list[Prompt],
+    tokenizer,
+    *,
+    chat_template_kwargs: dict[str, Any] | None = None,
+    tools: list | None = None,
+    chat_template: str | None = None,
+) -> list[list[int]]:
+    """`prompts` tokenized as TRL tokenizes the student's (see `teacher_prompt_ids`): one
+    batched chat template for conversational prompts, else the tokenizer with its special
+    tokens. Also a teacher of another tokenizer renders the prompts with it (its own template)."""
+    if not prompts:
+        return []
+    texts = list(prompts)
     if not is_conversational({"prompt": texts[0]}):
         return [list(ids) for ids in tokenizer(text=texts)["input_ids"]]
     encoded = tokenizer.apply_chat_template(

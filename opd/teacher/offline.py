@@ -106,6 +106,14 @@ class OfflineTeacher:
         student_print = tokenizer_fingerprint(student_tokenizer)
         source = f"shard manifest {self.shards_dir / 'manifest.json'}"
         recorded = self.manifest["teacher"].get("tokenizer")
+        if self.cross_tokenizer:  # the teacher's tokenizer differs; the student's is recorded
+            recorded = self.manifest["teacher"]["cross_tokenizer"]["student_tokenizer"]
+            print(
+                f"opd: cross-tokenizer mode is on: {self.shards_dir} holds span scores of the "
+                f"teacher {self.teacher_id!r} (tokenizer "
+                f"{self.manifest['teacher']['cross_tokenizer']['teacher_tokenizer']!r}) on the "
+                "student's positions."
+            )
         if recorded is not None:
             compare_fingerprints(
                 student_print, recorded, teacher_name=self.teacher_id, source=source
@@ -118,6 +126,38 @@ class OfflineTeacher:
                 teacher_name=self.teacher_id,
                 source=f"{source}, tokenizer of the student that sampled the rollouts",
             )
+
+    @property
+    def cross_tokenizer(self) -> bool:
+        """The set was precomputed by a teacher of another tokenizer (span scores)."""
+        return bool((self.manifest["teacher"].get("cross_tokenizer") or {}).get("enabled"))
+
+    def check_cross_tokenizer_mode(self, enabled: bool) -> None:
+        """The run's `teacher_cross_tokenizer` must match how the set was precomputed."""
+        if enabled != self.cross_tokenizer:
+            made = "with" if self.cross_tokenizer else "without"
+            raise ConfigError(
+                f"{self.shards_dir} was precomputed {made} teacher_cross_tokenizer: set "
+                f"teacher_cross_tokenizer: {str(self.cross_tokenizer).lower()} to train on it."
+            )
+
+    def teacher_tokenizer(self):
+        """The tokenizer the set's teacher re-tokenized with (the divergence term's vocabulary
+        map), as recorded: `teacher_tokenizer_name_or_path`, else the teacher model's."""
+        from transformers import AutoTokenizer
+
+        from opd.models import resolve_model_name
+
+        recorded = self.manifest["teacher"]
+        name = recorded["cross_tokenizer"].get("teacher_tokenizer") or recorded["model"]
+        try:
+            return AutoTokenizer.from_pretrained(resolve_model_name(name))
+        except OSError as error:
+            raise ConfigError(
+                f"cannot load the teacher tokenizer {name!r} recorded in {self.shards_dir} "
+                f"({error}); precompute with --teacher_tokenizer_name_or_path set to a path "
+                "that training can load."
+            ) from error
 
     # --------------------------------------------------------------------------------------------
     # What the trainer iterates over

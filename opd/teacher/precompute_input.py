@@ -236,7 +236,8 @@ def build_teachers(args, student_tokenizer, student_fingerprint) -> list:
 def teacher_fingerprint(teacher) -> dict[str, Any] | None:
     """The teacher's tokenizer fingerprint when it exposes one: a local model's tokenizer, or
     the `tokenizer` of `opd teacher serve`'s /info. A stock vLLM server exposes none."""
-    teacher = getattr(teacher, "inner", teacher)
+    while hasattr(teacher, "inner"):  # serialized, cross-tokenizer: the scoring model's
+        teacher = teacher.inner
     tokenizer = getattr(teacher, "tokenizer", None)
     if tokenizer is not None:
         return tokenizer_fingerprint(tokenizer)
@@ -278,6 +279,10 @@ class SerializedTeacher:
     def score(self, batch: RolloutBatch, top_k: int = 0) -> TeacherScores:
         with self._lock:
             return self.inner.score(batch, top_k)
+
+    def render_prompt_ids(self, prompts: list) -> list[list[int]]:
+        """A cross-tokenizer teacher's own rendering of the prompts."""
+        return self.inner.render_prompt_ids(prompts)
 
     def score_with_hidden(
         self, batch: RolloutBatch, top_k: int, hidden_dtype: str

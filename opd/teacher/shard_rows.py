@@ -19,6 +19,8 @@ from opd.teacher.wire import HIDDEN_DTYPES, SequenceScores
 from opd.types import RolloutBatch, TeacherScores
 
 HIDDEN_COLUMN = "teacher_hidden_states"
+# Sets of a teacher of another tokenizer: True at the first student token of each span.
+SPAN_START_COLUMN = "teacher_span_start"
 # Hidden-state dtype -> the arrow value type holding it (bfloat16: its bits, as uint16).
 HIDDEN_STORAGE = {"float32": pa.float32(), "bfloat16": pa.uint16()}
 STORED_HIDDEN_DTYPES = {value_type: name for name, value_type in HIDDEN_STORAGE.items()}
@@ -141,11 +143,16 @@ def teacher_scores_from_table(
         topk["topk_logprobs_BTK"] = _padded(
             flat.topk_logprobs_MK.numpy(), lengths_B, -np.inf, np.float32
         )
+    span_start_BT = None  # a set of a teacher of another tokenizer (cross_tokenizer.py)
+    if SPAN_START_COLUMN in table.column_names:
+        starts_M = _flat_values(table[SPAN_START_COLUMN]).astype(bool)
+        span_start_BT = _padded(starts_M, lengths_B, False, np.bool_)
     return TeacherScores(
         sampled_logprobs_BT=sampled_BT,
         completion_mask_BT=mask_BT.long(),
         teacher_id=teacher_id,
         temperature=temperature,
+        span_start_BT=span_start_BT,
         **topk,
     )
 
@@ -166,6 +173,9 @@ def teacher_columns(
     keep_BT = torch.from_numpy(np.arange(width)[None, :] < lengths_B[:, None])
     sampled_M = scores.sampled_logprobs_BT.cpu()[keep_BT].numpy().astype(np.float32)
     columns = {"teacher_logprobs": _list_array(sampled_M, lengths_B, pa.float32())}
+    if scores.span_start_BT is not None:
+        starts_M = scores.span_start_BT.cpu()[keep_BT].numpy()
+        columns[SPAN_START_COLUMN] = _list_array(starts_M, lengths_B, pa.bool_())
     if top_k:
         num_tokens = int(lengths_B.sum())
         per_token = np.full(num_tokens, top_k, dtype=np.int64)

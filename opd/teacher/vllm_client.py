@@ -168,7 +168,8 @@ class VLLMTeacher:
                 f"The vLLM teacher {self.model!r} at {self.urls[0]} does not tokenize like the "
                 "student (" + "; ".join(differences) + "). OPD compares logprobs of the same "
                 "token ids, so both models must use the same tokenizer and chat template: pick a "
-                "teacher from the student's family (or pass vllm the student's --chat-template)."
+                "teacher from the student's family (or pass vllm the student's --chat-template), "
+                "or set teacher_cross_tokenizer: true to align the two tokenizers by text."
             )
 
     def _chat_differences(self, student_tokenizer) -> list[str]:

@@ -25,7 +25,7 @@ from opd.objectives.hidden import completion_hidden_states, prompt_completion_id
 from opd.objectives.surrogate import policy_loss_N, reduce_loss, reference_kl_N
 from opd.trainer.distributed import global_count
 from opd.trainer.sharding import full_lm_head_weight
-from opd.types import OPDBatchFields, PrefixLoss, TokenSource
+from opd.types import CrossVocab, OPDBatchFields, PrefixLoss, TokenSource
 
 
 class LossMixin:
@@ -162,10 +162,16 @@ class LossMixin:
         weight_N = torch.full((rows_N.numel(),), weight, device=hidden_NH.device)
         if fields.divergence_mask_BT is not None:  # TRACE's forward-KL channel, MOPD's rows
             weight_N = weight_N * fields.divergence_mask_BT[rows_N, cols_N]
-        loss, divergence_N = fused_linear_divergence_loss(
-            hidden_NH, weight_VH, **teacher, weight=weight_N,
-            kind=args.opd_divergence, beta=args.opd_divergence_beta,
-            temperature=args.opd_divergence_temperature,
-        )  # fmt: skip
-        self.record("opd/divergence", float(divergence_N.mean()) if divergence_N.numel() else nan)
+        loss = hidden_NH.new_zeros(())
+        if args.opd_cross_vocab != CrossVocab.ULD or not args.teacher_cross_tokenizer:
+            loss, divergence_N = fused_linear_divergence_loss(
+                hidden_NH, weight_VH, **teacher, weight=weight_N,
+                kind=args.opd_divergence, beta=args.opd_divergence_beta,
+                temperature=args.opd_divergence_temperature,
+            )  # fmt: skip
+            divergence = float(divergence_N.mean()) if divergence_N.numel() else nan
+            self.record("opd/divergence", divergence)
+        if fields.teacher_unmatched_logprobs_BTK is not None:  # a teacher of another vocabulary
+            uld = self.uld_loss(fields, hidden_NH, weight_VH, weight_N, rows_N, cols_N)
+            loss = loss + args.opd_cross_vocab_uld_weight * uld
         return args.opd_divergence_coef * loss

@@ -95,21 +95,35 @@ class MethodMixin:
     def teacher_prompt_ids(self, inputs) -> list[list[int]] | None:
         """The teacher's own prompt ids per row (None: the student's): MOPD's peer context,
         else OPSD's privileged column; with a prompt-placed guiding prefix appended."""
+        if self.args.teacher_cross_tokenizer and self.offline is None:
+            return self.cross_tokenizer_prompt_ids(inputs)
         if self.args.uses_mopd and self.model.training:
             ids_B = self.mopd_teacher_prompt_ids(self.step_state)
         else:
             ids_B = self.privileged_prompt_ids(inputs)
         return self.prefix_teacher_prompt_ids(ids_B)
 
+    def cross_tokenizer_prompt_ids(self, inputs) -> list[list[int]]:
+        """A teacher of another tokenizer: every prompt (with OPSD's privileged column, if set)
+        rendered by the teacher's own tokenizer and chat template."""
+        from opd.teacher.context import teacher_prompt
+
+        prompts = [example["prompt"] for example in inputs]
+        column, template = self.context_column(inputs), self.args.teacher_context_template
+        if column is not None:
+            prompts = [
+                teacher_prompt(prompt, str(example[column]), template)
+                for prompt, example in zip(prompts, inputs, strict=True)
+            ]
+        return self.teacher.render_prompt_ids(prompts, **prompt_render_kwargs(self))
+
     def privileged_prompt_ids(self, inputs) -> list[list[int]] | None:
         """OPSD: the teacher's prompt = the problem plus the privileged column (e.g. solution)."""
-        column = self.args.teacher_context_column
+        column = self.context_column(inputs)
         if column is None:
             return None
         from opd.teacher.context import teacher_prompt_ids
 
-        if column not in inputs[0]:
-            raise ValueError(f"teacher_context_column={column!r} is not a column of the dataset.")
         return teacher_prompt_ids(
             [example["prompt"] for example in inputs],
             [str(example[column]) for example in inputs],
@@ -117,6 +131,13 @@ class MethodMixin:
             self.processing_class,
             **prompt_render_kwargs(self),  # as TRL renders the student's prompt
         )
+
+    def context_column(self, inputs) -> str | None:
+        """`teacher_context_column`, checked against the dataset's columns."""
+        column = self.args.teacher_context_column
+        if column is not None and column not in inputs[0]:
+            raise ValueError(f"teacher_context_column={column!r} is not a column of the dataset.")
+        return column
 
     def teacher_routes(self, inputs) -> list[str] | None:
         column = self.args.teacher_route_column

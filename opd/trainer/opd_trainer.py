@@ -55,6 +55,7 @@ from opd.trainer.build import (
 )
 from opd.trainer.candidate_scores import request_candidate_scores
 from opd.trainer.console import console_logging, use_compact_console
+from opd.trainer.cross_vocab import CrossVocabMixin
 from opd.trainer.guidance import GuidanceMixin
 from opd.trainer.loss import LossMixin
 from opd.trainer.methods import MethodMixin
@@ -93,7 +94,15 @@ def no_outcome_reward(completions: list[Any], **kwargs) -> list[float]:
     return [0.0] * len(completions)
 
 
-class OPDTrainer(LossMixin, OffPolicyMixin, GuidanceMixin, MethodMixin, MetricsMixin, GRPOTrainer):
+class OPDTrainer(
+    LossMixin,
+    OffPolicyMixin,
+    GuidanceMixin,
+    CrossVocabMixin,
+    MethodMixin,
+    MetricsMixin,
+    GRPOTrainer,
+):
     """On-policy distillation trainer. Arguments are `GRPOTrainer`'s plus an optional `teacher`.
 
     Args:
@@ -199,6 +208,7 @@ class OPDTrainer(LossMixin, OffPolicyMixin, GuidanceMixin, MethodMixin, MetricsM
         self.trace_ledger = self.build_trace_ledger()  # gated LUFFY: per-prompt state
         self.step_state: StepState | None = None  # the current generation step
         self.teacher_stream = build_teacher_stream(self)  # teacher_overlap (overlap.py)
+        self.build_cross_vocab()  # a teacher of another vocabulary: the id map
 
     # ----- phase 1: generate, score, build advantages -----
 
@@ -218,6 +228,7 @@ class OPDTrainer(LossMixin, OffPolicyMixin, GuidanceMixin, MethodMixin, MetricsM
         step.student_old_BT = self._behaviour_logprobs(output)
         self.apply_vcpo(step, output)  # the ESS of the step's weights scales its lr (VCPO)
         step.scores = self._teacher_scores(step.batch)
+        self.in_student_terms(step)  # a teacher of another tokenizer: per-token, student ids
         teacher_hidden_BTH = None
         if self.teacher_hidden:
             hidden_BTH = self.teacher.completion_hidden_states(step.batch)
@@ -358,6 +369,11 @@ class OPDTrainer(LossMixin, OffPolicyMixin, GuidanceMixin, MethodMixin, MetricsM
             divergence_mask_BT=None if step.term_masks is None else step.term_masks.forward_kl_BT,
             **self.imitation_fields(step, output),
         )
+        cross = self.cross_vocab_fields(step, device)  # only span starts get the divergence
+        if cross:
+            if fields.divergence_mask_BT is not None:
+                cross["divergence_mask_BT"] *= fields.divergence_mask_BT
+            fields = dataclasses.replace(fields, **cross)
         if self.args.uses_full_divergence:
             return dataclasses.replace(fields, teacher_hidden_BTH=teacher_hidden_BTH)
         if self.args.uses_candidate_divergence:  # the student/union support, scored exactly

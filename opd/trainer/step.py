@@ -65,6 +65,10 @@ class StepState:
     """MOPD: bool [B], whether the row's teacher had a context (else no distillation term)."""
     term_masks: TermMasks | None = None
     """TRACE's per-term masks (and MOPD's rows without a context); None: one mask for all."""
+    cross_span_start_BT: torch.Tensor | None = None
+    """A teacher of another tokenizer: bool [B, T], the first student token of each span."""
+    teacher_unmatched_BTK: torch.Tensor | None = None
+    """Its top-k logprobs of the ids no student token string matches (the ULD term)."""
 
     def global_correct(self) -> torch.Tensor:
         """bool [N*B]: `correct_B` of every row of the global batch."""

@@ -141,6 +141,10 @@ def _recorded_changes(text_rows, tiny_student, other_tokenizer, tmp_path) -> dic
         # recorded even when no hidden states are stored (tests/integration/test_offline_hidden.py
         # refuses it on a set that stores them)
         "teacher_hidden_dtype": "bfloat16",
+        # the same tokenizer as the student's: cross-tokenizer mode aligns it 1:1
+        "teacher_cross_tokenizer": "true",
+        # recorded as given, even with the mode off (the set's teacher tokenizer if it were on)
+        "teacher_tokenizer_name_or_path": str(other_tokenizer),
     }
 
 
@@ -168,6 +172,7 @@ def _free_changes(tmp_path) -> dict[str, object]:
         "num_workers": "2",
         "repair": "true",
         "debug": "true",
+        "teacher_span_rule": "spread",
     }
 
 

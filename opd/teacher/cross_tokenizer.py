@@ -1,0 +1,322 @@
+"""A teacher of another tokenizer: re-tokenize, score in the teacher's tokens, map back.
+
+`CrossTokenizerTeacher(inner, tokens, student_tokenizer)` wraps any `TeacherScorer` (local,
+`opd teacher serve`, stock vLLM) so that it scores a student of another tokenizer:
+
+1. the trainer renders each prompt with the TEACHER's tokenizer and chat template
+   (`render_prompt_ids`, into `RolloutBatch.teacher_prompt_ids`);
+2. each completion's valid student tokens are decoded and re-tokenized with the teacher's
+   tokenizer, and the two sequences are aligned by character offsets into spans
+   (`opd/teacher/alignment.py`; EOS and special tokens mapped explicitly);
+3. the inner teacher scores the teacher-side ids after the teacher-side prompt;
+4. `scores_at_student_positions` returns `TeacherScores` on the student's positions: each
+   span's teacher logprobs SUMMED at the span's last student token, the teacher's top-k (its
+   own ids) at the span's first student token, and `span_start_BT`. The trainer turns the span
+   sums into per-token rewards with `teacher_span_rule` and maps the top-k ids through the
+   vocabularies (`opd/objectives/cross_vocab.py`), so the composer and the loss are unchanged.
+
+The completion text is tokenized on its own, after the teacher's prompt, as TRL's GOLD trainer
+does: the prompt/completion boundary is a token boundary on both sides. A span's first tokens
+on both sides are predicted from the same text, so their next-token distributions compare.
+
+The tokenizer the teacher side uses is local (`LocalTeacherTokens`, a Hugging Face tokenizer)
+or the stock vLLM server's own (`ServedTeacherTokens`: `/tokenize` with token strings,
+`/detokenize`). `check_student_tokenizer` keeps what must still match: both chat or both plain
+prompts, and text the student writes that the teacher spells back unchanged; it prints that
+cross-tokenizer mode is on and how the tokenizers differ.
+
+Test: `pytest tests/unit/test_cross_tokenizer.py tests/integration/test_cross_tokenizer_cli.py`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from opd.arguments import ConfigError
+from opd.teacher.alignment import (
+    CompletionAlignment,
+    HFTeacherTokens,
+    align_completions,
+    offsets_from_token_strs,
+)
+from opd.teacher.consistency import tokenizer_fingerprint
+from opd.teacher.context import Prompt, rendered_prompt_ids
+from opd.teacher.protocol import TeacherScorer
+from opd.types import RolloutBatch, SpanRule, TeacherScores
+
+# Text any teacher of a general-purpose student should spell back unchanged: letters, digits,
+# punctuation, whitespace runs and non-ASCII. A student whose vocabulary cannot write some of it
+# (the demo's small alphabet) is probed with what it can write.
+# What the shard manifest of a cross-tokenizer set records as its alignment (`opd/teacher/
+# alignment.py`); bump when the alignment rules change.
+ALIGNMENT_RULE = (
+    "char-offsets-v1: the completion's valid student tokens decoded (special tokens skipped) "
+    "and re-tokenized alone by the teacher; spans close where both tokenizations end at the "
+    "same character; EOS maps to the teacher's EOS, other special tokens by their text"
+)
+# End-of-turn texts of common chat families, tried after the student's own EOS text when a stock
+# vLLM server is the only view of the teacher's tokenizer.
+EOS_CANDIDATES = ("<|im_end|>", "<|endoftext|>", "<|eot_id|>", "</s>", "<eos>", "<|end|>")
+PROBE_TEXT = "The answer: 42 + 3.5 = 45.5, so x = (7 * 6)!\n\n  naïve café 日本 🙂 #1."
+
+
+class LocalTeacherTokens(HFTeacherTokens):
+    """The teacher's Hugging Face tokenizer in this process: alignment offsets, prompt
+    rendering with its own chat template, decoding for the start-up probe."""
+
+    def __init__(self, tokenizer, name: str = ""):
+        super().__init__(tokenizer, name=name or str(tokenizer.name_or_path))
+        self.tokenizer = tokenizer
+
+    @property
+    def has_chat_template(self) -> bool:
+        return bool(getattr(self.tokenizer, "chat_template", None))
+
+    def render_prompt_ids(self, prompts: list[Prompt], **render_kwargs) -> list[list[int]]:
+        return rendered_prompt_ids(prompts, self.tokenizer, **render_kwargs)
+
+    def decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+    def describe(self) -> str:
+        return describe_tokenizer(self.name, self.tokenizer)
+
+
+class ServedTeacherTokens:
+    """A stock vLLM server's tokenizer, reached through `/tokenize` (ids and token strings,
+    from which the alignment offsets are computed) and `/detokenize`.
+
+    vLLM does not report the EOS id: it is the first of the student's EOS text and the common
+    end-of-turn texts (`EOS_CANDIDATES`) that the server tokenizes to one token of that very
+    text inside the model's vocabulary (a tokenizer may list added tokens past the model's
+    rows), named in the start-up line; to pin it, set `teacher_tokenizer_name_or_path` to a
+    local copy of the teacher's tokenizer instead.
+    """
+
+    def __init__(self, vllm_teacher, student_tokenizer):
+        self.vllm = vllm_teacher
+        self.name = f"{vllm_teacher.model} at {vllm_teacher.urls[0]} (/tokenize)"
+        self.eos_token, self.eos_token_id = None, None
+        if vllm_teacher.vocab_size is None:
+            vllm_teacher.vocab_size = vllm_teacher._probe_vocab_size() or 0
+        rows = vllm_teacher.vocab_size or float("inf")  # the model's rows: none beyond them
+        for text in (student_tokenizer.eos_token, *EOS_CANDIDATES):
+            token_id = self.special_token_id(text or "")
+            if token_id is not None and token_id < rows:
+                self.eos_token, self.eos_token_id = text, token_id
+                break
+        if self.eos_token_id is None:
+            raise ConfigError(
+                f"the vLLM teacher {vllm_teacher.model!r} tokenizes none of "
+                f"{[student_tokenizer.eos_token, *EOS_CANDIDATES]} to one token, and vLLM does "
+                "not report its EOS: set teacher_tokenizer_name_or_path to the teacher's tokenizer."
+            )
+
+    def _tokenize(self, body: dict[str, Any]) -> dict[str, Any]:
+        return self.vllm._post("/tokenize", {"model": self.vllm.model, **body}).json()
+
+    def encode_offsets(self, texts: list[str]) -> list[tuple[list[int], list[tuple[int, int]]]]:
+        encoded = []
+        for text in texts:
+            answer = self._tokenize(
+                {"prompt": text, "add_special_tokens": False, "return_token_strs": True}
+            )
+            ids = [int(i) for i in answer["tokens"]]
+            encoded.append((ids, offsets_from_token_strs(answer["token_strs"], text)))
+        return encoded
+
+    def special_token_id(self, content: str) -> int | None:
+        if not content:
+            return None
+        answer = self._tokenize(
+            {"prompt": content, "add_special_tokens": False, "return_token_strs": True}
+        )
+        if len(answer["tokens"]) == 1 and answer["token_strs"][0] == content:
+            return int(answer["tokens"][0])
+        return None
+
+    @property
+    def has_chat_template(self) -> bool:
+        from opd.teacher.http import TeacherRequestError
+        from opd.teacher.vllm_client import PROBE_CHAT
+
+        try:
+            self._tokenize({"messages": PROBE_CHAT, "add_generation_prompt": True})
+        except TeacherRequestError as error:
+            if "chat template" not in str(error).lower():
+                raise
+            return False
+        return True
+
+    def render_prompt_ids(
+        self, prompts: list[Prompt], *, chat_template_kwargs=None, tools=None, **_
+    ) -> list[list[int]]:
+        rendered = []
+        for prompt in prompts:
+            if isinstance(prompt, str):  # as TRL: the tokenizer adds its special tokens
+                body: dict[str, Any] = {"prompt": prompt, "add_special_tokens": True}
+            else:
+                body = {"messages": prompt, "add_generation_prompt": True}
+                body["add_special_tokens"] = False
+                if tools:
+                    body["tools"] = tools
+                if chat_template_kwargs:
+                    body["chat_template_kwargs"] = chat_template_kwargs
+            rendered.append([int(i) for i in self._tokenize(body)["tokens"]])
+        return rendered
+
+    def decode(self, ids: list[int]) -> str:
+        answer = self.vllm._post("/detokenize", {"model": self.vllm.model, "tokens": ids})
+        return answer.json()["prompt"]
+
+    def describe(self) -> str:
+        return f"{self.name} (eos {self.eos_token!r} = {self.eos_token_id})"
+
+
+class CrossTokenizerTeacher:
+    """A `TeacherScorer` for a student of another tokenizer (see the module docstring)."""
+
+    def __init__(self, inner: TeacherScorer, tokens, student_tokenizer, *, rule=SpanRule.LAST):
+        self.inner = inner
+        self.tokens = tokens
+        self.student_tokenizer = student_tokenizer
+        self.rule = SpanRule(rule)
+        self.teacher_id = inner.teacher_id
+
+    def check_student_tokenizer(self, student_tokenizer) -> None:
+        print(check_cross_tokenizer(student_tokenizer, self.tokens, rule=self.rule))
+
+    def render_prompt_ids(self, prompts: list[Prompt], **render_kwargs) -> list[list[int]]:
+        """The teacher's prompt ids: its own tokenizer and chat template (never the student's
+        `chat_template` override, which is written for the student's tokens)."""
+        render_kwargs.pop("chat_template", None)
+        return self.tokens.render_prompt_ids(prompts, **render_kwargs)
+
+    def align(self, batch: RolloutBatch) -> list[CompletionAlignment]:
+        lengths_B = valid_lengths_B(batch.completion_mask_BT)
+        student_ids_B = [
+            row[:length].tolist()
+            for row, length in zip(batch.completion_ids_BT, lengths_B, strict=True)
+        ]
+        return align_completions(student_ids_B, self.student_tokenizer, self.tokens)
+
+    def score(self, batch: RolloutBatch, top_k: int = 0) -> TeacherScores:
+        if batch.teacher_prompt_ids is None:
+            raise ValueError(
+                "a cross-tokenizer teacher scores after its own prompt: "
+                "RolloutBatch.teacher_prompt_ids must hold the teacher-rendered prompt ids."
+            )
+        alignments = self.align(batch)
+        teacher_batch = teacher_side_batch(batch, alignments)
+        scores = self.inner.score(teacher_batch, top_k=top_k)
+        return scores_at_student_positions(scores, alignments, tuple(batch.completion_ids_BT.shape))
+
+
+def valid_lengths_B(completion_mask_BT: torch.Tensor) -> list[int]:
+    """Tokens up to and including each row's last valid one (environment tokens inside a
+    multi-turn completion are text too, so they are aligned, not dropped)."""
+    positions_BT = torch.arange(1, completion_mask_BT.shape[1] + 1).expand_as(completion_mask_BT)
+    return (positions_BT * (completion_mask_BT != 0)).amax(dim=1).tolist()
+
+
+def teacher_side_batch(batch: RolloutBatch, alignments: list[CompletionAlignment]) -> RolloutBatch:
+    """The rollout in the teacher's tokens: its prompts, the re-tokenized completions."""
+    num_tokens = max([len(a.teacher_ids) for a in alignments] + [1])
+    ids_BT = torch.zeros(len(alignments), num_tokens, dtype=torch.int64)
+    mask_BT = torch.zeros(len(alignments), num_tokens, dtype=torch.int64)
+    for row, alignment in enumerate(alignments):
+        ids_BT[row, : len(alignment.teacher_ids)] = torch.tensor(alignment.teacher_ids)
+        mask_BT[row, : len(alignment.teacher_ids)] = 1
+    return RolloutBatch(
+        prompt_ids=batch.teacher_context_ids,
+        completion_ids_BT=ids_BT,
+        completion_mask_BT=mask_BT,
+        policy_version=batch.policy_version,
+        teacher_route_B=batch.teacher_route_B,
+    )
+
+
+def scores_at_student_positions(
+    scores: TeacherScores, alignments: list[CompletionAlignment], shape_BT: tuple[int, int]
+) -> TeacherScores:
+    """Teacher-token scores on the student's `[B, T]` positions (see `TeacherScores.span_start_BT`):
+    per span, the sum of its teacher tokens' logprobs at its last student token, the top-k of
+    its first teacher token at its first student token."""
+    span_BT = torch.zeros(shape_BT, dtype=torch.float32)
+    start_BT = torch.zeros(shape_BT, dtype=torch.bool)
+    mask_BT = torch.zeros(shape_BT, dtype=torch.int64)
+    k = scores.top_k
+    ids_BTK = torch.zeros((*shape_BT, k), dtype=torch.int64) if k else None
+    logprobs_BTK = torch.full((*shape_BT, k), float("-inf")) if k else None
+    for row, alignment in enumerate(alignments):
+        for span in alignment.spans:
+            teacher = slice(span.teacher_lo, span.teacher_hi)
+            span_BT[row, span.student_hi - 1] = scores.sampled_logprobs_BT[row, teacher].sum()
+            start_BT[row, span.student_lo] = True
+            mask_BT[row, span.student_lo : span.student_hi] = 1
+            if k:
+                ids_BTK[row, span.student_lo] = scores.topk_ids_BTK[row, span.teacher_lo]
+                logprobs_BTK[row, span.student_lo] = scores.topk_logprobs_BTK[row, span.teacher_lo]
+    num_student = max(int(mask_BT.sum()), 1)
+    num_teacher = sum(len(a.teacher_ids) for a in alignments)
+    metrics = {
+        **scores.metrics,
+        "teacher/cross_spans_per_token": float(start_BT.sum()) / num_student,
+        "teacher/cross_teacher_tokens_per_token": num_teacher / num_student,
+    }
+    return TeacherScores(
+        sampled_logprobs_BT=span_BT,
+        completion_mask_BT=mask_BT,
+        topk_ids_BTK=ids_BTK,
+        topk_logprobs_BTK=logprobs_BTK,
+        teacher_id=scores.teacher_id,
+        temperature=scores.temperature,
+        metrics=metrics,
+        span_start_BT=start_BT,
+    )
+
+
+def check_cross_tokenizer(student_tokenizer, tokens, *, rule=SpanRule.LAST) -> str:
+    """Raise ConfigError naming what must still match between a student and a teacher of
+    another tokenizer; else the line that says cross-tokenizer mode is on and what differs."""
+    problems = []
+    student_chat = bool(getattr(student_tokenizer, "chat_template", None))
+    if student_chat != tokens.has_chat_template:
+        has, lacks = ("student", "teacher") if student_chat else ("teacher", "student")
+        problems.append(
+            f"the {has}'s tokenizer has a chat template and the {lacks}'s has none (both must "
+            "render the same conversation)"
+        )
+    if tokens.eos_token_id is None:
+        problems.append("the teacher's tokenizer has no EOS token to map the student's EOS to")
+    probe = student_tokenizer.decode(
+        student_tokenizer.encode(PROBE_TEXT, add_special_tokens=False), skip_special_tokens=True
+    )
+    spelled = tokens.decode(tokens.encode_offsets([probe])[0][0])
+    if spelled != probe:
+        problems.append(
+            f"the teacher's tokenizer spells the student's text {probe!r} back as {spelled!r} "
+            "(it cannot score what the student writes)"
+        )
+    if problems:
+        raise ConfigError(
+            f"teacher_cross_tokenizer: the teacher {tokens.name!r} and the student cannot be "
+            "aligned: " + "; ".join(problems) + "."
+        )
+    return (
+        f"opd: cross-tokenizer mode is on: student {describe_tokenizer('', student_tokenizer)} "
+        f"vs teacher {tokens.describe()}; completions are re-tokenized with the teacher's "
+        f"tokenizer and aligned by character offsets, span rule {rule.value!r}."
+    )
+
+
+def describe_tokenizer(name: str, tokenizer) -> str:
+    """'<name> (vocab 50, eos '<eos>' = 2, vocab sha 1a2b...)'."""
+    print_ = tokenizer_fingerprint(tokenizer)
+    name = name or str(getattr(tokenizer, "name_or_path", "") or type(tokenizer).__name__)
+    return (
+        f"{name} (vocab {print_['vocab_size']}, eos {tokenizer.eos_token!r} = "
+        f"{print_['eos_token_id']}, vocab sha {print_['vocab_sha256']})"
+    )

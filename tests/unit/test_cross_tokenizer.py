@@ -1,0 +1,128 @@
+"""A teacher of another tokenizer: scores mapped onto the student's positions, the start-up check
+of what must still match, and the settings cross-tokenizer mode refuses.
+
+Test: `pytest -n 0 -q tests/unit/test_cross_tokenizer.py`.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from opd.arguments import ConfigError
+from opd.config import OPDConfig
+from opd.demo.tiny import build_char_tokenizer
+from opd.teacher.alignment import AlignedSpan, CompletionAlignment
+from opd.teacher.cross_tokenizer import (
+    LocalTeacherTokens,
+    check_cross_tokenizer,
+    scores_at_student_positions,
+    valid_lengths_B,
+)
+from opd.types import TeacherScores
+
+NEG = float("-inf")
+
+
+def test_scores_land_on_the_student_positions_of_each_span():
+    """Student tokens [s0 s1 | s2 | s3 s4] against teacher tokens [t0 | t1 t2 | t3]: each span's
+    teacher logprobs summed at its last student token, its first teacher token's top-k at its
+    first student token, -inf and id 0 elsewhere; row 1 is shorter (padding stays 0)."""
+    alignments = [
+        CompletionAlignment([7, 8, 9, 10], [AlignedSpan(0, 2, 0, 1), AlignedSpan(2, 3, 1, 3),
+                                            AlignedSpan(3, 5, 3, 4)]),
+        CompletionAlignment([5], [AlignedSpan(0, 2, 0, 1)]),
+    ]  # fmt: skip
+    teacher = TeacherScores(
+        sampled_logprobs_BT=torch.tensor([[-1.0, -2.0, -3.0, -4.0], [-0.5, 0.0, 0.0, 0.0]]),
+        completion_mask_BT=torch.tensor([[1, 1, 1, 1], [1, 0, 0, 0]]),
+        topk_ids_BTK=torch.arange(16).reshape(2, 4, 2),
+        topk_logprobs_BTK=-torch.arange(16, dtype=torch.float32).reshape(2, 4, 2) / 10,
+        metrics={"teacher/latency_s": 1.0},
+    )
+    scores = scores_at_student_positions(teacher, alignments, (2, 6))
+    assert scores.sampled_logprobs_BT.tolist() == [
+        [0.0, -1.0, -5.0, 0.0, -4.0, 0.0],
+        [0.0, -0.5, 0.0, 0.0, 0.0, 0.0],
+    ]
+    assert scores.span_start_BT.tolist() == [
+        [True, False, True, True, False, False],
+        [True, False, False, False, False, False],
+    ]
+    assert scores.completion_mask_BT.tolist() == [[1, 1, 1, 1, 1, 0], [1, 1, 0, 0, 0, 0]]
+    assert scores.topk_ids_BTK[0, :, 0].tolist() == [0, 0, 2, 6, 0, 0]  # teacher rows 0, 1, 3
+    assert scores.topk_logprobs_BTK[0, 2].tolist() == pytest.approx([-0.2, -0.3])
+    assert scores.topk_logprobs_BTK[0, 1].tolist() == [NEG, NEG]
+    assert scores.topk_ids_BTK[1, 0].tolist() == [8, 9]
+    assert scores.metrics["teacher/latency_s"] == 1.0
+    assert scores.metrics["teacher/cross_spans_per_token"] == pytest.approx(4 / 7)
+    assert scores.metrics["teacher/cross_teacher_tokens_per_token"] == pytest.approx(5 / 7)
+
+
+def test_valid_lengths_keep_masked_tokens_inside_a_completion():
+    mask_BT = torch.tensor([[1, 1, 0, 1, 0], [0, 0, 0, 0, 0], [1, 1, 1, 1, 1]])
+    assert valid_lengths_B(mask_BT) == [4, 0, 5]
+
+
+def test_the_same_tokenizer_passes_and_the_line_says_the_mode_is_on():
+    tokenizer = build_char_tokenizer()
+    line = check_cross_tokenizer(tokenizer, LocalTeacherTokens(tokenizer, name="teacher"))
+    assert "cross-tokenizer mode is on" in line and "span rule 'last'" in line
+
+
+def test_a_teacher_that_cannot_spell_the_students_text_is_refused():
+    student = build_char_tokenizer()
+    digits_only = build_char_tokenizer("0123456789+=")
+    with pytest.raises(ConfigError, match="spells the student's text") as error:
+        check_cross_tokenizer(student, LocalTeacherTokens(digits_only, name="digits"))
+    assert "'digits'" in str(error.value)
+
+
+def test_a_chat_template_on_one_side_only_is_refused():
+    student, teacher = build_char_tokenizer(), build_char_tokenizer()
+    teacher.chat_template = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
+    with pytest.raises(ConfigError, match="teacher's tokenizer has a chat template and the"):
+        check_cross_tokenizer(student, LocalTeacherTokens(teacher, name="chat"))
+
+
+def _config(**fields) -> OPDConfig:
+    fields = {"teacher_model_name_or_path": "teacher", **fields}
+    return OPDConfig(output_dir="/tmp/unused", report_to="none", teacher_cross_tokenizer=True,
+                     **fields)  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("fields", "named"),
+    [
+        ({"teacher_mode": "self", "teacher_model_name_or_path": None}, "teacher_mode self"),
+        ({"opd_divergence": "jsd", "opd_divergence_support": "full"}, "'full' (use topk)"),
+        (
+            {"opd_divergence": "jsd", "opd_divergence_support": "union", "teacher_top_k": 4},
+            "'union'",
+        ),
+        ({"opd_baseline": "topk", "teacher_top_k": 4}, "opd_baseline 'topk'"),
+        ({"tip_rule": "q3", "teacher_top_k": 4}, "tip_rule 'q3'"),
+        ({"mopd_peers": "successes"}, "mopd_peers"),
+        ({"opd_prefix_column": "solution"}, "opd_prefix_column"),
+    ],
+)
+def test_settings_that_read_the_teacher_in_the_students_ids_are_refused(fields, named):
+    with pytest.raises(ConfigError, match="teacher_cross_tokenizer cannot be combined") as error:
+        _config(**fields)
+    assert named in str(error.value)
+
+
+def test_the_divergence_term_needs_the_teachers_top_k():
+    with pytest.raises(ValueError, match="teacher_top_k > 0"):
+        _config(opd_divergence="jsd")
+    config = _config(opd_divergence="jsd", teacher_top_k=4, opd_cross_vocab="uld")
+    assert config.opd_cross_vocab == "uld" and config.teacher_span_rule == "last"
+
+
+def test_unknown_span_rule_and_cross_vocab_are_named():
+    with pytest.raises(ValueError, match="teacher_span_rule='first'"):
+        _config(teacher_span_rule="first")
+    with pytest.raises(ValueError, match="opd_cross_vocab='both'"):
+        _config(opd_cross_vocab="both")
+    with pytest.raises(ValueError, match="opd_cross_vocab_uld_weight must be >= 0"):
+        _config(opd_cross_vocab_uld_weight=-1.0)

@@ -247,6 +247,13 @@ def _wants_demo_eval(script_args: DistillArguments, config: OPDConfig) -> bool:
     if evaluate and config.teacher_mode != "local":
         print("opd: eval_before_after needs the teacher in-process (teacher_mode=local); skipped.")
         return False
+    if evaluate and config.teacher_cross_tokenizer:
+        print(
+            "opd: eval_before_after compares student and teacher over one vocabulary; skipped "
+            "with teacher_cross_tokenizer (scripts/experiments/cross_tokenizer_demo.py "
+            "evaluates such a pair)."
+        )
+        return False
     return evaluate
 
 

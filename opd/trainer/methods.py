@@ -109,7 +109,7 @@ class MethodMixin:
         from opd.teacher.context import teacher_prompt
 
         prompts = [example["prompt"] for example in inputs]
-        column, template = self.context_column(inputs), self.args.teacher_context_template
+        column, template = context_column(self.args, inputs), self.args.teacher_context_template
         if column is not None:
             prompts = [
                 teacher_prompt(prompt, str(example[column]), template)
@@ -119,7 +119,7 @@ class MethodMixin:
 
     def privileged_prompt_ids(self, inputs) -> list[list[int]] | None:
         """OPSD: the teacher's prompt = the problem plus the privileged column (e.g. solution)."""
-        column = self.context_column(inputs)
+        column = context_column(self.args, inputs)
         if column is None:
             return None
         from opd.teacher.context import teacher_prompt_ids
@@ -131,13 +131,6 @@ class MethodMixin:
             self.processing_class,
             **prompt_render_kwargs(self),  # as TRL renders the student's prompt
         )
-
-    def context_column(self, inputs) -> str | None:
-        """`teacher_context_column`, checked against the dataset's columns."""
-        column = self.args.teacher_context_column
-        if column is not None and column not in inputs[0]:
-            raise ValueError(f"teacher_context_column={column!r} is not a column of the dataset.")
-        return column
 
     def teacher_routes(self, inputs) -> list[str] | None:
         column = self.args.teacher_route_column
@@ -224,3 +217,11 @@ class MethodMixin:
         return int(
             self.accelerator.unwrap_model(self.model).get_output_embeddings().weight.shape[0]
         )
+
+
+def context_column(args, inputs) -> str | None:
+    """`teacher_context_column`, checked against the dataset's columns."""
+    column = args.teacher_context_column
+    if column is not None and column not in inputs[0]:
+        raise ValueError(f"teacher_context_column={column!r} is not a column of the dataset.")
+    return column

@@ -284,7 +284,9 @@ class OPDTrainer(
         student's logits; None when the method needs none of them and the teacher gave no
         top-k (the forward costs about a third of a training step)."""
         args, scores, mask_BT = self.args, step.scores, step.mask_BT
-        if not args.needs_student_token_stats and scores.top_k == 0:
+        # A teacher of another tokenizer gives a top-k at span starts only: no per-token stats.
+        topk_stats = scores.top_k > 0 and not args.teacher_cross_tokenizer
+        if not args.needs_student_token_stats and not topk_stats:
             return None
         input_ids, attention_mask = prompt_completion_ids(output)
         num_tokens = output["completion_ids"].shape[1]

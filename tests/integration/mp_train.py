@@ -73,6 +73,10 @@ METHODS: dict[str, dict] = {
               "trace_kl_warmup_steps": 1, "trace_kl_decay_steps": 0,
               "opd_outcome_weight": 1.0, "opd_divergence": "forward_kl",
               "opd_divergence_coef": 1.0, "opd_divergence_support": "topk", "teacher_top_k": 4},
+    # a teacher of another tokenizer (--bpe_teacher): span rewards and GOLD/ULD at span starts
+    "cross_tokenizer": {"teacher_cross_tokenizer": True, "teacher_top_k": 4,
+                        "opd_divergence": "jsd", "opd_divergence_coef": 1.0,
+                        "opd_cross_vocab": "hybrid"},
 }  # fmt: skip
 NEEDS_REWARDS = ("scope", "uni_opd", "bapo", "hapo_bepa", "mopd", "trace")
 FSDP2 = {  # a fully sharded FSDP2 run (also scripts/bench_scale.py's)
@@ -142,9 +146,10 @@ def train_one(name: str, cli: argparse.Namespace) -> None:
         }  # fmt: skip
     if cli.fsdp:
         fsdp = FSDP2
+    teacher_name = cli.bpe_teacher if name == "cross_tokenizer" else cli.teacher
     args = OPDConfig(
         output_dir=os.path.join(cli.out, name), report_to="none", seed=0,
-        teacher_model_name_or_path=cli.teacher, use_vllm=False,
+        teacher_model_name_or_path=teacher_name, use_vllm=False,
         per_device_train_batch_size=cli.per_device_batch,
         gradient_accumulation_steps=cli.accumulation, num_generations=GROUP,
         max_completion_length=MAX_COMPLETION, max_steps=2, learning_rate=0.5,
@@ -188,6 +193,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--student", required=True)
     parser.add_argument("--teacher", required=True)
+    parser.add_argument("--bpe_teacher", help="The cross_tokenizer method's teacher.")
     parser.add_argument("--out", required=True)
     parser.add_argument("--per_device_batch", type=int, default=None)
     parser.add_argument("--accumulation", type=int, default=1)

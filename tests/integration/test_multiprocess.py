@@ -5,7 +5,8 @@ entropy_sample, SCOPE and Uni-OPD with groups split over processes, SOD, LUFFY t
 family-B divergence term, the union support: candidate sets and the top-k baseline; and from
 METHODS.md s.10 the CTPO and BAPO ratio forms, VCPO's ESS-scaled lr and min-variance baseline,
 CHORD's imitation stream, HAPO's Thompson gate with BEPA's cache, TCOD's depth mask; and from
-s.11 MOPD's peer contexts over groups split across processes and TRACE's routed terms),
+s.11 MOPD's peer contexts over groups split across processes and TRACE's routed terms; and a
+teacher of another tokenizer: span rewards, GOLD/ULD at span starts),
 `tests/integration/mp_train.py` trains 2 steps on fixed rollouts with plain SGD and no gradient
 clipping (both would hide a wrong loss scale) in four layouts of one global batch of 4:
 
@@ -35,7 +36,7 @@ SCRIPT = Path(__file__).with_name("mp_train.py")
 METHODS = (
     "vanilla", "vanilla_grpo", "vanilla_bnpo", "vanilla_dr_grpo", "vopd", "tip_q3",
     "tip_sample", "scope", "uni_opd", "sod", "luffy", "divergence", "union",
-    "ctpo", "bapo", "vcpo", "chord", "hapo_bepa", "tcod", "mopd", "trace",
+    "ctpo", "bapo", "vcpo", "chord", "hapo_bepa", "tcod", "mopd", "trace", "cross_tokenizer",
 )  # fmt: skip
 LAYOUTS = {  # name: (processes, rows per process, accumulation steps, extra flags)
     "ddp": (2, 2, 1, []),
@@ -55,6 +56,7 @@ def _train(out: Path, student, teacher, processes: int, rows: int, accumulation:
         ]  # fmt: skip
     command = [
         *launcher, "--student", str(student), "--teacher", str(teacher), "--out", str(out),
+        "--bpe_teacher", str(_bpe_teacher(out.parent)),
         *(["--per_device_batch", str(rows), "--accumulation", str(accumulation)] if rows else []),
         *extra,
     ]  # fmt: skip
@@ -62,6 +64,17 @@ def _train(out: Path, student, teacher, processes: int, rows: int, accumulation:
     result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
     return result.stdout + result.stderr
+
+
+def _bpe_teacher(folder: Path) -> Path:
+    """The cross_tokenizer method's teacher: a tiny BPE model (deterministic: same seed, same
+    files), written once per folder before any process starts."""
+    from opd.demo.bpe import save_tiny_bpe
+
+    path = folder / "bpe_teacher"
+    if not (path / "config.json").exists():
+        save_tiny_bpe(path, seed=1)
+    return path
 
 
 @pytest.fixture(scope="module")

@@ -285,3 +285,62 @@ def test_wrong_model_name_and_temperature_are_config_errors(vllm_url, tiny_teach
     wrong.close()
     with pytest.raises(ConfigError, match="temperature 1 only"):
         VLLMTeacher([vllm_url], model=str(tiny_teacher), temperature=0.7)
+
+
+# ------------------------------------------------------------------------------------------------
+# Cross-tokenizer mode against a stock server: its `/tokenize` re-tokenizes
+# ------------------------------------------------------------------------------------------------
+
+
+def test_served_tokens_re_tokenize_like_the_local_tokenizer(
+    teacher, reference, tiny_teacher, tmp_path
+):
+    """A BPE student (another vocabulary and EOS) against the served character-level teacher:
+    `ServedTeacherTokens` (ids and token strings from `/tokenize`) gives the same teacher ids,
+    offsets, EOS, rendered prompts and hence the same span scores as the local tokenizer."""
+    from transformers import AutoTokenizer
+
+    from opd.demo.bpe import save_tiny_bpe
+    from opd.teacher.cross_tokenizer import (
+        CrossTokenizerTeacher,
+        LocalTeacherTokens,
+        ServedTeacherTokens,
+        check_cross_tokenizer,
+    )
+
+    student_tokenizer = AutoTokenizer.from_pretrained(save_tiny_bpe(tmp_path / "bpe"))
+    local_tokenizer = _student_tokenizer(tiny_teacher)  # the served template, locally
+    served, local = (
+        ServedTeacherTokens(teacher, student_tokenizer),
+        LocalTeacherTokens(local_tokenizer),
+    )
+    assert served.eos_token == "<eos>" and served.eos_token_id == local.eos_token_id
+    texts = ["12+3=15", "thesum:99,ok", ""]  # the reloaded char tokenizer drops spaces
+    assert served.encode_offsets(texts) == local.encode_offsets(texts)
+    chat = [[{"role": "user", "content": "7+8="}]]
+    assert served.render_prompt_ids(chat) == local.render_prompt_ids(chat)
+    assert served.render_prompt_ids(["7+8="]) == local.render_prompt_ids(["7+8="])
+    with pytest.raises(ConfigError, match="teacher's tokenizer has a chat template"):
+        check_cross_tokenizer(student_tokenizer, served)  # the BPE student has no template
+
+    completions = ["15", "1+1is2", "108"]
+    ids_B = [student_tokenizer(text, add_special_tokens=False)["input_ids"] for text in completions]
+    ids_B[0].append(student_tokenizer.eos_token_id)
+    width = max(map(len, ids_B))
+    batch = RolloutBatch(
+        prompt_ids=[[5]] * 3,
+        completion_ids_BT=torch.tensor([ids + [0] * (width - len(ids)) for ids in ids_B]),
+        completion_mask_BT=torch.tensor(
+            [[1] * len(ids) + [0] * (width - len(ids)) for ids in ids_B]
+        ),
+        teacher_prompt_ids=local.render_prompt_ids(["7+8=", "1+1=", "99+9="]),
+    )
+    over_http = CrossTokenizerTeacher(teacher, served, student_tokenizer).score(batch, top_k=TOP_K)
+    in_process = CrossTokenizerTeacher(reference, local, student_tokenizer).score(
+        batch, top_k=TOP_K
+    )
+    assert torch.equal(over_http.span_start_BT, in_process.span_start_BT)
+    torch.testing.assert_close(
+        over_http.sampled_logprobs_BT, in_process.sampled_logprobs_BT, atol=ATOL, rtol=0
+    )
+    _assert_topk_close(over_http, in_process, in_process.span_start_BT, TOP_K)

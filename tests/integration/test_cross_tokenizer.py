@@ -133,6 +133,13 @@ def test_each_span_gets_the_teachers_span_logprob_minus_the_students(
             starts[span.student_lo] = True
         assert torch.equal(step["divergence_mask_BT"][row].bool(), starts)
     assert logged(trainer, "opd/uld_distance")[0] > 0  # the BPE vocabulary's merges are unmatched
+    # GOLD's map: equal strings, plus the EOS pair (another string at another id here)
+    map_V = trainer.cross_vocab_map_V
+    assert map_V[teacher_tokenizer.eos_token_id] == student_tokenizer.eos_token_id
+    assert map_V[
+        teacher_tokenizer.convert_tokens_to_ids("7")
+    ] == student_tokenizer.convert_tokens_to_ids("7")
+    assert map_V[teacher_tokenizer.convert_tokens_to_ids("42")] == -1
     assert logged(trainer, "opd/divergence")[0] > 0
     spans_per_token = logged(trainer, "teacher/cross_spans_per_token")[0]
     assert (spans_per_token < 1.0) == (multi_token_spans > 0)

@@ -195,12 +195,24 @@ class CrossTokenizerTeacher:
         return self.tokens.render_prompt_ids(prompts, **render_kwargs)
 
     def align(self, batch: RolloutBatch) -> list[CompletionAlignment]:
+        """Each row's alignment; a row the teacher cannot spell at all (a sample of special
+        tokens only, e.g. pad or BOS ids the student may sample at temperature 1) gets none:
+        its tokens then get no teacher term (`CrossVocabMixin.in_student_terms`)."""
         lengths_B = valid_lengths_B(batch.completion_mask_BT)
         student_ids_B = [
             row[:length].tolist()
             for row, length in zip(batch.completion_ids_BT, lengths_B, strict=True)
         ]
-        return align_completions(student_ids_B, self.student_tokenizer, self.tokens)
+        try:
+            return align_completions(student_ids_B, self.student_tokenizer, self.tokens)
+        except ValueError:  # some row has no teacher token: align row by row
+            return [self._align_row(ids) for ids in student_ids_B]
+
+    def _align_row(self, student_ids: list[int]) -> CompletionAlignment:
+        try:
+            return align_completions([student_ids], self.student_tokenizer, self.tokens)[0]
+        except ValueError:
+            return CompletionAlignment([], [])
 
     def score(self, batch: RolloutBatch, top_k: int = 0) -> TeacherScores:
         if batch.teacher_prompt_ids is None:
@@ -263,6 +275,7 @@ def scores_at_student_positions(
     num_teacher = sum(len(a.teacher_ids) for a in alignments)
     metrics = {
         **scores.metrics,
+        "teacher/cross_unaligned_rows": float(sum(not a.spans for a in alignments)),
         "teacher/cross_spans_per_token": float(start_BT.sum()) / num_student,
         "teacher/cross_teacher_tokens_per_token": num_teacher / num_student,
     }

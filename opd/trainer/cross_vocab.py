@@ -90,10 +90,16 @@ class CrossVocabMixin:
             return
         device = step.student_old_BT.device
         span_start_BT = scores.span_start_BT.to(device)
+        student_BT = step.student_old_BT.float()
+        # Tokens in no span (a row the teacher could not spell): advantage 0, as if the
+        # teacher agreed with the student.
+        covered_BT = step.mask_BT.bool() & scores.completion_mask_BT.to(device).bool()
         teacher_BT = span_teacher_logprobs(
-            scores.sampled_logprobs_BT.to(device), span_start_BT,
-            step.student_old_BT.float(), step.mask_BT, rule=str(self.args.teacher_span_rule),
+            scores.sampled_logprobs_BT.to(device), span_start_BT, student_BT, covered_BT,
+            rule=str(self.args.teacher_span_rule),
         )  # fmt: skip
+        uncovered_BT = step.mask_BT.bool() & ~covered_BT
+        teacher_BT = torch.where(uncovered_BT, student_BT, teacher_BT)
         topk = {"topk_ids_BTK": None, "topk_logprobs_BTK": None}
         if self.cross_vocab_map_V is not None and scores.top_k:
             ids_BTK, logprobs_BTK = scores.topk_ids_BTK.long(), scores.topk_logprobs_BTK

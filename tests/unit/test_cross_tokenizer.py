@@ -126,3 +126,45 @@ def test_unknown_span_rule_and_cross_vocab_are_named():
         _config(opd_cross_vocab="both")
     with pytest.raises(ValueError, match="opd_cross_vocab_uld_weight must be >= 0"):
         _config(opd_cross_vocab_uld_weight=-1.0)
+
+
+def test_a_row_the_teacher_cannot_spell_gets_no_teacher_term(tmp_path):
+    """Row 1 holds special tokens only (the student may sample BOS at temperature 1), which the
+    BPE teacher has no token for: it is not aligned, and its advantage is 0 (the teacher's
+    effective logprob is the student's own), while row 0 keeps its span reward."""
+    from types import SimpleNamespace
+
+    from opd.demo.bpe import save_tiny_bpe
+    from opd.teacher.cross_tokenizer import CrossTokenizerTeacher
+    from opd.teacher.local import LocalTeacher
+    from opd.trainer.cross_vocab import CrossVocabMixin
+    from opd.trainer.step import StepState
+    from opd.types import RolloutBatch
+
+    student = build_char_tokenizer()
+    teacher = LocalTeacher.from_pretrained(str(save_tiny_bpe(tmp_path / "bpe")))
+    cross = CrossTokenizerTeacher(teacher, LocalTeacherTokens(teacher.tokenizer), student)
+    bos, eos = student.bos_token_id, student.eos_token_id
+    digits = student("42", add_special_tokens=False)["input_ids"]
+    batch = RolloutBatch(
+        prompt_ids=[[5], [5]],
+        completion_ids_BT=torch.tensor([[*digits, eos], [bos, bos, bos]]),
+        completion_mask_BT=torch.ones(2, 3, dtype=torch.long),
+        teacher_prompt_ids=cross.render_prompt_ids(["7+8=", "7+8="]),
+    )
+    scores = cross.score(batch)
+    assert scores.metrics["teacher/cross_unaligned_rows"] == 1.0
+    assert scores.completion_mask_BT.tolist() == [[1, 1, 1], [0, 0, 0]]
+    # the BPE tokenizer makes "42" one token: one span of 2 student tokens, then EOS
+    assert scores.span_start_BT.tolist() == [[True, False, True], [False, False, False]]
+    step = StepState(inputs=[], rng_state={})
+    step.scores, step.mask_BT = scores, torch.ones(2, 3)
+    step.student_old_BT = torch.tensor([[-1.0, -2.0, -0.5], [-3.0, -3.0, -3.0]])
+    trainer = SimpleNamespace(args=SimpleNamespace(teacher_span_rule="last"),
+                              cross_vocab_map_V=None)  # fmt: skip
+    CrossVocabMixin.in_student_terms(trainer, step)
+    teacher_BT = step.scores.sampled_logprobs_BT
+    assert teacher_BT[1].tolist() == [-3.0, -3.0, -3.0]  # advantage 0 on the unaligned row
+    span = float(scores.sampled_logprobs_BT[0, 1])  # "42" scored as one teacher token
+    assert teacher_BT[0, 0] == -1.0 and teacher_BT[0, 1] == pytest.approx(span + 1.0)
+    assert teacher_BT[0, 2] == scores.sampled_logprobs_BT[0, 2]  # EOS: a 1:1 span, exact

@@ -18,9 +18,11 @@ Rules of `align_completion` (`student_ids` are the valid completion tokens only,
   end of the token that finishes that char, so a char's bytes never fall into two spans.
 - The student's EOS (`eos_token_id`) becomes the teacher's EOS as a 1:1 span (ValueError when the
   teacher has none). Another special token becomes `teacher.special_token_id(its text)` as a 1:1
-  span when the teacher has it; otherwise it has no teacher token and joins the span before it
-  (the one after it when it comes first). A run whose text is empty joins its neighbours the same
-  way. A non-empty completion without any teacher token is a ValueError.
+  span when the teacher has it; otherwise it has no teacher token and is listed in
+  `student_only`, outside every span (the scorer gives it its own penalty: joined to a span, a
+  token the teacher never sees would only add its own -logprob to the span's reward, which a
+  policy learns to exploit). A run whose text the teacher encodes to nothing is listed the same
+  way; so is every token of a completion without any teacher token.
 - With the student's own tokenizer as teacher, a canonically tokenized completion comes back as
   itself with 1:1 spans, except that the tokens spelling one split char form one n:n span.
 
@@ -64,21 +66,31 @@ class CompletionAlignment:
     teacher_ids: list[int]
     """The completion as teacher ids (re-tokenized text, special tokens mapped)."""
     spans: list[AlignedSpan]
-    """In order; they tile `[0, n_student)` and `[0, len(teacher_ids))` exactly."""
+    """In order; with `student_only` they tile `[0, n_student)`, and they tile
+    `[0, len(teacher_ids))` exactly."""
+    student_only: tuple[int, ...] = ()
+    """Student positions the teacher has no token for (a special token it lacks, text it
+    encodes to nothing), in order: not part of any span."""
 
     def __post_init__(self) -> None:
         student_at = teacher_at = 0
+        only = list(self.student_only)
         for span in self.spans:
+            while only and only[0] == student_at:
+                student_at, only = student_at + 1, only[1:]
             if (span.student_lo, span.teacher_lo) != (student_at, teacher_at):
                 raise ValueError(f"Spans must tile both sides: {span} starts a gap or overlap.")
             student_at, teacher_at = span.student_hi, span.teacher_hi
+        if only != list(range(student_at, student_at + len(only))):
+            raise ValueError(f"student_only {self.student_only} overlaps or leaves a gap.")
         if teacher_at != len(self.teacher_ids):
             raise ValueError(f"Spans cover {teacher_at} of {len(self.teacher_ids)} teacher ids.")
 
     @property
     def num_student(self) -> int:
-        """How many student tokens the spans cover."""
-        return self.spans[-1].student_hi if self.spans else 0
+        """How many student tokens the spans and `student_only` cover."""
+        last_span = self.spans[-1].student_hi if self.spans else 0
+        return max(last_span, self.student_only[-1] + 1 if self.student_only else 0)
 
     def student_span_starts(self, num_student: int) -> list[bool]:
         """Per position of `num_student` (>= the aligned tokens; the rest is padding): True at
@@ -351,25 +363,22 @@ def _piece_alignment(
 def _assemble(pieces: list[_Piece], encoded, student_tokenizer) -> CompletionAlignment:
     spans: list[list[int]] = []  # [student_lo, student_hi, teacher_lo, teacher_hi]
     teacher_ids: list[int] = []
-    num_student = pending = 0  # pending: leading student tokens without a teacher token
+    student_only: list[int] = []  # no teacher token: scored apart (cross_tokenizer.py)
+    num_student = 0
     for piece in pieces:
         aligned = _piece_alignment(piece, encoded, student_tokenizer)
-        if aligned is None:  # joins the span before it, or the first one after it
-            if spans:
-                spans[-1][1] += len(piece.student_ids)
-            else:
-                pending += len(piece.student_ids)
+        if aligned is None:
+            student_only += range(num_student, num_student + len(piece.student_ids))
         else:
             s0, t0 = num_student, len(teacher_ids)
             for span in aligned[1]:
-                spans.append([s0 + span.student_lo - pending, s0 + span.student_hi])
+                spans.append([s0 + span.student_lo, s0 + span.student_hi])
                 spans[-1] += [t0 + span.teacher_lo, t0 + span.teacher_hi]
-                pending = 0
             teacher_ids += aligned[0]
         num_student += len(piece.student_ids)
-    if num_student and not spans:
-        raise ValueError(f"None of the {num_student} completion tokens has a teacher token.")
-    return CompletionAlignment(teacher_ids, [AlignedSpan(*span) for span in spans])
+    return CompletionAlignment(
+        teacher_ids, [AlignedSpan(*span) for span in spans], student_only=tuple(student_only)
+    )
 
 
 def align_completions(

@@ -14,6 +14,7 @@
    own ids) at the span's first student token, and `span_start_BT`. The trainer turns the span
    sums into per-token rewards with `teacher_span_rule` and maps the top-k ids through the
    vocabularies (`opd/objectives/cross_vocab.py`), so the composer and the loss are unchanged.
+   A student token the teacher has no token for is its own span scored `UNSPELLABLE_LOGPROB`.
 
 The completion text is tokenized on its own, after the teacher's prompt, as TRL's GOLD trainer
 does: the prompt/completion boundary is a token boundary on both sides. A span's first tokens
@@ -56,6 +57,12 @@ ALIGNMENT_RULE = (
     "and re-tokenized alone by the teacher; spans close where both tokenizations end at the "
     "same character; EOS maps to the teacher's EOS, other special tokens by their text"
 )
+# The teacher's logprob of a student token it has no token for (a special token its tokenizer
+# lacks, e.g. a sampled BOS or pad): e^-20 ~ 2e-9, below what a model gives any real token. Such
+# a token is its own span, so its reward is -20 - lp_student: a penalty. Joined to a span, or
+# left out with advantage 0, it would be free, and the demo's student learnt within 100 steps
+# to answer with 4 special tokens (509 of 512 rows) to dodge the teacher's judgement.
+UNSPELLABLE_LOGPROB = -20.0
 # End-of-turn texts of common chat families, tried after the student's own EOS text when a stock
 # vLLM server is the only view of the teacher's tokenizer.
 EOS_CANDIDATES = ("<|im_end|>", "<|endoftext|>", "<|eot_id|>", "</s>", "<eos>", "<|end|>")
@@ -195,9 +202,9 @@ class CrossTokenizerTeacher:
         return self.tokens.render_prompt_ids(prompts, **render_kwargs)
 
     def align(self, batch: RolloutBatch) -> list[CompletionAlignment]:
-        """Each row's alignment; a row the teacher cannot spell at all (a sample of special
-        tokens only, e.g. pad or BOS ids the student may sample at temperature 1) gets none:
-        its tokens then get no teacher term (`CrossVocabMixin.in_student_terms`)."""
+        """Each row's alignment. A row the alignment rejects (e.g. a served tokenizer whose
+        token strings do not spell the text) has every token teacherless: penalised as
+        unspellable, never left free (`scores_at_student_positions`)."""
         lengths_B = valid_lengths_B(batch.completion_mask_BT)
         student_ids_B = [
             row[:length].tolist()
@@ -212,7 +219,7 @@ class CrossTokenizerTeacher:
         try:
             return align_completions([student_ids], self.student_tokenizer, self.tokens)[0]
         except ValueError:
-            return CompletionAlignment([], [])
+            return CompletionAlignment([], [], student_only=tuple(range(len(student_ids))))
 
     def score(self, batch: RolloutBatch, top_k: int = 0) -> TeacherScores:
         if batch.teacher_prompt_ids is None:
@@ -263,6 +270,10 @@ def scores_at_student_positions(
     ids_BTK = torch.zeros((*shape_BT, k), dtype=torch.int64) if k else None
     logprobs_BTK = torch.full((*shape_BT, k), float("-inf")) if k else None
     for row, alignment in enumerate(alignments):
+        for position in alignment.student_only:  # its own span, at the teacher's floor
+            span_BT[row, position] = UNSPELLABLE_LOGPROB
+            start_BT[row, position] = True
+            mask_BT[row, position] = 1
         for span in alignment.spans:
             teacher = slice(span.teacher_lo, span.teacher_hi)
             span_BT[row, span.student_hi - 1] = scores.sampled_logprobs_BT[row, teacher].sum()
@@ -275,7 +286,8 @@ def scores_at_student_positions(
     num_teacher = sum(len(a.teacher_ids) for a in alignments)
     metrics = {
         **scores.metrics,
-        "teacher/cross_unaligned_rows": float(sum(not a.spans for a in alignments)),
+        "teacher/cross_unspellable_fraction": sum(len(a.student_only) for a in alignments)
+        / num_student,
         "teacher/cross_spans_per_token": float(start_BT.sum()) / num_student,
         "teacher/cross_teacher_tokens_per_token": num_teacher / num_student,
     }

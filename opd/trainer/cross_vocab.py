@@ -88,11 +88,15 @@ class CrossVocabMixin:
         step.cross_span_start_BT = scores.span_start_BT
         if scores.span_start_BT is None:
             return
+        if scores.top_k:  # the divergence reads span starts with a teacher top-k only (not the
+            # tokens the teacher has no token for)
+            has_topk_BT = scores.topk_logprobs_BTK[..., 0] > float("-inf")
+            step.cross_span_start_BT = scores.span_start_BT & has_topk_BT
         device = step.student_old_BT.device
         span_start_BT = scores.span_start_BT.to(device)
         student_BT = step.student_old_BT.float()
-        # Tokens in no span (a row the teacher could not spell): advantage 0, as if the
-        # teacher agreed with the student.
+        # Every valid token is in a span (teacherless ones in their own, penalised); a token
+        # the scores do not cover (none expected) gets advantage 0.
         covered_BT = step.mask_BT.bool() & scores.completion_mask_BT.to(device).bool()
         teacher_BT = span_teacher_logprobs(
             scores.sampled_logprobs_BT.to(device), span_start_BT, student_BT, covered_BT,

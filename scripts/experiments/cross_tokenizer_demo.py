@@ -24,7 +24,10 @@ Every run is its own `opd distill` (in this process) under
 exists; each evaluation is cached beside it, so a second invocation trains nothing.
 `results.json` at the end.
 
-Run: `python scripts/experiments/cross_tokenizer_demo.py [--steps 60] [--batch_size 512]
+The schedule is the embedded demo's (`opd/demo/default.yaml`): lr 1e-3 after 10 warm-up steps,
+100 steps of 512 samples (128 prompts x 4), transformers generation here instead of vLLM.
+
+Run: `python scripts/experiments/cross_tokenizer_demo.py [--steps 100] [--batch_size 512]
 [--learning_rate 1e-3] [--seeds 0 1] [--arms same cross cross_hybrid] [--eval_prompts 200]
 [--output_dir opd-runs/cross_tokenizer_demo]`.
 
@@ -71,7 +74,7 @@ ARM_FLAGS = {
 class Plan:
     """The experiment's sizes (the defaults: the full run)."""
 
-    steps: int = 60
+    steps: int = 100
     batch_size: int = 512
     learning_rate: float = 1e-3
     seeds: tuple[int, ...] = (0, 1)
@@ -97,7 +100,8 @@ def train_arm(plan: Plan, run_dir: Path, arm: str, seed: int) -> float:
         "distill", "--config", str(BASE_RECIPE), *COMMON_FLAGS, *ARM_FLAGS[arm],
         "--output_dir", str(run_dir), "--max_steps", str(plan.steps),
         "--per_device_train_batch_size", str(plan.batch_size),
-        "--learning_rate", str(plan.learning_rate), "--lr_scheduler_type", "constant",
+        "--learning_rate", str(plan.learning_rate),
+        "--lr_scheduler_type", "constant_with_warmup", "--warmup_steps", "10",
         "--seed", str(seed), "--logging_steps", "1", "--save_strategy", "no",
         "--write_report", "false",
     ]  # fmt: skip

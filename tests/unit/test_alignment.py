@@ -222,7 +222,8 @@ def test_a_span_where_the_two_tokenizations_cross(byte_level, metaspace):
 
 
 def test_special_tokens_mapped_joined_and_eos(char, byte_level):
-    """<pad> (teacher has only <|pad|>) joins a neighbour; <bos> maps by its text; EOS to EOS."""
+    """<pad> (teacher has only <|pad|>) is teacherless (student_only, outside every span);
+    <bos> maps by its text; EOS to EOS."""
     pad, bos, eos = char.pad_token_id, char.bos_token_id, char.eos_token_id
     ids = [pad, *_ids(char, "42", eos=False), bos, *_ids(char, " is", eos=False), pad, eos]
     alignment = align_completion(ids, char, HFTeacherTokens(byte_level))
@@ -231,14 +232,19 @@ def test_special_tokens_mapped_joined_and_eos(char, byte_level):
     expected_ids += [*_ids(byte_level, " is", eos=False), byte_level.eos_token_id]
     assert alignment.teacher_ids == expected_ids
     assert _strs(byte_level, "42") == ["42"] and _strs(byte_level, " is") == ["Ġis"]
-    assert alignment.spans == _spans((0, 3, 0, 1), (3, 4, 1, 2), (4, 8, 2, 3), (8, 9, 3, 4))
+    assert alignment.spans == _spans((1, 3, 0, 1), (3, 4, 1, 2), (4, 7, 2, 3), (8, 9, 3, 4))
+    assert alignment.student_only == (0, 7) and alignment.num_student == 9
 
 
 def test_completions_without_teacher_tokens(char, byte_level):
     teacher = HFTeacherTokens(byte_level)
     assert align_completion([], char, teacher) == CompletionAlignment([], [])
-    with pytest.raises(ValueError, match="None of the 2 completion tokens has a teacher token"):
-        align_completion([char.pad_token_id] * 2, char, teacher)
+    only_pads = align_completion([char.pad_token_id] * 2, char, teacher)
+    assert only_pads == CompletionAlignment([], [], student_only=(0, 1))
+    with pytest.raises(ValueError, match="starts a gap or overlap"):  # 0 is in both
+        CompletionAlignment([7], [AlignedSpan(0, 1, 0, 1)], student_only=(0,))
+    with pytest.raises(ValueError, match="overlaps or leaves a gap"):  # 2 is skipped
+        CompletionAlignment([7], [AlignedSpan(0, 1, 0, 1)], student_only=(1, 3))
     no_eos = HFTeacherTokens(PreTrainedTokenizerFast(tokenizer_object=byte_level.backend_tokenizer))
     with pytest.raises(ValueError, match="has no EOS token"):
         align_completion(_ids(char, "42"), char, no_eos)

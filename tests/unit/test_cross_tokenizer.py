@@ -128,14 +128,15 @@ def test_unknown_span_rule_and_cross_vocab_are_named():
         _config(opd_cross_vocab_uld_weight=-1.0)
 
 
-def test_a_row_the_teacher_cannot_spell_gets_no_teacher_term(tmp_path):
+def test_tokens_the_teacher_cannot_spell_are_penalised_not_free(tmp_path):
     """Row 1 holds special tokens only (the student may sample BOS at temperature 1), which the
-    BPE teacher has no token for: it is not aligned, and its advantage is 0 (the teacher's
-    effective logprob is the student's own), while row 0 keeps its span reward."""
+    BPE teacher has no token for: each is its own span at `UNSPELLABLE_LOGPROB`, so its reward
+    is -20 - lp_old, a penalty (with advantage 0, or joined to a span, it would be free: the
+    demo's student learnt to answer with special tokens). Row 0 keeps its span reward."""
     from types import SimpleNamespace
 
     from opd.demo.bpe import save_tiny_bpe
-    from opd.teacher.cross_tokenizer import CrossTokenizerTeacher
+    from opd.teacher.cross_tokenizer import UNSPELLABLE_LOGPROB, CrossTokenizerTeacher
     from opd.teacher.local import LocalTeacher
     from opd.trainer.cross_vocab import CrossVocabMixin
     from opd.trainer.step import StepState
@@ -148,23 +149,25 @@ def test_a_row_the_teacher_cannot_spell_gets_no_teacher_term(tmp_path):
     digits = student("42", add_special_tokens=False)["input_ids"]
     batch = RolloutBatch(
         prompt_ids=[[5], [5]],
-        completion_ids_BT=torch.tensor([[*digits, eos], [bos, bos, bos]]),
-        completion_mask_BT=torch.ones(2, 3, dtype=torch.long),
+        completion_ids_BT=torch.tensor([[*digits, eos, 0], [bos, bos, bos, bos]]),
+        completion_mask_BT=torch.tensor([[1, 1, 1, 0], [1, 1, 1, 1]]),
         teacher_prompt_ids=cross.render_prompt_ids(["7+8=", "7+8="]),
     )
     scores = cross.score(batch)
-    assert scores.metrics["teacher/cross_unaligned_rows"] == 1.0
-    assert scores.completion_mask_BT.tolist() == [[1, 1, 1], [0, 0, 0]]
+    assert scores.metrics["teacher/cross_unspellable_fraction"] == pytest.approx(4 / 7)
+    assert scores.completion_mask_BT.tolist() == [[1, 1, 1, 0], [1, 1, 1, 1]]
     # the BPE tokenizer makes "42" one token: one span of 2 student tokens, then EOS
-    assert scores.span_start_BT.tolist() == [[True, False, True], [False, False, False]]
+    assert scores.span_start_BT.tolist() == [[True, False, True, False], [True] * 4]
+    assert scores.sampled_logprobs_BT[1].tolist() == [UNSPELLABLE_LOGPROB] * 4
     step = StepState(inputs=[], rng_state={})
-    step.scores, step.mask_BT = scores, torch.ones(2, 3)
-    step.student_old_BT = torch.tensor([[-1.0, -2.0, -0.5], [-3.0, -3.0, -3.0]])
+    step.scores, step.mask_BT = scores, batch.completion_mask_BT.float()
+    step.student_old_BT = torch.tensor([[-1.0, -2.0, -0.5, 0.0], [-3.0, -3.0, -3.0, -3.0]])
     trainer = SimpleNamespace(args=SimpleNamespace(teacher_span_rule="last"),
                               cross_vocab_map_V=None)  # fmt: skip
     CrossVocabMixin.in_student_terms(trainer, step)
     teacher_BT = step.scores.sampled_logprobs_BT
-    assert teacher_BT[1].tolist() == [-3.0, -3.0, -3.0]  # advantage 0 on the unaligned row
+    advantage_BT = (teacher_BT - step.student_old_BT) * step.mask_BT
+    assert advantage_BT[1].tolist() == [-17.0] * 4  # -20 - (-3): a penalty on each
     span = float(scores.sampled_logprobs_BT[0, 1])  # "42" scored as one teacher token
     assert teacher_BT[0, 0] == -1.0 and teacher_BT[0, 1] == pytest.approx(span + 1.0)
     assert teacher_BT[0, 2] == scores.sampled_logprobs_BT[0, 2]  # EOS: a 1:1 span, exact

@@ -146,10 +146,12 @@ class TeacherArguments:
         "with teacher_mode vllm and neither set, the server's /tokenize).",
     )
     teacher_span_rule: SpanRule = help_field(
-        SpanRule.LAST,
+        SpanRule.ALL,
         "Cross-tokenizer mode: where a span's sampled-token OPD reward (teacher logprob of its "
-        "tokens, summed, minus the student's, summed) goes. 'last': on the span's last "
-        "student token; 'spread': an equal share on each of its student tokens.",
+        "tokens, summed, minus the student's, summed) goes. 'all': the whole reward on each "
+        "of its student tokens (REINFORCE on the span's joint probability); 'spread': an "
+        "equal share on each; 'last': on its last student token only (the earlier ones get no "
+        "gradient).",
     )
 
     def check_teacher_scoring(self) -> None:

@@ -235,8 +235,9 @@ class SpanRule(Choice):
     """Where a cross-tokenizer span's advantage goes among its student tokens
     (`teacher_span_rule`, `opd/objectives/cross_vocab.py`)."""
 
-    LAST = "last"  # all of it on the span's last student token, 0 on the others
+    ALL = "all"  # the span's whole reward on each of its student tokens (REINFORCE on the span)
     SPREAD = "spread"  # an equal share on each student token of the span
+    LAST = "last"  # all of it on the span's last student token, 0 on the others
 
 
 class CrossVocab(Choice):

@@ -11,12 +11,21 @@ scores reach the loss mapped onto the student's positions:
 The spans tile the valid tokens (`mask_BT`) of each row; padding is never a span start.
 
 Family A (policy-gradient OPD) needs one teacher logprob per student token. Only the span total
-is known, so `span_teacher_logprobs` spreads it so that every span keeps its total advantage:
+is known: the span's reward is r_S = T_S - sum_{t in S} lp_s[t], the log-ratio of the span's
+joint probabilities. `span_teacher_logprobs` turns it into a per-token teacher logprob `out` so
+that the advantage `out_t - lp_s[t]` is, per rule:
 
-    sum_{t in S} (out_t - lp_s[t]) == T_S - sum_{t in S} lp_s[t]
+- "all" (the default): r_S on every token of S. The span is one action of probability
+  prod_{t in S} p_s(y_t), so r_S * grad log p_s(S) = sum_{t in S} r_S * grad log p_s(y_t):
+  vanilla OPD's per-token estimator applied to the span, which a single-token span reduces to.
+- "spread": r_S / |S| on each token (the same direction, 1/|S| the step).
+- "last": r_S on the span's last token, 0 on the others. Its earlier tokens get no gradient: on
+  the demo (a character student, a teacher whose numbers are one token) the student's first
+  digits were never trained and it collapsed within 10 steps (accuracy 0.31 -> 0); kept for
+  comparison.
 
-with rule "last" (the whole span advantage on the span's last token, 0 on the others) or
-"spread" (an equal share on each token). A single-token span gives out = T_S bit for bit.
+"spread" and "last" keep the span total, sum_{t in S} (out_t - lp_s[t]) = r_S. A single-token
+span gives out = T_S bit for bit under every rule.
 
 Family B (a divergence on a top-k support) needs the teacher's distribution in the student's
 vocabulary. Following GOLD (TRL `trl/experimental/gold/gold_trainer.py`, `ULDLoss`), a teacher
@@ -35,7 +44,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-SPAN_RULES = ("last", "spread")
+SPAN_RULES = ("all", "spread", "last")
 
 
 def _span_index_BT(span_start_BT: torch.Tensor) -> tuple[torch.Tensor, int]:
@@ -84,17 +93,17 @@ def span_teacher_logprobs(
     span_start_BT: torch.Tensor,
     student_logprobs_BT: torch.Tensor,
     mask_BT: torch.Tensor,
-    rule: str = "last",
+    rule: str = "all",
 ) -> torch.Tensor:
-    """An effective teacher logprob per student token that keeps each span's total advantage.
+    """An effective teacher logprob per student token from each span's reward
+    r_S = T_S - sum_S lp_s (see the module docstring for the rules):
 
-    For every span S with teacher total T_S: sum_{t in S} (out_t - lp_s[t]) = T_S - sum_S lp_s.
-
+    - "all": out[t] = lp_s[t] + r_S on every token of S;
+    - "spread": out[t] = lp_s[t] + r_S / |S|;
     - "last": out[last] = T_S - sum_{t in S, t != last} lp_s[t]; out[t] = lp_s[t] on the other
       tokens of S (advantage 0 there).
-    - "spread": out[t] = lp_s[t] + (T_S - sum_S lp_s) / |S|.
 
-    A single-token span gives out = T_S exactly under both rules (a special case, since
+    A single-token span gives out = T_S exactly under every rule (a special case, since
     a + (b - a) need not round back to b). Vectorised over the batch; no loop over tokens.
     Pass detached student logprobs: the result is meant for an advantage.
 
@@ -103,7 +112,7 @@ def span_teacher_logprobs(
         span_start_BT: bool [B, T], True at the first student token of each span.
         student_logprobs_BT: float32 [B, T], the student's logprob of each sampled token.
         mask_BT: bool [B, T], valid completion tokens.
-        rule: "last" or "spread".
+        rule: "all", "spread" or "last".
 
     Returns:
         float32 [B, T] (the inputs' dtype), 0 at masked positions.
@@ -129,7 +138,8 @@ def span_teacher_logprobs(
     else:
         total_BT = _span_sum(student_BT, index_BT, n_spans)
         # clamp: padding has size 0; its value is discarded but must not put nan in a backward.
-        out_BT = student_BT + (teacher_BT - total_BT) / size_BT.clamp(min=1)
+        share_BT = size_BT.clamp(min=1) if rule == "spread" else 1
+        out_BT = student_BT + (teacher_BT - total_BT) / share_BT
     out_BT = torch.where(size_BT == 1, teacher_BT, out_BT)
     return torch.where(mask_BT, out_BT, zero)
 

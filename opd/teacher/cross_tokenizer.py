@@ -31,6 +31,9 @@ Test: `pytest tests/unit/test_cross_tokenizer.py tests/integration/test_cross_to
 
 from __future__ import annotations
 
+import dataclasses
+import itertools
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -185,12 +188,18 @@ class ServedTeacherTokens:
 class CrossTokenizerTeacher:
     """A `TeacherScorer` for a student of another tokenizer (see the module docstring)."""
 
-    def __init__(self, inner: TeacherScorer, tokens, student_tokenizer, *, rule=SpanRule.LAST):
+    def __init__(self, inner: TeacherScorer, tokens, student_tokenizer, *, rule=SpanRule.ALL):
         self.inner = inner
         self.tokens = tokens
         self.student_tokenizer = student_tokenizer
         self.rule = SpanRule(rule)
         self.teacher_id = inner.teacher_id
+        teacher_tokenizer = getattr(tokens, "tokenizer", None)  # None: a served /tokenize only
+        self.boundary = (
+            None
+            if teacher_tokenizer is None
+            else BoundaryCredit.of(student_tokenizer, teacher_tokenizer)
+        )
 
     def check_student_tokenizer(self, student_tokenizer) -> None:
         print(check_cross_tokenizer(student_tokenizer, self.tokens, rule=self.rule))
@@ -229,8 +238,29 @@ class CrossTokenizerTeacher:
             )
         alignments = self.align(batch)
         teacher_batch = teacher_side_batch(batch, alignments)
-        scores = self.inner.score(teacher_batch, top_k=top_k)
-        return scores_at_student_positions(scores, alignments, tuple(batch.completion_ids_BT.shape))
+        asked_k = top_k if self.boundary is None else max(top_k, BOUNDARY_TOP_K)
+        scores = self.inner.score(teacher_batch, top_k=asked_k)
+        boundary_BT = None
+        if self.boundary is not None:
+            boundary_BT = self.boundary.terms_BT(scores, teacher_batch.completion_ids_BT)
+            scores = keep_top_k(scores, top_k)
+        shape_BT = tuple(batch.completion_ids_BT.shape)
+        return scores_at_student_positions(
+            scores, alignments, shape_BT, boundary_BT=boundary_BT,
+            shift_B=self._shifts(batch, alignments),
+        )  # fmt: skip
+
+    def _shifts(self, batch: RolloutBatch, alignments) -> list[list[bool]] | None:
+        """Per row and span: whether its boundary term moves to the next span (its last
+        student token has no longer student token it is a prefix of)."""
+        if self.boundary is None:
+            return None
+        ids_BT = batch.completion_ids_BT
+        return [
+            [not self.boundary.student_extends(int(ids_BT[row, span.student_hi - 1]))
+             for span in alignment.spans]
+            for row, alignment in enumerate(alignments)
+        ]  # fmt: skip
 
 
 def valid_lengths_B(completion_mask_BT: torch.Tensor) -> list[int]:
@@ -258,11 +288,25 @@ def teacher_side_batch(batch: RolloutBatch, alignments: list[CompletionAlignment
 
 
 def scores_at_student_positions(
-    scores: TeacherScores, alignments: list[CompletionAlignment], shape_BT: tuple[int, int]
+    scores: TeacherScores,
+    alignments: list[CompletionAlignment],
+    shape_BT: tuple[int, int],
+    *,
+    boundary_BT: torch.Tensor | None = None,
+    shift_B: list[list[bool]] | None = None,
 ) -> TeacherScores:
     """Teacher-token scores on the student's `[B, T]` positions (see `TeacherScores.span_start_BT`):
     per span, the sum of its teacher tokens' logprobs at its last student token, the top-k of
-    its first teacher token at its first student token."""
+    its first teacher token at its first student token.
+
+    With `boundary_BT` (`BoundaryCredit.terms_BT`, per teacher position) and `shift_B` (per row
+    and span), a span whose shift is True hands its last teacher token's boundary term to the
+    next span: the student token that decides where the teacher's token ends is the next one."""
+    if boundary_BT is not None:
+        scores = dataclasses.replace(
+            scores,
+            sampled_logprobs_BT=shifted_span_sums(scores, alignments, boundary_BT, shift_B),
+        )
     span_BT = torch.zeros(shape_BT, dtype=torch.float32)
     start_BT = torch.zeros(shape_BT, dtype=torch.bool)
     mask_BT = torch.zeros(shape_BT, dtype=torch.int64)
@@ -277,6 +321,8 @@ def scores_at_student_positions(
         for span in alignment.spans:
             teacher = slice(span.teacher_lo, span.teacher_hi)
             span_BT[row, span.student_hi - 1] = scores.sampled_logprobs_BT[row, teacher].sum()
+            if boundary_BT is not None:  # the span's sum after the shifts, at its first slot
+                span_BT[row, span.student_hi - 1] = scores.sampled_logprobs_BT[row, span.teacher_lo]
             start_BT[row, span.student_lo] = True
             mask_BT[row, span.student_lo : span.student_hi] = 1
             if k:
@@ -303,7 +349,7 @@ def scores_at_student_positions(
     )
 
 
-def check_cross_tokenizer(student_tokenizer, tokens, *, rule=SpanRule.LAST) -> str:
+def check_cross_tokenizer(student_tokenizer, tokens, *, rule=SpanRule.ALL) -> str:
     """Raise ConfigError naming what must still match between a student and a teacher of
     another tokenizer; else the line that says cross-tokenizer mode is on and what differs."""
     problems = []
@@ -344,4 +390,123 @@ def describe_tokenizer(name: str, tokenizer) -> str:
     return (
         f"{name} (vocab {print_['vocab_size']}, eos {tokenizer.eos_token!r} = "
         f"{print_['eos_token_id']}, vocab sha {print_['vocab_sha256']})"
+    )
+
+
+# How many of the teacher's top entries `BoundaryCredit` reads at a span's last teacher token.
+BOUNDARY_TOP_K = 16
+
+
+@dataclass(frozen=True)
+class BoundaryCredit:
+    """Which student token decides where a teacher token ends.
+
+    A teacher token's probability also says where it ends: in a vocabulary with "4" and "42",
+    p("4") is the probability that the number is 4 and stops there. A character-level student
+    decides that only at its NEXT token (a digit or EOS). Left on the span, that part of the
+    teacher's judgement rewards or penalises the wrong student token: on the demo (a character
+    student, a BPE teacher whose numbers are one token) the student's EOS after one digit went
+    unpunished and the student collapsed to one-digit answers within 10 steps.
+
+    So a span's last teacher token t's logprob is split: its boundary term
+    `b = log p(t) - log sum_{v: string(v) starts with string(t)} p(v)` (over the teacher's top
+    `BOUNDARY_TOP_K` and t itself) moves to the next span, and the span keeps
+    `log sum p(v)`: the teacher's probability of the text alone. It moves only when the span's
+    last student token has no longer student token it is a prefix of (else the student's own
+    token choice made the same decision). With one tokenizer on both sides b is exactly 0
+    whenever it would move, so the same-tokenizer path is unchanged bit for bit.
+    """
+
+    teacher_strings: tuple[str, ...]
+    """The teacher's token strings by id (its vocabulary's own spelling)."""
+    student_extended: frozenset[int]
+    """Student ids whose token string is a proper prefix of another student token's."""
+    teacher_specials: frozenset[int]
+
+    @classmethod
+    def of(cls, student_tokenizer, teacher_tokenizer) -> BoundaryCredit:
+        teacher_vocab = teacher_tokenizer.get_vocab()
+        strings = [""] * (max(teacher_vocab.values()) + 1)
+        for text, token_id in teacher_vocab.items():
+            strings[token_id] = text
+        return cls(
+            tuple(strings),
+            frozenset(extended_ids(student_tokenizer.get_vocab())),
+            frozenset(teacher_tokenizer.all_special_ids),
+        )
+
+    def student_extends(self, student_id: int) -> bool:
+        return student_id in self.student_extended
+
+    def terms_BT(self, scores: TeacherScores, teacher_ids_BT: torch.Tensor) -> torch.Tensor:
+        """float32 `[B, T_teacher]` b of each teacher token (0 for special tokens and where the
+        top-k holds no longer token)."""
+        terms_BT = torch.zeros_like(scores.sampled_logprobs_BT)
+        mask_BT = scores.completion_mask_BT.bool()
+        for row, position in mask_BT.nonzero().tolist():
+            token_id = int(teacher_ids_BT[row, position])
+            if token_id in self.teacher_specials or token_id >= len(self.teacher_strings):
+                continue
+            text = self.teacher_strings[token_id]
+            sampled = scores.sampled_logprobs_BT[row, position]
+            longer = [
+                value
+                for candidate, value in zip(
+                    scores.topk_ids_BTK[row, position].tolist(),
+                    scores.topk_logprobs_BTK[row, position],
+                    strict=True,
+                )
+                if candidate != token_id
+                and 0 <= candidate < len(self.teacher_strings)
+                and candidate not in self.teacher_specials
+                and self.teacher_strings[candidate].startswith(text)
+                and value > float("-inf")
+            ]
+            if longer:
+                mass = torch.logsumexp(torch.stack([sampled, *longer]), dim=0)
+                terms_BT[row, position] = sampled - mass
+        return terms_BT
+
+
+def extended_ids(vocab: dict[str, int]) -> list[int]:
+    """The ids whose string is a proper prefix of another string of `vocab` (sorted strings: a
+    string's extensions follow it directly)."""
+    ordered = sorted(vocab)
+    return [
+        vocab[text]
+        for text, following in itertools.pairwise(ordered)
+        if following.startswith(text) and following != text
+    ]
+
+
+def shifted_span_sums(scores, alignments, boundary_BT, shift_B) -> torch.Tensor:
+    """Each span's teacher sum after the boundary shifts, at its first teacher position (the
+    caller reads it there; the other positions of the span are ignored)."""
+    out_BT = scores.sampled_logprobs_BT.clone()
+    for row, alignment in enumerate(alignments):
+        carried = torch.zeros(())
+        for index, span in enumerate(alignment.spans):
+            total = scores.sampled_logprobs_BT[row, span.teacher_lo : span.teacher_hi].sum()
+            if index and not torch.equal(carried, torch.zeros(())):
+                total = total + carried  # the previous span's boundary: this span decides it
+            carried = torch.zeros(())
+            last = span.teacher_hi - 1
+            is_last_span = index == len(alignment.spans) - 1
+            if shift_B[row][index] and not is_last_span and boundary_BT[row, last] != 0:
+                carried = boundary_BT[row, last]
+                total = total - carried
+            out_BT[row, span.teacher_lo] = total
+    return out_BT
+
+
+def keep_top_k(scores: TeacherScores, top_k: int) -> TeacherScores:
+    """`scores` with its top-k cut to `top_k` entries (the lists are sorted, so their head)."""
+    if scores.top_k == top_k:
+        return scores
+    if top_k == 0:
+        return dataclasses.replace(scores, topk_ids_BTK=None, topk_logprobs_BTK=None)
+    return dataclasses.replace(
+        scores,
+        topk_ids_BTK=scores.topk_ids_BTK[..., :top_k],
+        topk_logprobs_BTK=scores.topk_logprobs_BTK[..., :top_k],
     )

@@ -8,7 +8,7 @@ METHODS.md s.1) from:
   reference: the same-tokenizer path);
 - cross: `demo:teacher-bpe`, the same task learnt by a teacher whose BPE tokenizer makes most
   numbers one token and whose EOS is another string at another id (`opd/demo/bpe.py`), through
-  `teacher_cross_tokenizer` (span rewards, rule last; `recipes/cross_tokenizer-tiny.yaml`);
+  `teacher_cross_tokenizer` (span rewards, rule all; `recipes/cross_tokenizer-tiny.yaml`);
 - cross_hybrid: cross plus the family-B divergence at span starts, JSD beta 0.5 on the
   teacher's top-8, GOLD's vocabulary map plus ULD's sorted L1 (`opd_cross_vocab hybrid`).
 

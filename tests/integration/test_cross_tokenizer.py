@@ -21,6 +21,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from opd import OPDConfig, OPDTrainer
 from opd.demo.bpe import save_tiny_bpe
 from opd.teacher.alignment import HFTeacherTokens, align_completion
+from opd.teacher.cross_tokenizer import BOUNDARY_TOP_K
 
 PROMPTS = ["12+3=", "45+6=", "7+8=", "99+9="]
 
@@ -96,7 +97,32 @@ def bpe_teacher(tmp_path_factory):
     return save_tiny_bpe(tmp_path_factory.mktemp("bpe_teacher"), seed=1)
 
 
-@pytest.mark.parametrize("rule", ["last", "spread"])
+def _span_totals(alignment, teacher_T, logprobs_TV, teacher_tokenizer) -> list[float]:
+    """Each span's teacher logprob after the boundary shifts (`BoundaryCredit`), recomputed
+    from an independent forward: the character-level student never has a longer token, so every
+    span but the last hands `log p(t) - log sum_{v in top-16, v starts with t} p(v)` of its last
+    teacher token t to the next span."""
+    strings = teacher_tokenizer.convert_ids_to_tokens(list(range(len(teacher_tokenizer))))
+    specials = set(teacher_tokenizer.all_special_ids)
+    totals, carried = [], 0.0
+    for index, span in enumerate(alignment.spans):
+        total = float(teacher_T[span.teacher_lo : span.teacher_hi].sum()) + carried
+        carried = 0.0
+        last = span.teacher_hi - 1
+        token = alignment.teacher_ids[last]
+        top_V = logprobs_TV[last].topk(BOUNDARY_TOP_K)
+        pairs = zip(top_V.indices.tolist(), top_V.values, strict=True)
+        longer = [value for candidate, value in pairs
+                  if candidate != token and candidate not in specials
+                  and strings[candidate].startswith(strings[token])]  # fmt: skip
+        if index < len(alignment.spans) - 1 and longer and token not in specials:
+            carried = float(teacher_T[last] - torch.stack([teacher_T[last], *longer]).logsumexp(0))
+            total -= carried
+        totals.append(total)
+    return totals
+
+
+@pytest.mark.parametrize("rule", ["all", "last", "spread"])
 def test_each_span_gets_the_teachers_span_logprob_minus_the_students(
     tmp_path, tiny_student, bpe_teacher, rule
 ):
@@ -117,17 +143,21 @@ def test_each_span_gets_the_teachers_span_logprob_minus_the_students(
         ids = torch.tensor([prompt_ids + alignment.teacher_ids])
         with torch.no_grad():
             logprobs = teacher(input_ids=ids).logits[0, :-1].log_softmax(-1)
-        teacher_T = logprobs[len(prompt_ids) - 1 :].gather(-1, ids[0, len(prompt_ids) :, None])
+        logprobs_TV = logprobs[len(prompt_ids) - 1 :]
+        teacher_T = logprobs_TV.gather(-1, ids[0, len(prompt_ids) :, None])[:, 0]
+        totals = _span_totals(alignment, teacher_T, logprobs_TV, teacher_tokenizer)
         starts = torch.zeros(step["mask_BT"].shape[1], dtype=torch.bool)
-        for span in alignment.spans:
+        for span, total in zip(alignment.spans, totals, strict=True):
             student = slice(span.student_lo, span.student_hi)
-            expected = float(teacher_T[span.teacher_lo : span.teacher_hi].sum())
-            expected -= float(step["student_old_BT"][row, student].sum())
+            expected = total - float(step["student_old_BT"][row, student].sum())
             got = step["advantages_BT"][row, student]
-            assert float(got.sum()) == pytest.approx(expected, abs=1e-4)
+            if rule == "all":  # the span's reward on each of its tokens
+                assert got.tolist() == pytest.approx([expected] * len(got), abs=1e-4)
+            else:  # shared out: the span's tokens sum to its reward
+                assert float(got.sum()) == pytest.approx(expected, abs=1e-4)
             if rule == "last":
                 assert got[:-1].tolist() == [0.0] * (len(got) - 1)
-            else:
+            if rule == "spread":
                 assert torch.allclose(got, got.mean().expand_as(got), atol=1e-6)
             multi_token_spans += span.student_hi - span.student_lo > 1
             starts[span.student_lo] = True

@@ -67,7 +67,7 @@ def test_valid_lengths_keep_masked_tokens_inside_a_completion():
 def test_the_same_tokenizer_passes_and_the_line_says_the_mode_is_on():
     tokenizer = build_char_tokenizer()
     line = check_cross_tokenizer(tokenizer, LocalTeacherTokens(tokenizer, name="teacher"))
-    assert "cross-tokenizer mode is on" in line and "span rule 'last'" in line
+    assert "cross-tokenizer mode is on" in line and "span rule 'all'" in line
 
 
 def test_a_teacher_that_cannot_spell_the_students_text_is_refused():
@@ -116,7 +116,7 @@ def test_the_divergence_term_needs_the_teachers_top_k():
     with pytest.raises(ValueError, match="teacher_top_k > 0"):
         _config(opd_divergence="jsd")
     config = _config(opd_divergence="jsd", teacher_top_k=4, opd_cross_vocab="uld")
-    assert config.opd_cross_vocab == "uld" and config.teacher_span_rule == "last"
+    assert config.opd_cross_vocab == "uld" and config.teacher_span_rule == "all"
 
 
 def test_unknown_span_rule_and_cross_vocab_are_named():
@@ -171,3 +171,34 @@ def test_tokens_the_teacher_cannot_spell_are_penalised_not_free(tmp_path):
     span = float(scores.sampled_logprobs_BT[0, 1])  # "42" scored as one teacher token
     assert teacher_BT[0, 0] == -1.0 and teacher_BT[0, 1] == pytest.approx(span + 1.0)
     assert teacher_BT[0, 2] == scores.sampled_logprobs_BT[0, 2]  # EOS: a 1:1 span, exact
+
+
+def test_the_boundary_of_a_teacher_token_goes_to_the_student_token_that_decides_it():
+    """Teacher vocabulary {EOS, "4", "42", "43"}; the student writes "4" then EOS, one token
+    per character. p("4") = 0.1 says "the number is 4 and stops": of it, the text "4" has
+    p("4") + p("42") + p("43") = 1 (kept by the span "4"), and stopping, 0.1 / 1, moves to
+    the EOS span, the student's decision to stop. A student token with a longer token keeps it."""
+    import math
+
+    from opd.teacher.cross_tokenizer import BoundaryCredit, extended_ids
+
+    assert sorted(extended_ids({"4": 0, "42": 1, "43": 2, "5": 3, "": 4})) == [0, 4]
+    credit = BoundaryCredit(("<e>", "4", "42", "43"), frozenset(), frozenset({0}))
+    log = math.log
+    scores = TeacherScores(
+        sampled_logprobs_BT=torch.tensor([[log(0.1), log(0.9)]]),
+        completion_mask_BT=torch.ones(1, 2, dtype=torch.long),
+        topk_ids_BTK=torch.tensor([[[2, 3, 1], [0, 1, 2]]]),
+        topk_logprobs_BTK=torch.tensor([[[log(0.6), log(0.3), log(0.1)], [log(0.9), -5.0, -6.0]]]),
+    )
+    terms_BT = credit.terms_BT(scores, torch.tensor([[1, 0]]))
+    assert terms_BT[0].tolist() == pytest.approx([log(0.1), 0.0], abs=1e-6)  # EOS: special
+    alignment = CompletionAlignment([1, 0], [AlignedSpan(0, 1, 0, 1), AlignedSpan(1, 2, 1, 2)])
+    shifted = scores_at_student_positions(
+        scores, [alignment], (1, 2), boundary_BT=terms_BT, shift_B=[[True, True]]
+    )
+    assert shifted.sampled_logprobs_BT[0].tolist() == pytest.approx([0.0, log(0.09)], abs=1e-6)
+    kept = scores_at_student_positions(
+        scores, [alignment], (1, 2), boundary_BT=terms_BT, shift_B=[[False, True]]
+    )
+    assert kept.sampled_logprobs_BT[0].tolist() == pytest.approx([log(0.1), log(0.9)], abs=1e-6)

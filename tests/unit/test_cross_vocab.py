@@ -39,6 +39,8 @@ STUDENT_BT = torch.tensor(
 TEACHER_BT = torch.tensor([[-0.1, 0.0, -2.0, 0.0, 0.0, -4.75], [0.0, 0.0, -2.75, -0.1, 7.0, 7.0]])
 TEACHER_TOTALS = [[-0.1, -2.0, -4.75], [-2.75, -0.1]]  # float64, per span
 EXPECTED = {
+    # all: each token gets the span's reward r_S = T_S - sum_S = -0.75 (spans of 2 and 3).
+    "all": [[-0.1, -1.75, -1.0, -2.75, -1.25, -2.25], [-1.5, -1.0, -1.75, -0.1, 0.0, 0.0]],
     # last: others keep the student's logprob; last = T_S - (others' sum).
     "last": [[-0.1, -1.0, -1.0, -2.0, -0.5, -2.25], [-0.75, -0.25, -1.75, -0.1, 0.0, 0.0]],
     # spread: (T_S - sum_S) / |S| = -0.75/2, -0.75/3 in row 0; -0.75/3 in row 1.
@@ -53,16 +55,21 @@ def test_span_sizes():
     assert sizes_BT.tolist() == expected
 
 
-@pytest.mark.parametrize("rule", ["last", "spread"])
+@pytest.mark.parametrize("rule", ["all", "last", "spread"])
 def test_span_teacher_logprobs_hand_values(rule):
     out_BT = span_teacher_logprobs(TEACHER_BT, START_BT, STUDENT_BT, MASK_BT, rule=rule)
     assert out_BT.dtype == torch.float32
     torch.testing.assert_close(out_BT, torch.tensor(EXPECTED[rule]), rtol=0, atol=1e-6)
-    # The per-span identity: sum_S (out - student) == T_S - sum_S student.
+    # The span's reward r_S = T_S - sum_S student: summed over the span ("last", "spread"), or
+    # on each of its tokens ("all").
     for b, spans in enumerate(SPANS):
         for span, total in zip(spans, TEACHER_TOTALS[b], strict=True):
-            advantage = float((out_BT[b, span] - STUDENT_BT[b, span]).sum())
-            assert advantage == pytest.approx(total - float(STUDENT_BT[b, span].sum()), abs=1e-6)
+            reward = total - float(STUDENT_BT[b, span].sum())
+            advantages = (out_BT[b, span] - STUDENT_BT[b, span]).tolist()
+            if rule == "all":
+                assert advantages == pytest.approx([reward] * len(span), abs=1e-6)
+            else:
+                assert sum(advantages) == pytest.approx(reward, abs=1e-6)
     # Single-token spans give T_S bit for bit, where the naive formula would not.
     for b, t in [(0, 0), (1, 3)]:
         assert torch.equal(out_BT[b, t], TEACHER_BT[b, t])
@@ -71,7 +78,7 @@ def test_span_teacher_logprobs_hand_values(rule):
     assert torch.equal(out_BT[1, 4:], torch.zeros(2))
 
 
-@pytest.mark.parametrize("rule", ["last", "spread"])
+@pytest.mark.parametrize("rule", ["all", "last", "spread"])
 def test_span_teacher_logprobs_all_single_token_spans_are_bit_exact(rule):
     generator = torch.Generator().manual_seed(0)
     teacher_BT = -torch.rand(3, 7, generator=generator) * 5

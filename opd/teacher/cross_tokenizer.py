@@ -32,6 +32,7 @@ Test: `pytest tests/unit/test_cross_tokenizer.py tests/integration/test_cross_to
 from __future__ import annotations
 
 import dataclasses
+import functools
 import itertools
 from dataclasses import dataclass
 from typing import Any
@@ -240,15 +241,52 @@ class CrossTokenizerTeacher:
         teacher_batch = teacher_side_batch(batch, alignments)
         asked_k = top_k if self.boundary is None else max(top_k, BOUNDARY_TOP_K)
         scores = self.inner.score(teacher_batch, top_k=asked_k)
-        boundary_BT = None
-        if self.boundary is not None:
-            boundary_BT = self.boundary.terms_BT(scores, teacher_batch.completion_ids_BT)
-            scores = keep_top_k(scores, top_k)
         shape_BT = tuple(batch.completion_ids_BT.shape)
+        if self.boundary is None:
+            return scores_at_student_positions(scores, alignments, shape_BT)
+        boundary_BT = self.boundary.terms_BT(scores, teacher_batch.completion_ids_BT)
+        totals_BT, carried = shifted_span_sums(
+            scores, alignments, boundary_BT, self._shifts(batch, alignments)
+        )
+        values_B = self._split_spans(batch, alignments, scores, totals_BT, carried)
+        scores = dataclasses.replace(keep_top_k(scores, top_k), sampled_logprobs_BT=totals_BT)
         return scores_at_student_positions(
-            scores, alignments, shape_BT, boundary_BT=boundary_BT,
-            shift_B=self._shifts(batch, alignments),
-        )  # fmt: skip
+            scores, alignments, shape_BT, span_sums_at_first=True, token_values_B=values_B
+        )
+
+    def _split_spans(self, batch, alignments, scores, totals_BT, carried):
+        """Per row, `{span index: a teacher logprob per student token}` for each span whose
+        student tokens spell one teacher token: token j gets the teacher's probability of the
+        text of tokens 1..j minus that of 1..j-1 (`BoundaryCredit.prefix_logprobs`), the first
+        also the boundary carried in, the last the rest of the span's (shifted) total."""
+        values_B = []
+        for row, alignment in enumerate(alignments):
+            values = {}
+            for index, span in enumerate(alignment.spans):
+                if span.teacher_hi - span.teacher_lo != 1 or span.student_hi - span.student_lo < 2:
+                    continue
+                position = span.teacher_lo
+                token_id = alignment.teacher_ids[position]
+                candidates = [(token_id, scores.sampled_logprobs_BT[row, position])] + [
+                    (int(candidate), value)
+                    for candidate, value in zip(
+                        scores.topk_ids_BTK[row, position].tolist(),
+                        scores.topk_logprobs_BTK[row, position],
+                        strict=True,
+                    )
+                    if candidate != token_id and value > float("-inf")
+                ]
+                student_ids = batch.completion_ids_BT[row, span.student_lo : span.student_hi]
+                masses = self.boundary.prefix_logprobs(student_ids.tolist(), token_id, candidates)
+                if masses is None:
+                    continue
+                carried_in = carried.get((row, index), 0.0)
+                kept = totals_BT[row, position] - carried_in
+                steps = [masses[0] + carried_in]
+                steps += [b - a for a, b in itertools.pairwise(masses)]
+                values[index] = [float(v) for v in [*steps, kept - masses[-1]]]
+            values_B.append(values)
+        return values_B
 
     def _shifts(self, batch: RolloutBatch, alignments) -> list[list[bool]] | None:
         """Per row and span: whether its boundary term moves to the next span (its last
@@ -292,21 +330,16 @@ def scores_at_student_positions(
     alignments: list[CompletionAlignment],
     shape_BT: tuple[int, int],
     *,
-    boundary_BT: torch.Tensor | None = None,
-    shift_B: list[list[bool]] | None = None,
+    span_sums_at_first: bool = False,
+    token_values_B: list[dict[int, list[float]]] | None = None,
 ) -> TeacherScores:
     """Teacher-token scores on the student's `[B, T]` positions (see `TeacherScores.span_start_BT`):
     per span, the sum of its teacher tokens' logprobs at its last student token, the top-k of
     its first teacher token at its first student token.
 
-    With `boundary_BT` (`BoundaryCredit.terms_BT`, per teacher position) and `shift_B` (per row
-    and span), a span whose shift is True hands its last teacher token's boundary term to the
-    next span: the student token that decides where the teacher's token ends is the next one."""
-    if boundary_BT is not None:
-        scores = dataclasses.replace(
-            scores,
-            sampled_logprobs_BT=shifted_span_sums(scores, alignments, boundary_BT, shift_B),
-        )
+    With `span_sums_at_first`, `scores.sampled_logprobs_BT` already holds each span's total at
+    its first teacher position (`shifted_span_sums`); `token_values_B` (per row, span index ->
+    one value per student token) turns a span into one span per student token."""
     span_BT = torch.zeros(shape_BT, dtype=torch.float32)
     start_BT = torch.zeros(shape_BT, dtype=torch.bool)
     mask_BT = torch.zeros(shape_BT, dtype=torch.int64)
@@ -318,11 +351,17 @@ def scores_at_student_positions(
             span_BT[row, position] = UNSPELLABLE_LOGPROB
             start_BT[row, position] = True
             mask_BT[row, position] = 1
-        for span in alignment.spans:
+        split = token_values_B[row] if token_values_B is not None else {}
+        for index, span in enumerate(alignment.spans):
             teacher = slice(span.teacher_lo, span.teacher_hi)
-            span_BT[row, span.student_hi - 1] = scores.sampled_logprobs_BT[row, teacher].sum()
-            if boundary_BT is not None:  # the span's sum after the shifts, at its first slot
-                span_BT[row, span.student_hi - 1] = scores.sampled_logprobs_BT[row, span.teacher_lo]
+            if span_sums_at_first:
+                total = scores.sampled_logprobs_BT[row, span.teacher_lo]
+            else:
+                total = scores.sampled_logprobs_BT[row, teacher].sum()
+            span_BT[row, span.student_hi - 1] = total
+            if index in split:  # one span per student token
+                span_BT[row, span.student_lo : span.student_hi] = torch.tensor(split[index])
+                start_BT[row, span.student_lo : span.student_hi] = True
             start_BT[row, span.student_lo] = True
             mask_BT[row, span.student_lo : span.student_hi] = 1
             if k:
@@ -334,7 +373,12 @@ def scores_at_student_positions(
         **scores.metrics,
         "teacher/cross_unspellable_fraction": sum(len(a.student_only) for a in alignments)
         / num_student,
-        "teacher/cross_spans_per_token": float(start_BT.sum()) / num_student,
+        "teacher/cross_spans_per_token": sum(len(a.spans) + len(a.student_only) for a in alignments)
+        / num_student,
+        "teacher/cross_split_tokens": sum(
+            len(v) for values in token_values_B or [] for v in values.values()
+        )
+        / num_student,
         "teacher/cross_teacher_tokens_per_token": num_teacher / num_student,
     }
     return TeacherScores(
@@ -422,6 +466,10 @@ class BoundaryCredit:
     student_extended: frozenset[int]
     """Student ids whose token string is a proper prefix of another student token's."""
     teacher_specials: frozenset[int]
+    teacher_text: Any = None
+    """`id -> the text the teacher token spells alone` (None: no within-span split)."""
+    student_text: Any = None
+    """`ids -> the text the student ids spell`."""
 
     @classmethod
     def of(cls, student_tokenizer, teacher_tokenizer) -> BoundaryCredit:
@@ -433,7 +481,33 @@ class BoundaryCredit:
             tuple(strings),
             frozenset(extended_ids(student_tokenizer.get_vocab())),
             frozenset(teacher_tokenizer.all_special_ids),
+            teacher_text=functools.lru_cache(maxsize=1 << 16)(
+                lambda token_id: teacher_tokenizer.decode([token_id])
+            ),
+            student_text=lambda ids: student_tokenizer.decode(ids, skip_special_tokens=True),
         )
+
+    def prefix_logprobs(
+        self, student_ids: list[int], teacher_id: int, candidates: list[tuple[int, torch.Tensor]]
+    ) -> list[torch.Tensor] | None:
+        """`log sum_{v spells a text starting with the student's first j tokens} p(v)` for
+        j = 1 .. m-1, where the m student ids spell the one teacher token `teacher_id` and
+        `candidates` holds (id, logprob) of the teacher's top-k and `teacher_id` at its
+        position: the teacher's probability of each student prefix of its token. None when the
+        texts do not agree (then the span keeps one reward)."""
+        if self.teacher_text is None or teacher_id in self.teacher_specials:
+            return None
+        if self.student_text(student_ids) != self.teacher_text(teacher_id):
+            return None
+        texts = [(self.teacher_text(candidate), value) for candidate, value in candidates]
+        masses = []
+        for j in range(1, len(student_ids)):
+            prefix = self.student_text(student_ids[:j])
+            if not prefix:
+                return None
+            values = [value for text, value in texts if text.startswith(prefix)]
+            masses.append(torch.logsumexp(torch.stack(values), dim=0))
+        return masses
 
     def student_extends(self, student_id: int) -> bool:
         return student_id in self.student_extended
@@ -479,24 +553,27 @@ def extended_ids(vocab: dict[str, int]) -> list[int]:
     ]
 
 
-def shifted_span_sums(scores, alignments, boundary_BT, shift_B) -> torch.Tensor:
+def shifted_span_sums(scores, alignments, boundary_BT, shift_B):
     """Each span's teacher sum after the boundary shifts, at its first teacher position (the
-    caller reads it there; the other positions of the span are ignored)."""
+    other positions of a span are left as they were, unread), and `{(row, span index): the
+    boundary term the span received from the one before}`."""
     out_BT = scores.sampled_logprobs_BT.clone()
+    received = {}
     for row, alignment in enumerate(alignments):
-        carried = torch.zeros(())
+        carried = None
         for index, span in enumerate(alignment.spans):
             total = scores.sampled_logprobs_BT[row, span.teacher_lo : span.teacher_hi].sum()
-            if index and not torch.equal(carried, torch.zeros(())):
-                total = total + carried  # the previous span's boundary: this span decides it
-            carried = torch.zeros(())
+            if carried is not None:  # the previous span's boundary: this span decides it
+                total = total + carried
+                received[(row, index)] = carried
+            carried = None
             last = span.teacher_hi - 1
             is_last_span = index == len(alignment.spans) - 1
             if shift_B[row][index] and not is_last_span and boundary_BT[row, last] != 0:
                 carried = boundary_BT[row, last]
                 total = total - carried
             out_BT[row, span.teacher_lo] = total
-    return out_BT
+    return out_BT, received
 
 
 def keep_top_k(scores: TeacherScores, top_k: int) -> TeacherScores:

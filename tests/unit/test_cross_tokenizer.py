@@ -6,6 +6,8 @@ Test: `pytest -n 0 -q tests/unit/test_cross_tokenizer.py`.
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -156,8 +158,9 @@ def test_tokens_the_teacher_cannot_spell_are_penalised_not_free(tmp_path):
     scores = cross.score(batch)
     assert scores.metrics["teacher/cross_unspellable_fraction"] == pytest.approx(4 / 7)
     assert scores.completion_mask_BT.tolist() == [[1, 1, 1, 0], [1, 1, 1, 1]]
-    # the BPE tokenizer makes "42" one token: one span of 2 student tokens, then EOS
-    assert scores.span_start_BT.tolist() == [[True, False, True, False], [True] * 4]
+    # the BPE tokenizer makes "42" one token: a span of 2 student tokens, split by the
+    # teacher's prefix probabilities into one per token, then EOS
+    assert scores.span_start_BT.tolist() == [[True, True, True, False], [True] * 4]
     assert scores.sampled_logprobs_BT[1].tolist() == [UNSPELLABLE_LOGPROB] * 4
     step = StepState(inputs=[], rng_state={})
     step.scores, step.mask_BT = scores, batch.completion_mask_BT.float()
@@ -168,9 +171,7 @@ def test_tokens_the_teacher_cannot_spell_are_penalised_not_free(tmp_path):
     teacher_BT = step.scores.sampled_logprobs_BT
     advantage_BT = (teacher_BT - step.student_old_BT) * step.mask_BT
     assert advantage_BT[1].tolist() == [-17.0] * 4  # -20 - (-3): a penalty on each
-    span = float(scores.sampled_logprobs_BT[0, 1])  # "42" scored as one teacher token
-    assert teacher_BT[0, 0] == -1.0 and teacher_BT[0, 1] == pytest.approx(span + 1.0)
-    assert teacher_BT[0, 2] == scores.sampled_logprobs_BT[0, 2]  # EOS: a 1:1 span, exact
+    assert torch.equal(teacher_BT[0, :3], scores.sampled_logprobs_BT[0, :3])  # 1-token spans
 
 
 def test_the_boundary_of_a_teacher_token_goes_to_the_student_token_that_decides_it():
@@ -180,7 +181,7 @@ def test_the_boundary_of_a_teacher_token_goes_to_the_student_token_that_decides_
     the EOS span, the student's decision to stop. A student token with a longer token keeps it."""
     import math
 
-    from opd.teacher.cross_tokenizer import BoundaryCredit, extended_ids
+    from opd.teacher.cross_tokenizer import BoundaryCredit, extended_ids, shifted_span_sums
 
     assert sorted(extended_ids({"4": 0, "42": 1, "43": 2, "5": 3, "": 4})) == [0, 4]
     credit = BoundaryCredit(("<e>", "4", "42", "43"), frozenset(), frozenset({0}))
@@ -194,11 +195,38 @@ def test_the_boundary_of_a_teacher_token_goes_to_the_student_token_that_decides_
     terms_BT = credit.terms_BT(scores, torch.tensor([[1, 0]]))
     assert terms_BT[0].tolist() == pytest.approx([log(0.1), 0.0], abs=1e-6)  # EOS: special
     alignment = CompletionAlignment([1, 0], [AlignedSpan(0, 1, 0, 1), AlignedSpan(1, 2, 1, 2)])
+    totals_BT, received = shifted_span_sums(scores, [alignment], terms_BT, [[True, True]])
+    assert received == {(0, 1): pytest.approx(log(0.1))}
     shifted = scores_at_student_positions(
-        scores, [alignment], (1, 2), boundary_BT=terms_BT, shift_B=[[True, True]]
-    )
+        dataclasses.replace(scores, sampled_logprobs_BT=totals_BT), [alignment], (1, 2),
+        span_sums_at_first=True,
+    )  # fmt: skip
     assert shifted.sampled_logprobs_BT[0].tolist() == pytest.approx([0.0, log(0.09)], abs=1e-6)
-    kept = scores_at_student_positions(
-        scores, [alignment], (1, 2), boundary_BT=terms_BT, shift_B=[[False, True]]
-    )
-    assert kept.sampled_logprobs_BT[0].tolist() == pytest.approx([log(0.1), log(0.9)], abs=1e-6)
+    totals_BT, received = shifted_span_sums(scores, [alignment], terms_BT, [[False, True]])
+    assert received == {}  # the student's own token decided the boundary: kept
+    assert totals_BT[0].tolist() == pytest.approx([log(0.1), log(0.9)], abs=1e-6)
+
+
+def test_a_teacher_token_over_several_student_tokens_is_split_by_its_prefix_probabilities():
+    """The student writes "4", "3" where the teacher has one token "43": p("4...") = p("4") +
+    p("42") + p("43") = 1 goes to "4", and p("43") / p("4...") = 0.3 to "3" (as a teacher
+    with the student's tokens would score them); texts that disagree keep one span."""
+    import math
+
+    from opd.teacher.cross_tokenizer import BoundaryCredit
+
+    texts = {0: "", 1: "4", 2: "42", 3: "43"}
+    credit = BoundaryCredit(
+        ("<e>", "4", "42", "43"), frozenset(), frozenset({0}), teacher_text=texts.get,
+        student_text=lambda ids: "".join(texts[i] for i in ids),
+    )  # fmt: skip
+    candidates = [(3, torch.tensor(math.log(0.3))), (2, torch.tensor(math.log(0.6))),
+                  (1, torch.tensor(math.log(0.1)))]  # fmt: skip
+    [mass] = credit.prefix_logprobs([1, 1], 3, candidates) or [None]
+    assert mass is None  # "44" does not spell "43"
+    [mass] = credit.prefix_logprobs([1, 1], 2, candidates) or [None]
+    assert mass is None
+    texts[4] = "3"
+    [mass] = credit.prefix_logprobs([1, 4], 3, candidates)
+    assert float(mass) == pytest.approx(0.0, abs=1e-6)  # log p("4...") = log 1
+    assert credit.prefix_logprobs([1, 4], 0, candidates) is None  # a special token: no split

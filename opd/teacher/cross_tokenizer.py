@@ -15,6 +15,10 @@
    sums into per-token rewards with `teacher_span_rule` and maps the top-k ids through the
    vocabularies (`opd/objectives/cross_vocab.py`), so the composer and the loss are unchanged.
    A student token the teacher has no token for is its own span scored `UNSPELLABLE_LOGPROB`.
+5. with the teacher's vocabulary at hand, the credit inside the text is refined
+   (`BoundaryCredit`): the part of a teacher token's logprob that says where it ends moves to
+   the span whose student token decides it, and a teacher token spelt by several student
+   tokens is split into one teacher logprob per student token by its prefix probabilities.
 
 The completion text is tokenized on its own, after the teacher's prompt, as TRL's GOLD trainer
 does: the prompt/completion boundary is a token boundary on both sides. A span's first tokens

@@ -5,8 +5,9 @@ returns span sums and its own top-k ids on the student's positions. Right after 
 turns them into what every later stage already reads:
 
 - the sampled-token term: `span_teacher_logprobs` (`teacher_span_rule`) gives a per-token
-  teacher logprob whose advantage over lp_old sums, per span, to the span's teacher logprob
-  minus the student's, so the composer and every weighting run unchanged;
+  teacher logprob whose advantage over lp_old carries each span's reward (the span's teacher
+  logprob minus the student's) to its tokens, so the composer and every weighting run
+  unchanged;
 - the family-B divergence, at the first student token of each span only (inside a span the two
   sides' next-token distributions are over different text): 'gold' maps the teacher's top-k ids
   through the exact-string vocabulary map into student ids (unmatched mass joins the tail

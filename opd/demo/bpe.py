@@ -43,7 +43,7 @@ from transformers import (
 )
 
 from opd.demo import task
-from opd.demo.tiny import ALPHABET, TinyShape
+from opd.demo.tiny import ALPHABET, TinyShape, tiny_config_fields
 
 # `TinyShape()`, read from here: ruff (B008) cannot see that the imported dataclass is frozen.
 TINY_SHAPE = TinyShape()
@@ -110,21 +110,9 @@ def build_tiny_bpe_model(
     """
     import torch
 
-    assert shape.hidden_size // shape.num_heads >= 64, "vLLM's CPU attention needs head size >= 64"
+    ids = {"bos": tokenizer.bos_token_id, "eos": tokenizer.eos_token_id}
     config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=shape.hidden_size,
-        num_hidden_layers=shape.num_layers,
-        num_attention_heads=shape.num_heads,
-        num_key_value_heads=shape.num_heads,
-        intermediate_size=shape.intermediate_size,
-        max_position_embeddings=shape.max_positions,
-        tie_word_embeddings=True,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-        torch_dtype="float32",
-        attn_implementation="sdpa",
+        **tiny_config_fields(len(tokenizer), shape, **ids, pad=tokenizer.pad_token_id)
     )
     torch.manual_seed(seed)
     model = LlamaForCausalLM(config)

@@ -54,24 +54,29 @@ def build_tiny_model(
     """A randomly initialised Qwen2 causal LM of `shape` (tied embeddings, float32, sdpa)."""
     import torch
 
-    assert shape.hidden_size // shape.num_heads >= 64, "vLLM's CPU attention needs head size >= 64"
-    config = Qwen2Config(
-        vocab_size=vocab_size,
-        hidden_size=shape.hidden_size,
-        num_hidden_layers=shape.num_layers,
-        num_attention_heads=shape.num_heads,
-        num_key_value_heads=shape.num_heads,
-        intermediate_size=shape.intermediate_size,
-        max_position_embeddings=shape.max_positions,
-        tie_word_embeddings=True,
-        bos_token_id=1,
-        eos_token_id=2,
-        pad_token_id=0,
-        torch_dtype="float32",
-        attn_implementation="sdpa",
-    )
+    config = Qwen2Config(**tiny_config_fields(vocab_size, shape, bos=1, eos=2, pad=0))
     torch.manual_seed(seed)
     return Qwen2ForCausalLM(config)
+
+
+def tiny_config_fields(vocab_size: int, shape: TinyShape, *, bos: int, eos: int, pad: int) -> dict:
+    """The config fields every tiny model shares (Qwen2 here, Llama in `opd.demo.bpe`)."""
+    assert shape.hidden_size // shape.num_heads >= 64, "vLLM's CPU attention needs head size >= 64"
+    return {
+        "vocab_size": vocab_size,
+        "hidden_size": shape.hidden_size,
+        "num_hidden_layers": shape.num_layers,
+        "num_attention_heads": shape.num_heads,
+        "num_key_value_heads": shape.num_heads,
+        "intermediate_size": shape.intermediate_size,
+        "max_position_embeddings": shape.max_positions,
+        "tie_word_embeddings": True,
+        "bos_token_id": bos,
+        "eos_token_id": eos,
+        "pad_token_id": pad,
+        "torch_dtype": "float32",
+        "attn_implementation": "sdpa",
+    }
 
 
 def save_tiny(path: str | Path, shape: TinyShape = TinyShape(), *, seed: int = 0) -> Path:

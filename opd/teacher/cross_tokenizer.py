@@ -154,16 +154,7 @@ class ServedTeacherTokens:
 
     @property
     def has_chat_template(self) -> bool:
-        from opd.teacher.http import TeacherRequestError
-        from opd.teacher.vllm_client import PROBE_CHAT
-
-        try:
-            self._tokenize({"messages": PROBE_CHAT, "add_generation_prompt": True})
-        except TeacherRequestError as error:
-            if "chat template" not in str(error).lower():
-                raise
-            return False
-        return True
+        return self.vllm.probe_chat_ids() is not None
 
     def render_prompt_ids(
         self, prompts: list[Prompt], *, chat_template_kwargs=None, tools=None, **_
@@ -271,15 +262,7 @@ class CrossTokenizerTeacher:
                     continue
                 position = span.teacher_lo
                 token_id = alignment.teacher_ids[position]
-                candidates = [(token_id, scores.sampled_logprobs_BT[row, position])] + [
-                    (int(candidate), value)
-                    for candidate, value in zip(
-                        scores.topk_ids_BTK[row, position].tolist(),
-                        scores.topk_logprobs_BTK[row, position],
-                        strict=True,
-                    )
-                    if candidate != token_id and value > float("-inf")
-                ]
+                candidates = teacher_candidates(scores, row, position, token_id)
                 student_ids = batch.completion_ids_BT[row, span.student_lo : span.student_hi]
                 masses = self.boundary.prefix_logprobs(student_ids.tolist(), token_id, candidates)
                 if masses is None:
@@ -529,24 +512,35 @@ class BoundaryCredit:
             if token_id in self.teacher_specials or token_id >= len(self.teacher_strings):
                 continue
             text = self.teacher_strings[token_id]
-            sampled = scores.sampled_logprobs_BT[row, position]
+            [(_, sampled), *others] = teacher_candidates(scores, row, position, token_id)
             longer = [
                 value
-                for candidate, value in zip(
-                    scores.topk_ids_BTK[row, position].tolist(),
-                    scores.topk_logprobs_BTK[row, position],
-                    strict=True,
-                )
-                if candidate != token_id
-                and 0 <= candidate < len(self.teacher_strings)
+                for candidate, value in others
+                if candidate < len(self.teacher_strings)
                 and candidate not in self.teacher_specials
                 and self.teacher_strings[candidate].startswith(text)
-                and value > float("-inf")
             ]
             if longer:
                 mass = torch.logsumexp(torch.stack([sampled, *longer]), dim=0)
                 terms_BT[row, position] = sampled - mass
         return terms_BT
+
+
+def teacher_candidates(
+    scores: TeacherScores, row: int, position: int, token_id: int
+) -> list[tuple[int, torch.Tensor]]:
+    """`(id, logprob)` of the sampled teacher token at a position first, then its top-k entries
+    other than that token (padding and negative ids left out)."""
+    pairs = zip(
+        scores.topk_ids_BTK[row, position].tolist(),
+        scores.topk_logprobs_BTK[row, position],
+        strict=True,
+    )
+    return [(token_id, scores.sampled_logprobs_BT[row, position])] + [
+        (int(candidate), value)
+        for candidate, value in pairs
+        if candidate != token_id and candidate >= 0 and value > float("-inf")
+    ]
 
 
 def extended_ids(vocab: dict[str, int]) -> list[int]:

@@ -172,16 +172,20 @@ class VLLMTeacher:
                 "or set teacher_cross_tokenizer: true to align the two tokenizers by text."
             )
 
-    def _chat_differences(self, student_tokenizer) -> list[str]:
-        student_has_template = bool(getattr(student_tokenizer, "chat_template", None))
+    def probe_chat_ids(self) -> list[int] | None:
+        """The server's ids of `PROBE_CHAT` through its chat template; None when it has none."""
         try:
-            teacher_ids = self._tokenize(
+            return self._tokenize(
                 {"messages": PROBE_CHAT, "add_generation_prompt": True, "add_special_tokens": False}
             )
         except TeacherRequestError as error:
             if "chat template" not in str(error).lower():
                 raise
-            teacher_ids = None
+            return None
+
+    def _chat_differences(self, student_tokenizer) -> list[str]:
+        student_has_template = bool(getattr(student_tokenizer, "chat_template", None))
+        teacher_ids = self.probe_chat_ids()
         if teacher_ids is None:
             return (
                 ["the teacher server has no chat template but the student's tokenizer has one"]

@@ -96,15 +96,11 @@ class CrossVocabMixin:
         device = step.student_old_BT.device
         span_start_BT = scores.span_start_BT.to(device)
         student_BT = step.student_old_BT.float()
-        # Every valid token is in a span (teacherless ones in their own, penalised); a token
-        # the scores do not cover (none expected) gets advantage 0.
-        covered_BT = step.mask_BT.bool() & scores.completion_mask_BT.to(device).bool()
+        # Every valid token is in a span (a teacherless one in its own, penalised).
         teacher_BT = span_teacher_logprobs(
-            scores.sampled_logprobs_BT.to(device), span_start_BT, student_BT, covered_BT,
+            scores.sampled_logprobs_BT.to(device), span_start_BT, student_BT, step.mask_BT,
             rule=str(self.args.teacher_span_rule),
         )  # fmt: skip
-        uncovered_BT = step.mask_BT.bool() & ~covered_BT
-        teacher_BT = torch.where(uncovered_BT, student_BT, teacher_BT)
         topk = {"topk_ids_BTK": None, "topk_logprobs_BTK": None}
         if self.cross_vocab_map_V is not None and scores.top_k:
             ids_BTK, logprobs_BTK = scores.topk_ids_BTK.long(), scores.topk_logprobs_BTK
